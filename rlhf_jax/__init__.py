@@ -1,0 +1,1 @@
+"""rlhf_jax: RLHF as pure JAX functions compiled into sharded training steps."""

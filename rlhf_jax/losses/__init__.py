@@ -1,0 +1,1 @@
+"""Pure-jnp RLHF objectives: arrays in, (loss, metrics) out. No model, no config objects."""

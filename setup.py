@@ -1,0 +1,26 @@
+"""rlhf_jax: the RLHF pipeline as runnable math in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="RLHF (SFT, reward models, PPO, DPO family, GRPO, Nash-MD) as pure JAX functions.",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*", "experiments", "experiments.*"]),
+    package_data={"experiments": ["configs/*.flags"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10",
+        "array_record>=0.8",
+        "grain>=0.2.18",
+        "chex>=0.1.92",
+        "absl-py>=2.0",
+        "numpy>=2.0",
+        "matplotlib>=3.8",
+        "tensorboard>=2.20",  # event-file writer only; no tensorflow
+    ],
+    extras_require={"test": ["pytest>=8", "scipy>=1.13"]},
+)
