@@ -1,0 +1,72 @@
+"""Checkpoints in <workdir>/checkpoints via orbax's CheckpointManager (pinned: V0 API,
+orbax-checkpoint 0.12.x, StandardSave/StandardRestore + JsonSave/JsonRestore).
+
+Items per step:
+  "state": the TrainState (rng stored as uint32 key data: typed keys do not round-trip)
+  "data":  the data iterator's get_state() dict, so a resume continues the data order
+  "meta":  optional JSON (e.g. the config), written for humans, never needed to restore
+
+Atomicity: orbax writes each step into a temporary directory and renames it into place
+when complete, so a process killed mid-save leaves the previous step as the latest good
+checkpoint (leftover tmp directories are ignored and cleaned on the next start). Saves are
+asynchronous: device->host copies happen before save() returns (so the donated state can
+be reused), the file writes in the background -- call manager.wait_until_finished()
+before exiting (`train` does).
+"""
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from rlhf_jax.train.state import TrainState
+
+
+def make_manager(workdir: str, *, save_every: int, max_to_keep: int | None = 3,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager saving every `save_every` steps (plus forced saves), keeping the last K.
+
+  The save policy is exactly "step % save_every == 0" (and preemption): orbax's default
+  also saves the first step of a run that has no checkpoint yet, which we do not want.
+  """
+  policy = ocp.checkpoint_managers.AnySavePolicy([
+      ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=policy,
+      max_to_keep=max_to_keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+  )
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
+         data_state: dict[str, Any], *, meta: dict[str, Any] | None = None,
+         force: bool = False) -> bool:
+  """Saves if `step` is a save step (or force). Returns whether a save was started.
+
+  `step` is passed as a Python int (the loop's host-side counter) so deciding whether to
+  save never waits on the device.
+  """
+  items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
+  if meta is not None:
+    items["meta"] = ocp.args.JsonSave(meta)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
+                   ) -> tuple[TrainState, dict[str, Any]] | None:
+  """(state, data_state) from the latest checkpoint, or None if there is none.
+
+  abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
+  state.abstract_state); arrays are restored directly into those shardings.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return restored["state"], restored["data"]

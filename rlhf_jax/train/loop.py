@@ -1,0 +1,100 @@
+"""The training loop: a plain function, not a framework.
+
+`train` resumes automatically: if the manager holds a checkpoint, the state (params,
+optimizer, step, rng) and the data iterator's position are restored from it, and since
+the step's randomness is fold_in(seed key, step) (step.py), the resumed run computes
+exactly what the uninterrupted one would have (design principle 5).
+
+Host work per step is one dispatch and one `next(train_iter)`: the step counter is a
+Python int, metrics are fetched only at log steps, so the device runs ahead otherwise.
+"""
+import time
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import jax
+
+from rlhf_jax.train import checkpoint
+from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.state import TrainState
+
+
+class ResumableIterator(Protocol):
+  """An iterator of batches whose position is a JSON-able dict (e.g. a grain iterator)."""
+
+  def __next__(self) -> Any: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+def _abstract_like(state: TrainState) -> TrainState:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def train(*, workdir: str, train_step: Callable, state: TrainState,
+          train_iter: ResumableIterator | Iterator, total_steps: int,
+          manager=None, logger: MetricsLogger | None = None,
+          eval_fn: Callable[[Any], Mapping[str, float]] | None = None, eval_every: int = 0,
+          log_every: int = 10, tokens_per_batch: int | None = None,
+          config: Mapping[str, Any] | None = None,
+          print_fn: Callable[[str], None] | None = print) -> tuple[TrainState, dict]:
+  """Runs `train_step` until state.step == total_steps; returns (state, summary).
+
+  train_step: the compiled step (compile_train_step); `state` is DONATED to it, so the
+    caller's initial state must not be used afterwards (use the returned one).
+  state: the fresh initial state; replaced by the latest checkpoint when `manager` has one
+    (its shapes and shardings are the restore target).
+  manager: checkpoint.make_manager(...) or None (no checkpoints, no resume). The loop
+    saves whenever the manager's policy says so, and always at the end.
+  eval_fn: eval_fn(params) -> dict of floats, run every `eval_every` steps and at the end.
+  config: written to <workdir>/config.json when given.
+  summary: start_step (0, or the step resumed from), final_step, wall_s, steps_per_sec,
+    and the last logged "train" and "eval" metrics.
+  """
+  if config is not None:
+    write_config(workdir, config)
+  if manager is not None:
+    restored = checkpoint.restore_latest(manager, _abstract_like(state))
+    if restored is not None:
+      state, data_state = restored
+      train_iter.set_state(data_state)
+  step = start_step = int(state.step)
+  if print_fn and start_step:
+    print_fn(f"resumed from step {start_step}")
+
+  summary: dict[str, Any] = {"start_step": start_step, "train": {}, "eval": {}}
+  t_start = t_last = time.perf_counter()
+  last_logged = step
+  saved_at = None
+  while step < total_steps:
+    state, metrics = train_step(state, next(train_iter))
+    step += 1
+    if manager is not None and manager.should_save(step):
+      checkpoint.save(manager, step, state, train_iter.get_state())
+      saved_at = step
+    if step % log_every == 0 or step == total_steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      steps_per_sec = (step - last_logged) / max(now - t_last, 1e-9)
+      t_last, last_logged = now, step
+      if logger is not None:
+        logger.log(step, values)
+      if print_fn:
+        tokens = steps_per_sec * tokens_per_batch if tokens_per_batch else None
+        print_fn(format_progress(step, total_steps, values["loss"], steps_per_sec, tokens))
+      summary["train"] = values
+    if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+      summary["eval"] = dict(eval_fn(state.params))
+      if logger is not None:
+        logger.log(step, summary["eval"], split="eval")
+
+  if manager is not None:
+    if saved_at != step and manager.latest_step() != step:
+      checkpoint.save(manager, step, state, train_iter.get_state(), force=True)
+    manager.wait_until_finished()
+  if logger is not None:
+    logger.flush()
+  wall = time.perf_counter() - t_start
+  summary.update(final_step=step, wall_s=wall,
+                 steps_per_sec=(step - start_step) / wall if wall > 0 else 0.0)
+  return state, summary
