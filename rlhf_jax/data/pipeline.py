@@ -1,0 +1,142 @@
+"""Grain pipelines: records -> fixed-shape numpy batches for training, eval and sampling.
+
+Fixed shapes everywhere (principle 2: one compile per shape): every batch is padded to
+`batch_size` rows and `seq_len` (or `prompt_len`) columns, so the last eval batch never
+triggers a recompile.
+
+Example kinds (records are dicts of text fields; bytes from TFDS are decoded here):
+- "lm"  {"text"}: tokens = [bos] + encode(text) + [eos]; every token after bos is a target.
+- "sft" {"prompt", "response"}: tokens = [bos] + encode(prompt) + encode(response) + [eos];
+  only the response tokens and eos are targets.
+Training batch (RIGHT-padded with pad_id):
+  tokens        int32   BxT
+  loss_mask     float32 BxT  1 iff token t is a training target, i.e. predicted from t-1
+                             (never bos, never pad)
+  valid         bool    BxT  non-pad tokens
+  example_valid bool    B    False only for the rows padding the last eval batch
+Prompt batch (for sampling; LEFT-padded so every prompt ends at column P-1):
+  prompt_tokens int32 BxP [bos] + encode(prompt); prompt_valid bool BxP;
+  answers <U (str) B, the reference "response"; example_valid bool B (padding rows hold a
+  lone bos and answer "").
+Examples longer than the row raise ValueError (no silent truncation: a cut answer would
+train the model on a wrong target).
+
+Everything runs in-process (no mp_prefetch, which needs absl flags parsed); order depends only
+on the seed, and train iterators are resumable through get_state/set_state.
+"""
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from rlhf_jax.data.tokenizer import Tokenizer
+
+KINDS = ("lm", "sft")
+
+# Grain's default (16 threads, 500 batches ahead) oversubscribes a 2-core laptop and keeps
+# the process alive for seconds after the last batch; a few batches ahead on two threads
+# already hide the (cheap) tokenisation behind the train step.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _frame(ids: list[int], first_target: int, seq_len: int, pad_id: int, what: str) -> dict:
+  """Right-pads ids to seq_len; targets are positions first_target..len(ids)-1."""
+  if len(ids) > seq_len:
+    raise ValueError(f"example {what} is {len(ids)} tokens (with bos/eos), longer than "
+                     f"seq_len={seq_len}; raise seq_len or filter the data")
+  n = len(ids)
+  tokens = np.full(seq_len, pad_id, np.int32)
+  tokens[:n] = ids
+  loss_mask = np.zeros(seq_len, np.float32)
+  loss_mask[first_target:n] = 1.0
+  valid = np.zeros(seq_len, bool)
+  valid[:n] = True
+  return {"tokens": tokens, "loss_mask": loss_mask, "valid": valid, "example_valid": np.True_}
+
+
+def lm_example(text: str, tokenizer: Tokenizer, seq_len: int) -> dict:
+  """[bos] + text + [eos]; loss on everything after bos."""
+  ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+  return _frame(ids, 1, seq_len, tokenizer.pad_id, repr(text[:60]))
+
+
+def sft_example(prompt: str, response: str, tokenizer: Tokenizer, seq_len: int) -> dict:
+  """[bos] + prompt + response + [eos]; loss on the response tokens and eos only."""
+  head = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  ids = head + tokenizer.encode(response) + [tokenizer.eos_id]
+  return _frame(ids, len(head), seq_len, tokenizer.pad_id, repr((prompt[:40], response[:40])))
+
+
+def prompt_example(prompt: str, response: str, tokenizer: Tokenizer, prompt_len: int) -> dict:
+  """LEFT-padded [bos] + prompt, and the reference answer, for sampling."""
+  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  if len(ids) > prompt_len:
+    raise ValueError(f"prompt {prompt[:60]!r} is {len(ids)} tokens (with bos), longer than "
+                     f"prompt_len={prompt_len}")
+  tokens = np.full(prompt_len, tokenizer.pad_id, np.int32)
+  tokens[prompt_len - len(ids):] = ids
+  return {"prompt_tokens": tokens, "prompt_valid": tokens != tokenizer.pad_id,
+          "answers": np.str_(response), "example_valid": np.True_}
+
+
+def _encoder(kind: str, tokenizer: Tokenizer, seq_len: int) -> Callable[[dict], dict]:
+  if kind == "lm":
+    return lambda r: lm_example(_text(r["text"]), tokenizer, seq_len)
+  if kind == "sft":
+    return lambda r: sft_example(_text(r["prompt"]), _text(r["response"]), tokenizer, seq_len)
+  raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _padded_stack(filler: dict, batch_size: int) -> Callable[[Sequence[dict]], dict]:
+  """Stacks a (possibly short, last) batch and fills it to batch_size with `filler` rows."""
+  def stack(rows: Sequence[dict]) -> dict:
+    rows = list(rows) + [filler] * (batch_size - len(rows))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return stack
+
+
+def make_train_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int, seed: int,
+                        tokenizer: Tokenizer, kind: str) -> grain.DatasetIterator:
+  """Infinite, seeded, resumable training batches.
+
+  Shuffles globally, repeats forever with a fresh (seeded) order each epoch, and drops no
+  examples: batches straddle epoch boundaries. `it.get_state()` is a JSON-able dict;
+  `it.set_state(state)` on a new iterator over the same source and arguments continues with
+  exactly the batches the uninterrupted iterator would have produced.
+  """
+  ds = (grain.MapDataset.source(data_source)
+        .shuffle(seed=seed)
+        .repeat(None)
+        .map(_encoder(kind, tokenizer, seq_len))
+        .batch(batch_size, drop_remainder=True))
+  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def make_eval_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int,
+                       tokenizer: Tokenizer, kind: str) -> Iterator[dict]:
+  """One pass in the source's order. The last partial batch is PADDED to batch_size with
+  all-pad rows (loss_mask 0, valid False, example_valid False), so sums over the batch are
+  exact and the eval step keeps one shape."""
+  pad = tokenizer.pad_id
+  filler = {"tokens": np.full(seq_len, pad, np.int32), "loss_mask": np.zeros(seq_len, np.float32),
+            "valid": np.zeros(seq_len, bool), "example_valid": np.False_}
+  ds = (grain.MapDataset.source(data_source)
+        .map(_encoder(kind, tokenizer, seq_len))
+        .batch(batch_size, batch_fn=_padded_stack(filler, batch_size)))
+  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def make_prompt_iterator(data_source: Sequence[dict], *, batch_size: int, prompt_len: int,
+                         tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
+  """One pass of prompt batches in the source's order (records {"prompt", "response"}); the
+  last batch is padded with bos-only prompts, answer "" and example_valid False."""
+  filler = prompt_example("", "", tokenizer, prompt_len) | {"example_valid": np.False_}
+  ds = (grain.MapDataset.source(data_source)
+        .map(lambda r: prompt_example(_text(r["prompt"]), _text(r["response"]), tokenizer,
+                                      prompt_len))
+        .batch(batch_size, batch_fn=_padded_stack(filler, batch_size)))
+  return iter(ds.to_iter_dataset(_READ_OPTIONS))
