@@ -1,0 +1,55 @@
+"""Logits -> per-token log-probs, masked sequence reductions, entropy.
+
+Alignment convention used across the project: `logps_BxT[:, t]` is log p(tokens[:, t] |
+tokens[:, <t]), so it lines up with a target mask over the same token positions; position 0
+(never a target: it is BOS or padding) gets 0.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def token_logps(logits_BxTxV, targets_BxT, *, temperature: float = 1.0):
+  """log softmax(logits / temperature)[target], without materialising the log-softmax:
+  one logsumexp and one gather over the vocabulary."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  lse_BxT = jax.nn.logsumexp(logits, axis=-1)
+  target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_BxT - lse_BxT
+
+
+def shifted_logps(logits_BxTxV, tokens_BxT, *, temperature: float = 1.0):
+  """Causal-LM log-probs aligned to the tokens they score (see the module docstring)."""
+  logps = token_logps(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], temperature=temperature)
+  return jnp.pad(logps, ((0, 0), (1, 0)))
+
+
+def entropy(logits_BxTxV):
+  """Entropy of softmax(logits) per position: lse - sum p * logits."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - lse)
+  return lse[..., 0] - jnp.sum(p * logits, axis=-1)
+
+
+def shifted_entropy(logits_BxTxV):
+  """Entropy of the distribution that predicted each token, aligned like shifted_logps."""
+  return jnp.pad(entropy(logits_BxTxV[:, :-1]), ((0, 0), (1, 0)))
+
+
+def masked_sum(x_BxT, mask_BxT):
+  """Per-row masked sum: B."""
+  return jnp.sum(x_BxT * mask_BxT.astype(x_BxT.dtype), axis=-1)
+
+
+def masked_mean(x_BxT, mask_BxT):
+  """Per-row masked mean: B. An all-masked row gives 0, not NaN."""
+  count = jnp.sum(mask_BxT.astype(x_BxT.dtype), axis=-1)
+  return masked_sum(x_BxT, mask_BxT) / jnp.maximum(count, 1.0)
+
+
+def sequence_logps(logps_BxT, mask_BxT, *, average: bool = False):
+  """log pi(y|x) as the SUM of response-token log-probs (MATH.md's convention), or their
+  mean when average=True (length-normalised, as IPO is commonly run)."""
+  return masked_mean(logps_BxT, mask_BxT) if average else masked_sum(logps_BxT, mask_BxT)

@@ -1,0 +1,96 @@
+"""Model shapes: one frozen dataclass and the named presets.
+
+The fields mirror a Hugging Face Llama/Qwen2 config.json so real checkpoints map onto them
+one to one (num_attention_heads -> n_heads, num_key_value_heads -> n_kv_heads, ...).
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1+ "llama3" rotary frequency scaling (HF rope_scaling with rope_type=llama3)."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-family decoder. dtype is the compute dtype; param_dtype the storage dtype."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  head_dim: int | None = None  # None: d_model // n_heads
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+          "(grouped-query attention shares each kv head across n_heads/n_kv_heads query heads)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                       "set head_dim explicitly")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def storage_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def num_params(self, *, with_lm_head: bool = True) -> int:
+    h, d = self.dim_per_head, self.d_model
+    attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+    if self.qkv_bias:
+      attn += h * (self.n_heads + 2 * self.n_kv_heads)
+    layer = attn + 3 * d * self.d_ff + 2 * d
+    head = 0 if (self.tie_embeddings or not with_lm_head) else d * self.vocab_size
+    return self.vocab_size * d + self.n_layers * layer + d + head
+
+
+# nano/tiny run the CPU tests and embedded worlds (vocab 264 = 259 byte-tokenizer ids rounded
+# up to a multiple of 8). The large presets are shapes for accelerators: tests only ever
+# eval_shape them.
+PRESETS: dict[str, ModelConfig] = {
+    "nano": ModelConfig(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=192, max_seq_len=256),
+    "tiny": ModelConfig(vocab_size=264, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                        d_ff=384, max_seq_len=512),
+    "125m": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                        d_ff=2048, max_seq_len=2048, dtype="bfloat16"),
+    "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                      d_ff=8192, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+                      tie_embeddings=True, max_seq_len=8192, dtype="bfloat16"),
+    "8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      d_ff=14336, rope_theta=500000.0, rope_scaling=RopeScaling(),
+                      max_seq_len=8192, dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)

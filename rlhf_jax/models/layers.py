@@ -1,0 +1,156 @@
+"""Building blocks of the Llama-family decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Every parameter carries `logical_axes` metadata; rlhf_jax.sharding maps those names to mesh
+axes through one rules table. Parameters are stored in param_dtype and cast to the compute
+dtype at use, so bf16 compute with f32 master weights is a config switch.
+"""
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+# Large finite negative for masked attention scores: a fully masked row (a padding query)
+# softmaxes to a uniform distribution instead of NaN.
+_MASKED = -1e30
+
+
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None) -> nnx.Param:
+  if len(shape) != len(axes):
+    raise ValueError(f"parameter shape {shape} does not match logical axes {axes}")
+  if std is None:
+    value = jnp.ones(shape, cfg.storage_dtype)
+  elif std == 0.0:
+    value = jnp.zeros(shape, cfg.storage_dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.storage_dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+    self.scale = param(rngs, (cfg.d_model,), ("norm",), cfg)
+
+  def __call__(self, x_BxTxD):
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse rotary frequencies, with Llama 3.1's band-wise scaling when configured."""
+  h = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq.astype(np.float32)
+  # Wavelengths longer than the original context / low_freq_factor are slowed down by
+  # `factor`; shorter than context / high_freq_factor are kept; in between interpolated.
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
+  """Rotary embedding in the Hugging Face "rotate half" layout (first half, second half)."""
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2  # BxTxH/2
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+class LayerCache(NamedTuple):
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; with a cache, writes this call's keys/values at `index`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    self.cfg = cfg
+    self.wq = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), cfg, std)
+    self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, std)
+    self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, std)
+    self.wo = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), cfg, out_std)
+    if cfg.qkv_bias:
+      self.bq = param(rngs, (n, h), ("q_heads", "head_dim"), cfg, 0.0)
+      self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
+      self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
+
+  def _project(self, x, w, bias_name):
+    dt = self.cfg.compute_dtype
+    y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, bias_name)[...].astype(dt)
+    return y
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: LayerCache | None, index):
+    cfg = self.cfg
+    inv_freq = rope_inv_freq(cfg)  # a trace-time constant
+    q = apply_rope(self._project(x_BxTxD, self.wq, "bq"), positions_BxT, inv_freq)
+    k = apply_rope(self._project(x_BxTxD, self.wk, "bk"), positions_BxT, inv_freq)
+    v = self._project(x_BxTxD, self.wv, "bv")
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k_BxSxKxH, k.astype(cache.k_BxSxKxH.dtype),
+                                              index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v_BxSxKxH, v.astype(cache.v_BxSxKxH.dtype),
+                                              index, axis=1)
+      cache = LayerCache(k, v)
+    b, t, n, h = q.shape
+    groups = n // cfg.n_kv_heads
+    q = q.reshape(b, t, cfg.n_kv_heads, groups, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype)).reshape(b, t, n, h)
+    y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(cfg.compute_dtype))
+    return y, cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.dtype = cfg.compute_dtype
+    self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg, cfg.init_std)
+    self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg, cfg.init_std)
+    self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg,
+                        cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+  def __call__(self, x_BxTxD):
+    dt = self.dtype
+    gate = jax.nn.silu(x_BxTxD @ self.w_gate[...].astype(dt))
+    return (gate * (x_BxTxD @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, index):
+    y, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache, index)
+    x_BxTxD = x_BxTxD + y
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache

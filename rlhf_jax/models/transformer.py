@@ -1,0 +1,128 @@
+"""The Llama/Qwen2-compatible decoder and its scalar-head variant (reward and value models).
+
+Padding convention: `valid_BxT` marks real tokens; positions follow the padding (the first
+real token of every row has position 0), so a prompt's outputs do not depend on how much
+padding it carries or on which side. With a KV cache, slots are written in time order, so
+"causal" is "slot <= current slot", and padded slots are masked through `cache.valid_BxS`.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import Block, LayerCache, RMSNorm, param
+
+
+class KVCache(NamedTuple):
+  layers: tuple[LayerCache, ...]
+  valid_BxS: jax.Array  # which slots hold real tokens
+  index: jax.Array  # int32 scalar: the next slot to write
+
+
+class ModelOutput(NamedTuple):
+  logits_BxTxV: jax.Array | None
+  hidden_BxTxD: jax.Array | None  # final-normed last-layer states (what predicts each token)
+  cache: KVCache | None
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.dim_per_head)
+  dtype = dtype or cfg.compute_dtype
+  layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(cfg.n_layers))
+  return KVCache(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def positions_from_valid(valid_BxT) -> jax.Array:
+  """Position ids that skip padding: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_valid_index(valid_BxT) -> jax.Array:
+  """Index of each row's last real token (works for left- and right-padding)."""
+  t = valid_BxT.shape[-1]
+  return t - 1 - jnp.argmax(valid_BxT[:, ::-1].astype(jnp.int32), axis=-1)
+
+
+def _attention_mask(valid_BxT, cache: KVCache | None):
+  b, t = valid_BxT.shape
+  if cache is None:
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    return causal_TxT[None] & valid_BxT[:, None, :].astype(bool), None
+  slot_valid = jax.lax.dynamic_update_slice_in_dim(
+      cache.valid_BxS, valid_BxT.astype(bool), cache.index, axis=1)
+  query_slot_T = cache.index + jnp.arange(t)
+  key_slot_S = jnp.arange(slot_valid.shape[1])
+  causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+  return causal_TxS[None] & slot_valid[:, None, :], slot_valid
+
+
+class Transformer(nnx.Module):
+  """Token embedding -> n_layers x (RMSNorm, GQA, RMSNorm, SwiGLU) -> RMSNorm -> LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, cfg.init_std)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg, rngs=rngs)
+    self.has_lm_head = lm_head
+    if lm_head and not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
+                           cfg.init_std)
+
+  def hidden(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, cache: KVCache | None = None):
+    """Final-normed hidden states BxTxD and the updated cache."""
+    if valid_BxT is None:
+      valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    if positions_BxT is None:
+      if cache is not None:
+        raise ValueError("decoding with a cache needs explicit positions_BxT")
+      positions_BxT = positions_from_valid(valid_BxT)
+    mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache)
+    index = None if cache is None else cache.index
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions_BxT, mask_BxTxS,
+                             None if cache is None else cache.layers[i], index)
+      new_layers.append(layer_cache)
+    if cache is not None:
+      cache = KVCache(tuple(new_layers), slot_valid, cache.index + tokens_BxT.shape[1])
+    return self.final_norm(x), cache
+
+  def logits(self, hidden_BxTxD):
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD, w.astype(hidden_BxTxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None,
+               cache: KVCache | None = None, return_hidden: bool = False) -> ModelOutput:
+    if not self.has_lm_head:
+      raise ValueError("this Transformer was built without an LM head (lm_head=False)")
+    hidden, cache = self.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
+                                cache=cache)
+    return ModelOutput(self.logits(hidden), hidden if return_hidden else None, cache)
+
+
+class ScalarHeadModel(nnx.Module):
+  """Backbone + linear scalar head: a reward model (read at the last real token) or a
+  value model (read at every token)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.backbone = Transformer(cfg, rngs=rngs, lm_head=False)
+    self.head_w = param(rngs, (cfg.d_model,), ("embed",), cfg, cfg.init_std)
+    self.head_b = param(rngs, (), (), cfg, 0.0)
+
+  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None):
+    """Per-token scalars BxT in float32."""
+    hidden, _ = self.backbone.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT)
+    values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32),
+                        self.head_w[...].astype(jnp.float32))
+    return values + self.head_b[...].astype(jnp.float32)
+
+  def score(self, tokens_BxT, *, valid_BxT):
+    """One scalar per sequence, read at its last real token (reward-model convention)."""
+    values_BxT = self(tokens_BxT, valid_BxT=valid_BxT)
+    return jnp.take_along_axis(values_BxT, last_valid_index(valid_BxT)[:, None], axis=1)[:, 0]

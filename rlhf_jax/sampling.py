@@ -1,0 +1,143 @@
+"""Batched KV-cache sampling, compiled once per (batch, prompt length, max new tokens).
+
+Prompts may be left- or right-padded with different lengths: `prompt_valid_BxP` marks real
+tokens, positions follow the padding, and padded cache slots are masked, so a prompt's
+continuation depends neither on its padding nor on its batch-mates. Decoding is a
+lax.while_loop (no Python per token) that stops when every row has emitted EOS.
+
+Returned log-probs are under the SAMPLING distribution (after temperature, top-k, top-p), the
+quantity importance ratios need; at temperature 1 without truncation they are the model's own
+log-probs, so a PPO ratio starts at exactly 1. Greedy decoding reports the model's
+temperature-1 log-probs of the argmax tokens.
+"""
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.transformer import init_cache, last_valid_index, positions_from_valid
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int
+  eos_id: int
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no top-k truncation
+  top_p: float = 1.0  # 1.0: no nucleus truncation
+  greedy: bool = False
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class SampleOutput(NamedTuple):
+  tokens_BxN: jax.Array  # generated tokens, pad after EOS
+  logps_BxN: jax.Array  # log-probs under the sampling distribution (0 where mask is 0)
+  mask_BxN: jax.Array  # 1 for generated tokens, EOS included
+  finished_B: jax.Array  # emitted EOS within max_new_tokens (False: truncated)
+
+
+def process_logits(logits_BxV, cfg: SamplingConfig):
+  """Temperature, then top-k, then top-p, as log-probs of the distribution actually sampled."""
+  logits = logits_BxV.astype(jnp.float32) / cfg.temperature
+  if cfg.top_k:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if cfg.top_p < 1.0:
+    # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays if
+    # the mass strictly before it (in descending order) is below top_p.
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _choose(logits_BxV, key, cfg: SamplingConfig):
+  if cfg.greedy:
+    logp = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    token = jnp.argmax(logits_BxV, axis=-1)
+  else:
+    logp = process_logits(logits_BxV, cfg)
+    token = jax.random.categorical(key, logp, axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+           cfg: SamplingConfig) -> SampleOutput:
+  """Samples up to cfg.max_new_tokens continuations of each prompt with a KV cache."""
+  model = nnx.merge(graphdef, params)
+  b, p = prompt_tokens_BxP.shape
+  n = cfg.max_new_tokens
+  prompt_valid = prompt_valid_BxP.astype(bool)
+  cache = init_cache(model.cfg, b, p + n)
+  out = model(prompt_tokens_BxP, valid_BxT=prompt_valid,
+              positions_BxT=positions_from_valid(prompt_valid), cache=cache)
+  last = last_valid_index(prompt_valid)
+  logits_BxV = jnp.take_along_axis(out.logits_BxTxV, last[:, None, None], axis=1)[:, 0]
+  next_pos_B = jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
+
+  def cond(carry):
+    step, _, _, _, _, _, done, _ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, cache, logits, pos, tokens, logps, done, mask = carry
+    token, logp = _choose(logits, jax.random.fold_in(key, step), cfg)
+    live = ~done
+    token = jnp.where(live, token, cfg.pad_id)
+    tokens = tokens.at[:, step].set(token)
+    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
+    mask = mask.at[:, step].set(live)
+    done = done | (token == cfg.eos_id)
+    out = model(token[:, None], valid_BxT=live[:, None], positions_BxT=pos[:, None], cache=cache)
+    return (step + 1, out.cache, out.logits_BxTxV[:, 0], pos + live, tokens, logps, done, mask)
+
+  carry = (jnp.zeros((), jnp.int32), out.cache, logits_BxV, next_pos_B,
+           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+           jnp.zeros((b,), bool), jnp.zeros((b, n), bool))
+  _, _, _, _, tokens, logps, done, mask = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(tokens, logps, mask, done)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+                 cfg: SamplingConfig) -> SampleOutput:
+  """Reference sampler without a cache: every step reruns the full forward over the padded
+  (prompt + max_new_tokens) sequence. Same outputs as `sample`; the benchmark's baseline."""
+  model = nnx.merge(graphdef, params)
+  b, p = prompt_tokens_BxP.shape
+  n = cfg.max_new_tokens
+  seq = jnp.concatenate([prompt_tokens_BxP, jnp.full((b, n), cfg.pad_id, jnp.int32)], axis=1)
+  valid = jnp.concatenate([prompt_valid_BxP.astype(bool), jnp.zeros((b, n), bool)], axis=1)
+
+  def body(step, carry):
+    seq, valid, logps, done = carry
+    logits = model(seq, valid_BxT=valid).logits_BxTxV
+    last = last_valid_index(valid)
+    token, logp = _choose(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0],
+                          jax.random.fold_in(key, step), cfg)
+    live = ~done
+    seq = seq.at[:, p + step].set(jnp.where(live, token, cfg.pad_id))
+    valid = valid.at[:, p + step].set(live)
+    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
+    return seq, valid, logps, done | (live & (token == cfg.eos_id))
+
+  seq, valid, logps, done = jax.lax.fori_loop(
+      0, n, body, (seq, valid, jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool)))
+  return SampleOutput(seq[:, p:], logps, valid[:, p:], done)

@@ -1,0 +1,125 @@
+"""Meshes and the one logical-axis rules table: the only place PartitionSpecs are written.
+
+Mesh axes: 'data' (pure data parallelism), 'fsdp' (data parallelism whose members also shard
+the parameters and optimizer state), 'tensor' (Megatron-style model parallelism over heads and
+MLP width). Parameters carry logical axis names (rlhf_jax.models.layers.param); the rules below
+map each name to mesh axes. Meshes use AxisType.Auto: jit's partitioner propagates shardings
+from the annotated parameters and batch, so model code never annotates activations.
+"""
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the leading (batch) dimension of every input
+
+LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Fills at most one -1 with the remaining devices; checks the product."""
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one of --mesh_data/--mesh_fsdp/--mesh_tensor may be -1, got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed sizes {sizes}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh data*fsdp*tensor = {sizes} uses {int(np.prod(sizes))} devices, "
+                     f"but {num_devices} are available; use -1 for one axis to fill the rest")
+  return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all). Pass a sub-list of
+  devices for a smaller mesh, e.g. devices=jax.devices()[:1] for an unsharded baseline."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
+  """PartitionSpec for a parameter. A dimension whose size is not divisible by its mesh axes
+  stays replicated (e.g. 2 kv heads on a 4-way tensor axis), so every preset runs on every mesh."""
+  spec = []
+  used = set()
+  for name, dim in zip(axes, shape):
+    if name not in LOGICAL_RULES:
+      raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
+    mesh_axes = LOGICAL_RULES[name]
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)
+    size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+    if not mesh_axes or size == 1 or dim % size:
+      spec.append(None)
+    else:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*spec)
+
+
+def logical_axes(state: nnx.State):
+  """Pure-dict pytree (same structure as state.to_pure_dict()) of logical-axis tuples."""
+  tree: dict = {}
+  for path, var in state.flat_state():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = var.get_metadata()["logical_axes"]
+  return tree
+
+
+def param_shardings(state: nnx.State, mesh: Mesh):
+  """NamedShardings for every parameter of an (abstract) module state, as a pure dict."""
+  axes = logical_axes(state)
+  shapes = state.to_pure_dict()
+  return jax.tree.map(lambda ax, x: NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh)),
+                      axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_sharded(factory: Callable[[nnx.Rngs], nnx.Module], key, mesh: Mesh):
+  """Builds a module's parameters directly in their shardings: eval_shape -> shardings ->
+  jit(init, out_shardings). No host ever holds a full unsharded copy.
+
+  Returns (graphdef, params as a pure dict, the params' shardings)."""
+  abstract = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = param_shardings(abstract_state, mesh)
+
+  def init(key):
+    return nnx.split(factory(nnx.Rngs(key)))[1].to_pure_dict()
+
+  init = jax.jit(init, out_shardings=shardings)
+  return graphdef, init(key), shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading dimension over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a host batch (pytree of numpy arrays, this process's rows) on the mesh."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
