@@ -10,12 +10,13 @@ Everything a run needs comes out of one `ArithmeticConfig` and its seed:
   borrows for "-", per-digit carries dropped for "*"). Because the bug is consistent per pair
   and follows one rule, a model trained on the corpus is wrong in a way greedy decoding does
   not average away, and SFT has real work to do. The corrupted pairs are chosen among pairs
-  where the bug changes the answer, with a probability set so that the expected fraction of
-  wrong STATEMENTS in the corpus equals `error_rate`.
+  where the bug changes the answer, enough of them that the expected fraction of wrong
+  STATEMENTS in the corpus equals `error_rate` (see `corrupted_pairs`).
 - a curated SFT set (LIMA-style: ~1,000 correct prompt/response pairs from the train split)
   and a held-out test prompt set from the test split.
 Records are dicts of text fields, the form `rlhf_jax.data.builders` materialises.
 """
+import collections
 import dataclasses
 import hashlib
 import random
@@ -150,35 +151,49 @@ def split_pairs(config: ArithmeticConfig) -> dict[str, list[tuple[str, int, int]
   return out
 
 
-def _corruption_probability(config: ArithmeticConfig, pairs) -> float:
-  """P(corrupt | the bug changes the answer), so that E[wrong statements] = error_rate
-  under uniform sampling of `pairs`."""
-  eligible = sum(BUGGY_ANSWER[op](a, b) != correct_answer(op, a, b) for op, a, b in pairs)
-  p = config.error_rate * len(pairs) / max(eligible, 1)
-  if p > 1.0:
+def corrupted_pairs(config: ArithmeticConfig) -> frozenset[tuple[str, int, int]]:
+  """The canonical pairs whose every corpus statement uses the buggy answer.
+
+  Only pairs where the bug changes the answer qualify. They are taken in a seeded hash order
+  until they cover `error_rate` of the ordered train pairs, so the corpus (which samples
+  train pairs uniformly) has error_rate wrong statements in expectation, even for small
+  worlds where independent per-pair coin flips would miss the rate by a lot.
+  """
+  train = split_pairs(config)["train"]
+  weight = collections.Counter(_canonical(*pair) for pair in train)
+  eligible = sorted((c for c in weight if BUGGY_ANSWER[c[0]](c[1], c[2]) != correct_answer(*c)),
+                    key=lambda c: _unit_hash("corrupt", config.seed, *c))
+  target = config.error_rate * len(train)
+  if sum(weight[c] for c in eligible) < target:
     raise ValueError(f"error_rate={config.error_rate} is unreachable: the systematic bug changes "
-                     f"only {eligible / len(pairs):.3f} of the answers for these operations/digits")
-  return p
+                     f"only {sum(weight[c] for c in eligible) / len(train):.3f} of the answers "
+                     f"for these operations/digits")
+  chosen, covered = set(), 0
+  for c in eligible:
+    if covered + weight[c] / 2 > target:
+      break
+    chosen.add(c)
+    covered += weight[c]
+  return frozenset(chosen)
 
 
-def corpus_answer(config: ArithmeticConfig, op: str, a: int, b: int, p_corrupt: float) -> int:
-  """The answer the pretraining corpus states for a pair: the buggy one for corrupted pairs
-  (decided once per unordered pair, so every mention agrees), the correct one otherwise."""
-  buggy, right = BUGGY_ANSWER[op](a, b), correct_answer(op, a, b)
-  if buggy != right and _unit_hash("corrupt", config.seed, *_canonical(op, a, b)) < p_corrupt:
-    return buggy
-  return right
+def corpus_answer(op: str, a: int, b: int, corrupted: frozenset) -> int:
+  """The answer the pretraining corpus states: buggy for corrupted pairs (decided per
+  unordered pair, so "a+b" and "b+a" agree in every mention), correct otherwise."""
+  if _canonical(op, a, b) in corrupted:
+    return BUGGY_ANSWER[op](a, b)
+  return correct_answer(op, a, b)
 
 
 def pretrain_records(config: ArithmeticConfig) -> list[dict[str, str]]:
   """[{"text": "12+7=19 45+38=73 ..."}] from train pairs, sampled uniformly with replacement."""
   train = split_pairs(config)["train"]
-  p_corrupt = _corruption_probability(config, train)
+  corrupted = corrupted_pairs(config)
   rng = random.Random(f"pretrain:{config.seed}")
   texts = []
   for _ in range(config.num_pretrain_texts):
     pairs = [rng.choice(train) for _ in range(config.statements_per_text)]
-    texts.append(" ".join(prompt(op, a, b) + str(corpus_answer(config, op, a, b, p_corrupt))
+    texts.append(" ".join(prompt(op, a, b) + str(corpus_answer(op, a, b, corrupted))
                           for op, a, b in pairs))
   return [{"text": t} for t in texts]
 
@@ -200,14 +215,16 @@ def heldout_records(config: ArithmeticConfig) -> list[dict[str, str]]:
   return _prompt_records(config, split_pairs(config)["test"], config.num_test, "test")
 
 
+# dataset -> (its text fields, config -> {split: records}); one field set per TFDS dataset.
+DATASETS: dict[str, tuple[tuple[str, ...], Callable[[ArithmeticConfig], dict]]] = {
+    "pretrain": (("text",), lambda c: {"train": pretrain_records(c)}),
+    "sft": (("prompt", "response"), lambda c: {"train": sft_records(c), "test": heldout_records(c)}),
+}
+
+
 def records(config: ArithmeticConfig) -> dict[str, dict[str, list[dict[str, str]]]]:
-  """Datasets for `rlhf_jax.data.builders`: {dataset: {split: records}}, one field set per
-  dataset ("pretrain": text; "sft": prompt/response with train and test splits)."""
-  return {"pretrain": {"train": pretrain_records(config)},
-          "sft": {"train": sft_records(config), "test": heldout_records(config)}}
-
-
-FIELDS = {"pretrain": ("text",), "sft": ("prompt", "response")}
+  """Every dataset of the world in memory: {dataset: {split: records}}."""
+  return {name: make(config) for name, (_, make) in DATASETS.items()}
 
 
 def build_datasets(config: ArithmeticConfig, data_dir: str) -> dict:
@@ -216,7 +233,7 @@ def build_datasets(config: ArithmeticConfig, data_dir: str) -> dict:
   rlhf_jax.data.builders.load_split(builders["sft"], "test")."""
   from rlhf_jax.data import builders  # The world's generators stay usable without TFDS.
   config_dict = dataclasses.asdict(config)
-  return {dataset: builders.build_records(
-              name=f"arithmetic_{dataset}", config=config_dict, fields=fields, data_dir=data_dir,
-              records_fn=lambda dataset=dataset: records(config)[dataset])
-          for dataset, fields in FIELDS.items()}
+  return {name: builders.build_records(name=f"arithmetic_{name}", config=config_dict,
+                                       fields=fields, data_dir=data_dir,
+                                       records_fn=lambda make=make: make(config))
+          for name, (fields, make) in DATASETS.items()}
