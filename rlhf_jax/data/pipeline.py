@@ -83,6 +83,13 @@ def prompt_example(prompt: str, response: str, tokenizer: Tokenizer, prompt_len:
           "answers": np.str_(response), "example_valid": np.True_}
 
 
+def decode_response(ids: Sequence[int], tokenizer: Tokenizer) -> str:
+  """Text of sampled ids up to (not including) the first eos: what a verifier should see,
+  since a fixed-length sampler keeps writing tokens after eos."""
+  ids = [int(i) for i in ids]
+  return tokenizer.decode(ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids)
+
+
 def _encoder(kind: str, tokenizer: Tokenizer, seq_len: int) -> Callable[[dict], dict]:
   if kind == "lm":
     return lambda r: lm_example(_text(r["text"]), tokenizer, seq_len)

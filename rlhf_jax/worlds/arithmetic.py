@@ -57,9 +57,11 @@ class ArithmeticConfig:
 
   def __post_init__(self):
     if not self.operations or set(self.operations) - set(_OPS):
-      raise ValueError(f"operations must be a non-empty subset of {tuple(_OPS)}, got {self.operations}")
+      raise ValueError(
+          f"operations must be a non-empty subset of {tuple(_OPS)}, got {self.operations}")
     if not 1 <= self.min_digits <= self.max_digits:
-      raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}..{self.max_digits}")
+      raise ValueError(
+          f"need 1 <= min_digits <= max_digits, got {self.min_digits}..{self.max_digits}")
     if not 0.0 < self.test_fraction < 1.0:
       raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
     if not 0.0 <= self.error_rate < 1.0:
@@ -116,8 +118,8 @@ def prompt(op: str, a: int, b: int) -> str:
 
 
 def verify(response_text: str, answer: str) -> bool:
-  """Exact match after stripping whitespace. The response is what the sampler decoded up to
-  (not including) eos; anything after a stray newline counts as part of the answer."""
+  """Exact match after stripping surrounding whitespace. response_text is the sample cut at
+  its first eos (rlhf_jax.data.pipeline.decode_response); "85 12" does not match "85"."""
   return response_text.strip() == str(answer).strip()
 
 
@@ -218,7 +220,8 @@ def heldout_records(config: ArithmeticConfig) -> list[dict[str, str]]:
 # dataset -> (its text fields, config -> {split: records}); one field set per TFDS dataset.
 DATASETS: dict[str, tuple[tuple[str, ...], Callable[[ArithmeticConfig], dict]]] = {
     "pretrain": (("text",), lambda c: {"train": pretrain_records(c)}),
-    "sft": (("prompt", "response"), lambda c: {"train": sft_records(c), "test": heldout_records(c)}),
+    "sft": (("prompt", "response"),
+            lambda c: {"train": sft_records(c), "test": heldout_records(c)}),
 }
 
 

@@ -139,3 +139,9 @@ def test_overlong_example_raises_through_the_pipeline():
                                     tokenizer=TOK, kind="lm")
   with pytest.raises(ValueError, match="seq_len=8"):
     next(it)
+
+
+def test_decode_response_stops_at_eos():
+  ids = np.array([*TOK.encode("85"), EOS, *TOK.encode("99"), PAD])
+  assert pipeline.decode_response(ids, TOK) == "85"
+  assert pipeline.decode_response(TOK.encode("7"), TOK) == "7"

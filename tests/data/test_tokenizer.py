@@ -5,7 +5,8 @@ from rlhf_jax.data.tokenizer import ByteTokenizer
 def test_ids_and_vocab():
   tok = ByteTokenizer()
   assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258, 259)
-  assert all(hasattr(tok, m) for m in ("encode", "decode", "pad_id", "bos_id", "eos_id", "vocab_size"))
+  members = ("encode", "decode", "pad_id", "bos_id", "eos_id", "vocab_size")
+  assert all(hasattr(tok, m) for m in members)  # The Tokenizer protocol.
 
 
 def test_encode_is_utf8_bytes_without_specials():
