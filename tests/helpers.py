@@ -1,0 +1,112 @@
+"""Shared test helpers: small models, params surgery, and an independent NumPy Llama forward.
+
+The NumPy forward is written from the Llama equations (float64) and shares no code with
+rlhf_jax.models: RMSNorm, rotate-half RoPE, softmax attention with each kv head repeated for
+its n_heads / n_kv_heads query heads, SwiGLU, final norm, LM head.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import preset
+from rlhf_jax.models.transformer import Transformer
+
+
+def nano(**overrides):
+  return preset("nano", **overrides)
+
+
+def make_model(cfg=None, seed: int = 0, **kwargs):
+  """(graphdef, params pure dict) of a Transformer."""
+  model = Transformer(cfg or nano(), rngs=nnx.Rngs(seed), **kwargs)
+  graphdef, state = nnx.split(model)
+  return graphdef, state.to_pure_dict()
+
+
+def randomize(params, seed: int, std: float = 0.3):
+  """Replaces every parameter with N(0, std) (norm scales with 1 + N(0, 0.1)), so logits are
+  peaked and biases nonzero: a stronger test than the near-uniform default init."""
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, x in leaves:
+    name = str(path[-1].key)
+    noise = rng.standard_normal(x.shape)
+    value = 1.0 + 0.1 * noise if name == "scale" else std * noise
+    out.append(jnp.asarray(value, x.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def make_forward(graphdef):
+  """Jitted full forward: (params, tokens_BxT, valid_BxT) -> logits_BxTxV (f32)."""
+  @jax.jit
+  def forward(params, tokens_BxT, valid_BxT):
+    return nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT).logits_BxTxV
+  return forward
+
+
+# ----------------------------------------------------------------------------------------
+# Independent NumPy float64 reference.
+
+def np_rms_norm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def np_rotate_half(x):
+  h = x.shape[-1] // 2
+  return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def np_rope(x_TxNxH, pos_T, theta):
+  h = x_TxNxH.shape[-1]
+  freqs = np.array([theta ** (-2.0 * i / h) for i in range(h // 2)])
+  ang = pos_T[:, None] * freqs[None, :]  # T x H/2
+  ang = np.concatenate([ang, ang], axis=-1)[:, None, :]
+  return x_TxNxH * np.cos(ang) + np_rotate_half(x_TxNxH) * np.sin(ang)
+
+
+def np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def np_forward(params, cfg, tokens_T):
+  """Logits TxV of one unpadded sequence, in float64, from the Llama equations."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  t = len(tokens_T)
+  pos = np.arange(t, dtype=np.float64)
+  n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+  x = p["embed"][np.asarray(tokens_T)]  # TxD
+  for i in range(cfg.n_layers):
+    blk = p["blocks"][i]
+    a = blk["attn"]
+    y = np_rms_norm(x, blk["attn_norm"]["scale"], cfg.norm_eps)
+    q = np.einsum("td,dnh->tnh", y, a["wq"])
+    kk = np.einsum("td,dkh->tkh", y, a["wk"])
+    v = np.einsum("td,dkh->tkh", y, a["wv"])
+    if cfg.qkv_bias:
+      q, kk, v = q + a["bq"], kk + a["bk"], v + a["bv"]
+    q, kk = np_rope(q, pos, cfg.rope_theta), np_rope(kk, pos, cfg.rope_theta)
+    heads = []
+    for j in range(n):
+      kv = j // (n // k)  # repeat_kv: query head j reads kv head j // groups
+      s = q[:, j] @ kk[:, kv].T / math.sqrt(h)
+      s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+      s = np.exp(s - s.max(-1, keepdims=True))
+      heads.append((s / s.sum(-1, keepdims=True)) @ v[:, kv])
+    o = np.stack(heads, axis=1)  # TxNxH
+    x = x + np.einsum("tnh,nhd->td", o, a["wo"])
+    m = blk["mlp"]
+    y = np_rms_norm(x, blk["mlp_norm"]["scale"], cfg.norm_eps)
+    x = x + (np_silu(y @ m["w_gate"]) * (y @ m["w_up"])) @ m["w_down"]
+  x = np_rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
+  w = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
+  return x @ w
+
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
