@@ -37,7 +37,6 @@ token_count; add them across microbatches/hosts, then call metrics_from_sums:
 Advantage whitening uses the statistics of the arrays it is given: whiten the whole rollout
 batch before splitting it into microbatches.
 """
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

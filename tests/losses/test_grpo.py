@@ -189,8 +189,9 @@ class TestGrpoLoss:
       logp = jnp.asarray(rng.normal(-1, 0.1, (3, 4)))
       old, ref = jnp.asarray(rng.normal(-1, 0.1, (3, 4))), jnp.asarray(rng.normal(-1, 0.5, (3, 4)))
       adv, mask = jnp.asarray(rng.normal(size=3)), jnp.asarray(_mask([4, 2, 3], 4), jnp.float64)
-      f = lambda lp: grpo.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2, clip_eps_high=0.3,
-                                    kl_coef=0.1, aggregation=aggregation)[0]
+      f = jax.jit(lambda lp: grpo.grpo_loss(lp, old, ref, adv, mask, clip_eps_low=0.2,
+                                            clip_eps_high=0.3, kl_coef=0.1,
+                                            aggregation=aggregation)[0])
       g, h = jax.grad(f)(logp), 1e-6
       fd = np.zeros((3, 4))
       for i in np.ndindex(3, 4):

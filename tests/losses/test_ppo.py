@@ -233,7 +233,7 @@ class TestPpoPolicyLoss:
       logp = jnp.asarray(rng.normal(0, 0.1, (2, 3)))
       old, adv = jnp.zeros((2, 3), jnp.float64), jnp.asarray(rng.normal(size=(2, 3)))
       mask = jnp.asarray(_mask([3, 2], 3), jnp.float64)
-      f = lambda lp: ppo.ppo_policy_loss(lp, old, adv, mask, clip_eps=0.3)[0]
+      f = jax.jit(lambda lp: ppo.ppo_policy_loss(lp, old, adv, mask, clip_eps=0.3)[0])
       g, h = jax.grad(f)(logp), 1e-6
       fd = np.zeros((2, 3))
       for i in np.ndindex(2, 3):
