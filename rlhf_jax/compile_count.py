@@ -4,6 +4,8 @@ Why not chex.assert_max_traces: it counts Python traces, and misses recompiles c
 changed input sharding or layout (same trace, new executable). jax.monitoring fires
 '/jax/core/compile/backend_compile_duration' around every backend compile, including ones
 served from the persistent compilation cache, so it counts executables actually built.
+Eager jnp ops compile small programs too (e.g. `x + 1` outside jit), so build a test's
+inputs before entering the counter, or look at `names`.
 
     with CompileCounter() as cc:
       state, m = step(state, batch)   # first call: compiles
