@@ -65,13 +65,11 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
   summary: dict[str, Any] = {"start_step": start_step, "train": {}, "eval": {}}
   t_start = t_last = time.perf_counter()
   last_logged = step
-  saved_at = None
   while step < total_steps:
     state, metrics = train_step(state, next(train_iter))
     step += 1
     if manager is not None and manager.should_save(step):
       checkpoint.save(manager, step, state, train_iter.get_state())
-      saved_at = step
     if step % log_every == 0 or step == total_steps:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.perf_counter()
@@ -89,7 +87,7 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
         logger.log(step, summary["eval"], split="eval")
 
   if manager is not None:
-    if saved_at != step and manager.latest_step() != step:
+    if manager.latest_step() != step:  # includes saves still being written
       checkpoint.save(manager, step, state, train_iter.get_state(), force=True)
     manager.wait_until_finished()
   if logger is not None:

@@ -31,9 +31,7 @@ def test_schedule_matches_closed_form(warmup):
   if warmup:
     np.testing.assert_allclose(float(schedule(5)), 1.5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(warmup)), 3e-4, rtol=1e-6)
-  mid = warmup + (100 - warmup) // 2 if (100 - warmup) % 2 == 0 else None
-  if mid is not None:
-    np.testing.assert_allclose(float(schedule(mid)), (3e-4 + 3e-5) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(warmup + (100 - warmup) // 2)), 1.65e-4, rtol=1e-5)
   np.testing.assert_allclose(float(schedule(100)), 3e-5, rtol=1e-6)
 
 
