@@ -1,5 +1,6 @@
 """Tests for rlhf_jax.losses.dpo: DPO (+ label smoothing), IPO, KTO, sequence log-probs."""
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,18 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import dpo
+
+
+@functools.cache
+def J(fn):
+  """fn under jax.jit with its keyword-only hyperparameters static: every call in these tests
+  runs compiled (one program per shape, far cheaper on 2 CPU cores than op-by-op dispatch)."""
+  static = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+  return jax.jit(fn, static_argnames=static)
+
+
+def G(f, **kwargs):
+  return jax.jit(jax.grad(f, **kwargs))
 
 
 def _fd_grad(f, x, h=1e-6):
@@ -54,22 +67,22 @@ class TestSequenceLogps:
     f = jax.jit(dpo.sequence_logps, static_argnames="average")
     np.testing.assert_allclose(f(logps, mask, average=False), [-3.0, 0.0])
     np.testing.assert_allclose(f(logps, mask, average=True), [-1.5, 0.0])
-    np.testing.assert_allclose(dpo.sequence_logps(logps, mask), [-3.0, 0.0])  # default: sum
+    np.testing.assert_allclose(J(dpo.sequence_logps)(logps, mask), [-3.0, 0.0])  # default: sum
 
   def test_numpy_reference_and_grad(self):
     rng = np.random.default_rng(0)
     logps = -rng.exponential(size=(3, 4)).astype(np.float32)
     mask = rng.random((3, 4)) < 0.6
-    np.testing.assert_allclose(dpo.sequence_logps(logps, mask, average=True),
+    np.testing.assert_allclose(J(dpo.sequence_logps)(logps, mask, average=True),
                                (logps * mask).sum(1) / np.maximum(mask.sum(1), 1), rtol=1e-5)
-    g = jax.grad(lambda x: dpo.sequence_logps(x, mask).sum())(logps)
+    g = G(lambda x: J(dpo.sequence_logps)(x, mask).sum())(logps)
     np.testing.assert_allclose(g, mask.astype(np.float32))
 
   def test_extreme_and_shape_error(self):
-    out = dpo.sequence_logps(jnp.array([[-1e4, -jnp.inf]]), jnp.array([[1.0, 0.0]]))
+    out = J(dpo.sequence_logps)(jnp.array([[-1e4, -jnp.inf]]), jnp.array([[1.0, 0.0]]))
     np.testing.assert_allclose(out, [-1e4])
     with pytest.raises(ValueError, match="logps_BxT.*mask_BxT"):
-      dpo.sequence_logps(jnp.zeros((2, 3)), jnp.zeros((2, 2)))
+      J(dpo.sequence_logps)(jnp.zeros((2, 3)), jnp.zeros((2, 2)))
 
 
 class TestDpoLoss:
@@ -89,7 +102,7 @@ class TestDpoLoss:
     # policy == reference: h = 0 -> loss = -log s(0) = log 2 for every beta and eps.
     pw, pl, _, _ = _pairs(1)
     for eps in (0.0, 0.2):
-      loss, m = dpo.dpo_loss(pw, pl, pw, pl, beta=0.1, label_smoothing=eps)
+      loss, m = J(dpo.dpo_loss)(pw, pl, pw, pl, beta=0.1, label_smoothing=eps)
       np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
       assert float(m["rewards/chosen_sum"]) == 0 and float(m["rewards/rejected_sum"]) == 0
       assert float(m["rewards/accuracies_sum"]) == 0
@@ -106,20 +119,20 @@ class TestDpoLoss:
 
   def test_label_smoothing_half_is_symmetric(self):
     pw, pl, rw, rl = _pairs(3)
-    a, _ = dpo.dpo_loss(pw, pl, rw, rl, beta=0.3, label_smoothing=0.5)
-    b, _ = dpo.dpo_loss(pl, pw, rl, rw, beta=0.3, label_smoothing=0.5)
+    a, _ = J(dpo.dpo_loss)(pw, pl, rw, rl, beta=0.3, label_smoothing=0.5)
+    b, _ = J(dpo.dpo_loss)(pl, pw, rl, rw, beta=0.3, label_smoothing=0.5)
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
   def test_grad_closed_form_wrt_sequence_logps(self):
     # dL/dlogpi(y_w) = -beta/B s(r_hat_l - r_hat_w); dL/dlogpi(y_l) = +beta/B s(...).
     pw, pl, rw, rl = _pairs(4)
     beta = 0.2
-    gw, gl = jax.grad(lambda a, b: dpo.dpo_loss(a, b, rw, rl, beta=beta)[0], argnums=(0, 1))(pw, pl)
+    gw, gl = G(lambda a, b: J(dpo.dpo_loss)(a, b, rw, rl, beta=beta)[0], argnums=(0, 1))(pw, pl)
     s = 1 / (1 + np.exp(-(beta * ((pl - rl) - (pw - rw))).astype(np.float64)))
     np.testing.assert_allclose(gw, -beta * s / len(pw), rtol=1e-5)
     np.testing.assert_allclose(gl, beta * s / len(pw), rtol=1e-5)
     fd = _fd_grad(lambda a: _np_dpo(a, pl, rw, rl, beta, 0.1), pw)
-    g_ls = jax.grad(lambda a: dpo.dpo_loss(a, pl, rw, rl, beta=beta, label_smoothing=0.1)[0])(pw)
+    g_ls = G(lambda a: J(dpo.dpo_loss)(a, pl, rw, rl, beta=beta, label_smoothing=0.1)[0])(pw)
     np.testing.assert_allclose(g_ls, fd, atol=1e-5)
 
   def test_grad_through_tabular_policy_matches_closed_form(self):
@@ -136,9 +149,9 @@ class TestDpoLoss:
 
     def loss(t):
       lp = logp(t)
-      return dpo.dpo_loss(lp[w], lp[l], ref_logp[w], ref_logp[l], beta=beta)[0]
+      return J(dpo.dpo_loss)(lp[w], lp[l], ref_logp[w], ref_logp[l], beta=beta)[0]
 
-    g = jax.jit(jax.grad(loss))(theta)
+    g = G(loss)(theta)
     lp, pi = np.asarray(logp(theta), np.float64), np.exp(np.asarray(logp(theta), np.float64))
     grad_logp = phi - pi @ phi  # grad_theta log pi(y) = phi(y) - E_pi[phi]
     rhat = beta * (lp - np.asarray(ref_logp, np.float64))
@@ -156,9 +169,9 @@ class TestDpoLoss:
 
     def loss_and_logpw(t):
       lp = jax.nn.log_softmax(phi @ t)
-      return dpo.dpo_loss(lp[:1], lp[1:2], ref_logp[:1], ref_logp[1:2], beta=1.0)[0], lp[0]
+      return J(dpo.dpo_loss)(lp[:1], lp[1:2], ref_logp[:1], ref_logp[1:2], beta=1.0)[0], lp[0]
 
-    step = jax.jit(lambda t: t - 1.0 * jax.grad(lambda x: loss_and_logpw(x)[0])(t))
+    step = jax.jit(lambda t: t - 1.0 * G(lambda x: loss_and_logpw(x)[0])(t))
     theta = jnp.zeros(2)
     losses, logpw = [], []
     for _ in range(6):
@@ -174,18 +187,18 @@ class TestDpoLoss:
     big = jnp.array([-1e4, 0.0])
     loss, m = jax.jit(functools.partial(dpo.dpo_loss, beta=1.0, label_smoothing=0.1))(
         big, -big - 1e4, jnp.zeros(2), jnp.zeros(2))
-    g = jax.grad(lambda a: dpo.dpo_loss(a, -big - 1e4, jnp.zeros(2), jnp.zeros(2), beta=1.0)[0])(big)
+    g = G(lambda a: J(dpo.dpo_loss)(a, -big - 1e4, jnp.zeros(2), jnp.zeros(2), beta=1.0)[0])(big)
     assert np.isfinite(loss) and np.all(np.isfinite(g))
     assert all(np.isfinite(v) for v in m.values())
 
   def test_errors(self):
     z = jnp.zeros(3)
     with pytest.raises(ValueError, match="beta must be > 0"):
-      dpo.dpo_loss(z, z, z, z, beta=0.0)
+      J(dpo.dpo_loss)(z, z, z, z, beta=0.0)
     with pytest.raises(ValueError, match="beta must be > 0"):
-      dpo.dpo_loss(z, z, z, z, beta=-0.1)
+      J(dpo.dpo_loss)(z, z, z, z, beta=-0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
-      dpo.dpo_loss(z, z, z, z, beta=0.1, label_smoothing=0.7)
+      J(dpo.dpo_loss)(z, z, z, z, beta=0.1, label_smoothing=0.7)
     with pytest.raises(ValueError, match="ref_rejected_logps_B"):
       jax.jit(functools.partial(dpo.dpo_loss, beta=0.1))(z, z, z, jnp.zeros(4))
 
@@ -205,28 +218,28 @@ class TestIpoLoss:
   @pytest.mark.parametrize("tau", [0.1, 1.0])
   def test_numpy_reference_and_grad(self, tau):
     pw, pl, rw, rl = (x / 20 for x in _pairs(6))
-    loss, m = dpo.ipo_loss(pw, pl, rw, rl, ipo_tau=tau)
+    loss, m = J(dpo.ipo_loss)(pw, pl, rw, rl, ipo_tau=tau)
     np.testing.assert_allclose(loss, _np_ipo(*map(np.float64, (pw, pl, rw, rl)), tau), rtol=1e-5)
     np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
-    g = jax.grad(lambda a: dpo.ipo_loss(a, pl, rw, rl, ipo_tau=tau)[0])(pw)
+    g = G(lambda a: J(dpo.ipo_loss)(a, pl, rw, rl, ipo_tau=tau)[0])(pw)
     fd = _fd_grad(lambda a: _np_ipo(a, pl, rw, rl, tau), pw)
     np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4)
 
   def test_minimum_at_target_margin(self):
     # The loss is minimised (zero, zero gradient) exactly at h = 1/(2 tau).
     rw, rl, pl = jnp.zeros(1), jnp.zeros(1), jnp.zeros(1)
-    g = jax.grad(lambda a: dpo.ipo_loss(a, pl, rw, rl, ipo_tau=0.5)[0])(jnp.ones(1))
+    g = G(lambda a: J(dpo.ipo_loss)(a, pl, rw, rl, ipo_tau=0.5)[0])(jnp.ones(1))
     np.testing.assert_allclose(g, 0.0, atol=1e-7)
 
   def test_extreme_and_errors(self):
-    loss, _ = dpo.ipo_loss(jnp.array([-1e4]), jnp.array([0.0]), jnp.array([0.0]), jnp.array([-1e4]),
+    loss, _ = J(dpo.ipo_loss)(jnp.array([-1e4]), jnp.array([0.0]), jnp.array([0.0]), jnp.array([-1e4]),
                            ipo_tau=0.1)
     assert np.isfinite(loss)
     z = jnp.zeros(2)
     with pytest.raises(ValueError, match="ipo_tau"):
-      dpo.ipo_loss(z, z, z, z, ipo_tau=0.0)
+      J(dpo.ipo_loss)(z, z, z, z, ipo_tau=0.0)
     with pytest.raises(ValueError, match="policy_rejected_logps_B"):
-      dpo.ipo_loss(z, jnp.zeros(3), z, z, ipo_tau=0.1)
+      J(dpo.ipo_loss)(z, jnp.zeros(3), z, z, ipo_tau=0.1)
 
 
 class TestKtoLoss:
@@ -241,7 +254,7 @@ class TestKtoLoss:
     assert float(m["chosen_count"]) == 1 and float(m["rejected_count"]) == 1
     # Hand case: r = 2, beta = 0.5, kl mean = -1 -> z0 clamped to 0;
     # desirable loss = 1 - s(1) = 1 - 0.73106 = 0.26894.
-    loss2, _ = dpo.kto_loss(jnp.array([0.0]), jnp.array([-2.0]), jnp.array([1]), jnp.array([-1.0]),
+    loss2, _ = J(dpo.kto_loss)(jnp.array([0.0]), jnp.array([-2.0]), jnp.array([1]), jnp.array([-1.0]),
                             beta=0.5)
     np.testing.assert_allclose(loss2, 0.26894, atol=1e-5)
 
@@ -251,7 +264,7 @@ class TestKtoLoss:
     p, r = (-rng.exponential(5.0, size=(2, 6))).astype(np.float32)
     good = rng.random(6) < 0.5
     kl = rng.normal(0.5, 1.0, size=4).astype(np.float32)
-    loss, m = dpo.kto_loss(p, r, good, kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    loss, m = J(dpo.kto_loss)(p, r, good, kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
     ref = _np_kto(*map(np.float64, (p, r)), good, kl.astype(np.float64), 0.2, 1.0, 1.5)
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
@@ -262,28 +275,28 @@ class TestKtoLoss:
     p, r = (-rng.exponential(5.0, size=(2, 4))).astype(np.float32)
     good = np.array([True, False, True, False])
     kl = np.array([0.5, 1.0], np.float32)
-    g_kl = jax.grad(lambda k: dpo.kto_loss(p, r, good, k, beta=0.5)[0])(kl)
+    g_kl = G(lambda k: J(dpo.kto_loss)(p, r, good, k, beta=0.5)[0])(kl)
     np.testing.assert_allclose(g_kl, 0.0)
-    g = jax.grad(lambda a: dpo.kto_loss(a, r, good, kl, beta=0.5)[0])(p)
+    g = G(lambda a: J(dpo.kto_loss)(a, r, good, kl, beta=0.5)[0])(p)
     fd = _fd_grad(lambda a: _np_kto(a, r, good, kl, 0.5, 1.0, 1.0), p)
     np.testing.assert_allclose(g, fd, atol=1e-5)
 
   def test_z0_clamped_at_zero(self):
     p, r, good = jnp.array([-1.0]), jnp.array([-2.0]), jnp.array([True])
-    a, _ = dpo.kto_loss(p, r, good, jnp.array([-5.0]), beta=1.0)
-    b, _ = dpo.kto_loss(p, r, good, jnp.array([0.0]), beta=1.0)
-    c, _ = dpo.kto_loss(p, r, good, jnp.array([1.0]), beta=1.0)
+    a, _ = J(dpo.kto_loss)(p, r, good, jnp.array([-5.0]), beta=1.0)
+    b, _ = J(dpo.kto_loss)(p, r, good, jnp.array([0.0]), beta=1.0)
+    c, _ = J(dpo.kto_loss)(p, r, good, jnp.array([1.0]), beta=1.0)
     np.testing.assert_allclose(a, b)
     assert c > b  # a positive reference point raises the desirable loss
 
   def test_extreme_and_errors(self):
-    loss, _ = dpo.kto_loss(jnp.array([-1e4, 0.0]), jnp.array([0.0, -1e4]), jnp.array([1, 0]),
+    loss, _ = J(dpo.kto_loss)(jnp.array([-1e4, 0.0]), jnp.array([0.0, -1e4]), jnp.array([1, 0]),
                            jnp.array([1e4]), beta=1.0)
     assert np.isfinite(loss)
     z = jnp.zeros(2)
     with pytest.raises(ValueError, match="beta must be > 0"):
-      dpo.kto_loss(z, z, z, z, beta=0.0)
+      J(dpo.kto_loss)(z, z, z, z, beta=0.0)
     with pytest.raises(ValueError, match="desirable_weight"):
-      dpo.kto_loss(z, z, z, z, beta=0.1, desirable_weight=-1.0)
+      J(dpo.kto_loss)(z, z, z, z, beta=0.1, desirable_weight=-1.0)
     with pytest.raises(ValueError, match="desirable_B"):
       jax.jit(functools.partial(dpo.kto_loss, beta=0.1))(z, z, jnp.zeros(3), z)
