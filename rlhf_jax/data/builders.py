@@ -89,6 +89,7 @@ def build_records(*, name: str, config: Mapping[str, Any], records_fn: Callable[
     dataclasses.asdict(world_config)); hashed into the builder config name.
   records_fn: () -> {split: [record]}; only called when the data is not on disk yet.
   """
+  tfds.disable_progress_bar()  # tqdm bars for datasets built in a second are noise
   builder = WorldRecords(name=name, fields=fields, config=config, records_fn=records_fn,
                          data_dir=data_dir)
   skip_stats = tfds.download.ComputeStatsMode.SKIP  # Feature statistics are unused; skip the pass.

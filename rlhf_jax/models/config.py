@@ -71,7 +71,7 @@ class ModelConfig:
     return self.vocab_size * d + self.n_layers * layer + d + head
 
 
-# nano/tiny run the CPU tests and embedded worlds (vocab 264 = 259 byte-tokenizer ids rounded
+# nano/tiny run the CPU tests and embedded worlds; small is the CPU benchmark shape (vocab 264 = 259 byte-tokenizer ids rounded
 # up to a multiple of 8). The large presets are shapes for accelerators: tests only ever
 # eval_shape them.
 PRESETS: dict[str, ModelConfig] = {
@@ -79,6 +79,9 @@ PRESETS: dict[str, ModelConfig] = {
                         d_ff=192, max_seq_len=256),
     "tiny": ModelConfig(vocab_size=264, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         d_ff=384, max_seq_len=512),
+    # The "small" shape of ../shared/reference/PEERS.md (16M params): CPU benchmarks.
+    "small": ModelConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4,
+                         d_ff=1408, max_seq_len=1024),
     "125m": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                         d_ff=2048, max_seq_len=2048, dtype="bfloat16"),
     "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,

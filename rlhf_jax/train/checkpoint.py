@@ -16,6 +16,7 @@ before exiting (`train` does).
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax.train.state import TrainState
@@ -70,3 +71,38 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
+
+
+def save_params(path: str, params) -> None:
+  """Saves a parameter pytree alone (a stage's output for downstream stages), synchronously."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params, force=True)
+
+
+def _path_name(path) -> str:
+  """"blocks/0/attn/wq": orbax stores integer dict keys as strings, so compare by text."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def load_params(path: str, abstract_params):
+  """Restores params saved by save_params into abstract_params' shapes and shardings.
+
+  Checks every tensor's shape first, so a checkpoint of another model size fails with the
+  tensor's name and both shapes instead of an opaque orbax error."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no parameter checkpoint at {path}")
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.metadata(path).item_metadata.tree
+    saved_flat = {_path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for k, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+      name = _path_name(k)
+      got = saved_flat.get(name)
+      if got is None:
+        raise ValueError(f"checkpoint {path} has no tensor {name}; it was saved from a "
+                         "different model (check the model preset flags)")
+      if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"checkpoint {path}: tensor {name} has shape {tuple(got.shape)}, the "
+                         f"model expects {tuple(want.shape)}; the checkpoint is of another "
+                         "model size (check the model preset flags)")
+    return ckptr.restore(path, abstract_params)

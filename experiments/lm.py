@@ -1,0 +1,188 @@
+"""Shared driver of the language-modelling stages (pretrain, SFT) on the arithmetic world.
+
+Both are next-token training with the same step, loop and checkpointing; they differ in
+data (corpus text vs prompt/response with the loss on responses) and initialisation
+(random vs the pretrained params). Evaluation is held-out exact-match accuracy of greedy
+and temperature-1 decoding.
+"""
+import dataclasses
+import os
+import time
+
+import jax
+
+from experiments.cli import flag, to_dict
+from rlhf_jax import evaluation, runtime, sharding
+from rlhf_jax.data import builders, pipeline
+from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.models.config import PRESETS, preset
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
+from rlhf_jax.train.lm import lm_loss_fn
+from rlhf_jax.train.logging import MetricsLogger
+from rlhf_jax.worlds import arithmetic
+
+PARAMS_DIR = "params"  # <workdir>/params: the stage's final parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  workdir: str = flag("workdirs/lm", "Run directory: checkpoints, metrics.jsonl, tb/, config.json.")
+  model: str = flag("tiny", "Model preset.", choices=tuple(PRESETS))
+  dtype: str = flag("float32", "Compute dtype.", choices=("float32", "bfloat16"))
+  seq_len: int = flag(96, "Training sequence length (tokens, incl. bos/eos).")
+  batch_size: int = flag(32, "Global batch size (sequences per step).")
+  num_microbatches: int = flag(1, "Gradient-accumulation microbatches per step.")
+  steps: int = flag(600, "Training steps.")
+  learning_rate: float = flag(3e-3, "Peak learning rate.")
+  warmup_steps: int = flag(50, "Linear warmup steps.")
+  weight_decay: float = flag(0.1, "AdamW decoupled weight decay.")
+  grad_clip_norm: float = flag(1.0, "Global gradient-norm clip.")
+  seed: int = flag(0, "Seed of init, data order and sampling.")
+  log_every: int = flag(50, "Steps between progress lines / metric records.")
+  save_every: int = flag(200, "Steps between checkpoints.")
+  keep_checkpoints: int = flag(2, "Checkpoints kept.")
+  mesh_data: int = flag(-1, "Data-parallel mesh axis size (-1: fill).")
+  mesh_fsdp: int = flag(1, "FSDP mesh axis size (-1: fill).")
+  mesh_tensor: int = flag(1, "Tensor-parallel mesh axis size (-1: fill).")
+  data_dir: str = flag("workdirs/data", "Where the world's TFDS datasets are materialised.")
+  world_seed: int = flag(0, "Seed of the arithmetic world (splits, corrupted pairs).")
+  error_rate: float = flag(0.4, "Fraction of pretraining statements with systematic errors.")
+  eval_prompts: int = flag(500, "Held-out prompts for exact-match evaluation.")
+  eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
+  smoke: bool = flag(False, "A few steps of everything, for tests.")
+
+  def __post_init__(self):
+    positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "save_every",
+                "keep_checkpoints", "eval_prompts", "eval_batch_size")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.batch_size % self.num_microbatches:
+      raise ValueError(f"--batch_size={self.batch_size} must be divisible by "
+                       f"--num_microbatches={self.num_microbatches}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+    if self.warmup_steps >= self.steps and not self.smoke:
+      raise ValueError(f"--warmup_steps={self.warmup_steps} must be < --steps={self.steps}")
+
+  def effective(self) -> "LMConfig":
+    """The config actually run: --smoke shrinks every size to seconds."""
+    if not self.smoke:
+      return self
+    return dataclasses.replace(self, steps=3, warmup_steps=1, log_every=1, save_every=2,
+                               eval_prompts=8, eval_batch_size=8, batch_size=8,
+                               num_microbatches=1)
+
+  def world(self, **overrides) -> arithmetic.ArithmeticConfig:
+    kw = dict(seed=self.world_seed, error_rate=self.error_rate)
+    if self.smoke:
+      kw.update(num_pretrain_texts=64, num_sft=32, num_test=8)
+    kw.update(overrides)
+    return arithmetic.ArithmeticConfig(**kw)
+
+
+def model_config(cfg: LMConfig):
+  return preset(cfg.model, dtype=cfg.dtype)
+
+
+def setup(cfg: LMConfig):
+  runtime.enable_compilation_cache()
+  mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  jax.set_mesh(mesh)
+  return mesh
+
+
+def abstract_params(graphdef_params_shardings):
+  _, params, shardings = graphdef_params_shardings
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      params, shardings)
+
+
+def init_model(cfg: LMConfig, mesh, init_from: str | None = None):
+  """(graphdef, params, shardings): random init, or params loaded from another stage."""
+  mcfg = model_config(cfg)
+  g, params, shardings = sharding.init_sharded(lambda r: Transformer(mcfg, rngs=r),
+                                               jax.random.key(cfg.seed), mesh)
+  if init_from is not None:
+    params = checkpoint.load_params(os.path.join(init_from, PARAMS_DIR),
+                                    abstract_params((g, params, shardings)))
+  return g, params, shardings
+
+
+def heldout_accuracy(cfg: LMConfig, graphdef, params, heldout_source, *, key) -> dict:
+  """Greedy and temperature-1 exact-match accuracy on held-out prompts."""
+  tok = ByteTokenizer()
+  n = min(cfg.eval_prompts, len(heldout_source))
+  source = [heldout_source[i] for i in range(n)]
+  prompt_len = max(len(tok.encode(pipeline._text(r["prompt"]))) for r in source) + 1
+  results = {}
+  for name, greedy in (("greedy", True), ("temp1", False)):
+    scfg = SamplingConfig(max_new_tokens=6, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=greedy)
+    batches = pipeline.make_prompt_iterator(source, batch_size=cfg.eval_batch_size,
+                                            prompt_len=prompt_len, tokenizer=tok)
+    pairs = evaluation.generate(graphdef, params, batches, tok, scfg, key)
+    results[f"accuracy_{name}"] = evaluation.exact_match_rate(pairs, arithmetic.verify)
+  return results
+
+
+def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, kind: str,
+             eval_fn=None, config_dict=None):
+  """Trains params on train_source (kind "lm" or "sft"); saves final params; returns summary."""
+  tok = ByteTokenizer()
+  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                           grad_clip_norm=cfg.grad_clip_norm)
+  optimizer = optim.make_optimizer(ocfg)
+  train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
+                                           param_shardings=shardings)
+  state_shardings = state_lib.state_shardings(optimizer, params, shardings)
+  batch_shardings = {k: sharding.batch_sharding(mesh)
+                     for k in ("tokens", "loss_mask", "valid", "example_valid")}
+  step_fn = step_lib.make_train_step(lm_loss_fn(graphdef), optimizer,
+                                     num_microbatches=cfg.num_microbatches,
+                                     lr_schedule=optim.make_schedule(ocfg))
+  train_step = step_lib.compile_train_step(step_fn, state_shardings, batch_shardings)
+  it = pipeline.make_train_iterator(train_source, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                    seed=cfg.seed, tokenizer=tok, kind=kind)
+  sharded_iter = _ShardedIterator(it, mesh)
+  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
+                                    max_to_keep=cfg.keep_checkpoints)
+  logger = MetricsLogger(cfg.workdir)
+  final, summary = loop.train(
+      workdir=cfg.workdir, train_step=train_step, state=train_state, train_iter=sharded_iter,
+      total_steps=cfg.steps, manager=manager, logger=logger, eval_fn=eval_fn,
+      eval_every=cfg.steps, log_every=cfg.log_every,
+      tokens_per_batch=cfg.batch_size * cfg.seq_len, config=config_dict or to_dict(cfg))
+  checkpoint.save_params(os.path.join(cfg.workdir, PARAMS_DIR), final.params)
+  manager.close()
+  logger.close()
+  return final.params, summary
+
+
+class _ShardedIterator:
+  """Places each host batch on the mesh; forwards the resumable state of the grain iterator."""
+
+  def __init__(self, it, mesh):
+    self._it, self._mesh = it, mesh
+
+  def __next__(self):
+    return sharding.shard_batch(next(self._it), self._mesh)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def build_world(cfg: LMConfig):
+  return arithmetic.build_datasets(cfg.world(), cfg.data_dir)
+
+
+def timed(label: str, fn, *args, **kwargs):
+  start = time.perf_counter()
+  out = fn(*args, **kwargs)
+  print(f"[{label}] {time.perf_counter() - start:.1f}s")
+  return out

@@ -1,0 +1,49 @@
+"""Stage cache: an upstream stage (pretrain for SFT, later SFT and reward models for PPO) is
+built once and reused while neither its config nor the code changed.
+
+A stage's directory is <stage_root>/<name>-<key>, key = hash(its resolved config, the
+upstream keys folded into that config, the code version). A stage is complete when its
+final params exist; a half-finished stage resumes from its own checkpoints.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import rlhf_jax
+
+_CODE_ROOT = pathlib.Path(rlhf_jax.__file__).parent
+
+
+def code_version() -> str:
+  """Hash of the library's and experiments' sources: any code change invalidates stages."""
+  h = hashlib.sha256()
+  for root in (_CODE_ROOT, pathlib.Path(__file__).parent):
+    for path in sorted(root.rglob("*.py")):
+      h.update(str(path.relative_to(root.parent)).encode())
+      h.update(path.read_bytes())
+  return h.hexdigest()[:12]
+
+
+def stage_key(config: dict[str, Any]) -> str:
+  blob = json.dumps({"config": config, "code": code_version()}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
+                 run: Callable[[str], Any], *, print_fn=print) -> str:
+  """Returns the stage's workdir, running `run(workdir)` first unless already complete."""
+  workdir = os.path.join(stage_root, f"{name}-{stage_key(config)}")
+  done_marker = os.path.join(workdir, "STAGE_DONE")
+  if os.path.exists(done_marker):
+    print_fn(f"[stage {name}] cached: {workdir}")
+    return workdir
+  print_fn(f"[stage {name}] building in {workdir}")
+  start = time.perf_counter()
+  run(workdir)
+  with open(done_marker, "w") as f:
+    f.write(json.dumps({"wall_s": time.perf_counter() - start}))
+  print_fn(f"[stage {name}] done in {time.perf_counter() - start:.1f}s")
+  return workdir
