@@ -267,24 +267,47 @@ class TestEnsembleUwo:
     np.testing.assert_allclose(J(bt.ensemble_uwo)(x.astype(np.float32), uwo_coef=0.0), x.mean(0), rtol=1e-5, atol=1e-6)
     agree = np.tile(x[:1], (5, 1)).astype(np.float32)  # members agree: no penalty
     np.testing.assert_allclose(J(bt.ensemble_uwo)(agree, uwo_coef=10.0), x[0], rtol=1e-5, atol=1e-6)
+    assert np.all(J(bt.ensemble_uwo)(x.astype(np.float32), uwo_coef=1.0) <= x.mean(0) + 1e-6)
+    with pytest.raises(ValueError, match="rewards_ExB must have rank 2"):
+      J(bt.ensemble_uwo)(jnp.zeros(3), uwo_coef=1.0)
 
 
-class TestRewardNormalization:
+class TestFitRewardNormalization:
 
   def test_hand_case(self):
-    # reference [1, 3]: mean 2, std 1 -> 4 maps to (4 - 2)/1 = 2.
-    mean, std = jax.jit(bt.fit_reward_normalization)(jnp.array([1.0, 3.0]))
-    np.testing.assert_allclose([mean, std], [2.0, 1.0])
-    np.testing.assert_allclose(J(bt.normalize_rewards)(jnp.array([4.0]), mean, std, eps=0.0), [2.0])
+    # reference [1, 3]: mean 2, population std 1; [0, 0, 6]: mean 2, std sqrt(8) = 2.8284.
+    mean, std = J(bt.fit_reward_normalization)(jnp.array([[1.0, 3.0, 2.0], [0.0, 0.0, 6.0]]))
+    np.testing.assert_allclose(mean, [2.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(std, [np.sqrt(2 / 3), np.sqrt(8.0)], rtol=1e-6)
 
-  def test_reference_sample_maps_to_zero_mean_unit_std_per_member(self):
+  def test_numpy_reference_per_member(self):
     rng = np.random.default_rng(0)
     ref = (rng.normal(size=(3, 200)) * np.array([[1.0], [10.0], [0.1]]) + 5.0).astype(np.float32)
     mean_E, std_E = J(bt.fit_reward_normalization)(ref)
-    z = np.asarray(jax.jit(bt.normalize_rewards)(ref, mean_E, std_E), np.float64)
+    np.testing.assert_allclose(mean_E, ref.astype(np.float64).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(std_E, ref.astype(np.float64).std(1), rtol=1e-4)
+
+  def test_extreme_finite(self):
+    mean, std = J(bt.fit_reward_normalization)(jnp.array([1e6, -1e6, 1e6, -1e6]))
+    np.testing.assert_allclose([mean, std], [0.0, 1e6], rtol=1e-5, atol=1e-3)
+
+
+class TestNormalizeRewards:
+
+  def test_hand_case(self):
+    # mean 2, std 1 (eps 0): 4 maps to (4 - 2)/1 = 2, 1 to -1.
+    out = J(bt.normalize_rewards)(jnp.array([4.0, 1.0]), jnp.array(2.0), jnp.array(1.0), eps=0.0)
+    np.testing.assert_allclose(out, [2.0, -1.0])
+
+  def test_reference_sample_maps_to_zero_mean_unit_std_per_member(self):
+    rng = np.random.default_rng(1)
+    ref = (rng.normal(size=(3, 200)) * np.array([[1.0], [10.0], [0.1]]) + 5.0).astype(np.float32)
+    mean_E, std_E = J(bt.fit_reward_normalization)(ref)
+    z = np.asarray(J(bt.normalize_rewards)(ref, mean_E, std_E), np.float64)
     np.testing.assert_allclose(z.mean(1), 0.0, atol=1e-4)
     np.testing.assert_allclose(z.std(1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(mean_E, ref.astype(np.float64).mean(1), rtol=1e-5)
+    # Normalised, the members can be aggregated on one scale: the mean ensemble is unit-free.
+    np.testing.assert_allclose(z[1], (ref[1] - ref[1].mean()) / ref[1].std(), rtol=1e-3, atol=1e-3)
 
   def test_constant_reference_finite_and_shape_error(self):
     mean, std = J(bt.fit_reward_normalization)(jnp.full((4,), 1e6))
