@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import diagnostics as diag
+from rlhf_jax.losses import dpo
 
 
 @functools.cache
@@ -201,3 +202,46 @@ class TestBestOfNExact:
       J(diag.best_of_n_exact)(jnp.ones(3) / 3, jnp.zeros(3), n=0)
     with pytest.raises(ValueError, match="p_ref_N.*rewards_N"):
       jax.jit(functools.partial(diag.best_of_n_exact, n=2))(jnp.ones(3) / 3, jnp.zeros(4))
+
+
+class TestChesPredictsDisplacement:
+  """CHES measured on hidden states predicts DPO's likelihood displacement in a linear model.
+
+  Energy model over a finite response set: log pi(y) = <theta, phi(y)> - log Z with
+  phi(y) = sum_k h_{y<k} (the hidden states CHES reads). One DPO step from pi = pi_ref moves
+  theta by eta (beta/2) (phi+ - phi-), so to first order
+    d log pi(y+) = eta (beta/2) <phi+ - E_pi phi, phi+ - phi-> = -eta (beta/2) CHES(y+, y-)
+  when E_pi phi = 0 (ensured by adding each response's mirror, hidden states negated).
+  """
+
+  def test_first_order_displacement_is_minus_ches(self):
+    rng = np.random.default_rng(7)
+    m, t, d, beta, eta = 5, 3, 4, 1.0, 1e-3
+    hidden_MxTxD = rng.normal(size=(m, t, d)).astype(np.float32)
+    mask_MxT = np.ones((m, t), bool)
+    mask_MxT[0, 2] = mask_MxT[3, 1:] = False
+    phi_MxD = (hidden_MxTxD * mask_MxT[..., None]).sum(1)
+    phi_all = jnp.asarray(np.concatenate([phi_MxD, -phi_MxD]))  # mirrors: E_uniform phi = 0
+    pairs = np.array([(i, j) for i in range(m) for j in range(m) if i != j])
+    ches = J(diag.ches_score)(hidden_MxTxD[pairs[:, 0]], mask_MxT[pairs[:, 0]],
+                              hidden_MxTxD[pairs[:, 1]], mask_MxT[pairs[:, 1]])
+
+    @jax.jit
+    def displacement(i, j):
+      def logp(theta):
+        return jax.nn.log_softmax(phi_all @ theta)
+
+      ref = jax.lax.stop_gradient(logp(jnp.zeros(d)))
+
+      def loss(theta):
+        lp = logp(theta)
+        return J(dpo.dpo_loss)(lp[i][None], lp[j][None], ref[i][None], ref[j][None], beta=beta)[0]
+
+      theta1 = -eta * jax.grad(loss)(jnp.zeros(d))
+      return logp(theta1)[i] - ref[i]
+
+    delta = jax.vmap(displacement)(jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1]))
+    ches = np.asarray(ches, np.float64)
+    assert np.any(ches > 0) and np.any(ches < 0)  # both regimes present
+    np.testing.assert_allclose(delta, -eta * beta / 2 * ches, rtol=2e-2, atol=2e-5)
+    assert np.all(np.sign(delta[np.abs(ches) > 0.5]) == -np.sign(ches[np.abs(ches) > 0.5]))
