@@ -19,6 +19,7 @@ setup(
         "chex>=0.1.92",
         "absl-py>=2.0",
         "numpy>=2.0",
+        "pyarrow>=14",  # Parquet reader for local preference/SFT files
         "matplotlib>=3.8",
         "tensorboard>=2.20",  # event-file writer only; no tensorflow
     ],
