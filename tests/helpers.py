@@ -4,6 +4,7 @@ The NumPy forward is written from the Llama equations (float64) and shares no co
 rlhf_jax.models: RMSNorm, rotate-half RoPE, softmax attention with each kv head repeated for
 its n_heads / n_kv_heads query heads, SwiGLU, final norm, LM head.
 """
+import functools
 import math
 
 import jax
@@ -19,11 +20,24 @@ def nano(**overrides):
   return preset("nano", **overrides)
 
 
-def make_model(cfg=None, seed: int = 0, **kwargs):
-  """(graphdef, params pure dict) of a Transformer."""
-  model = Transformer(cfg or nano(), rngs=nnx.Rngs(seed), **kwargs)
-  graphdef, state = nnx.split(model)
-  return graphdef, state.to_pure_dict()
+def init_module(factory, seed: int = 0, std: float = 0.2):
+  """(graphdef, params pure dict) of `factory(rngs)` with random NumPy parameters (see
+  `randomize`). Shapes come from nnx.eval_shape: no init is compiled, which keeps a cold test
+  run fast (the library's own init is tested through sharding.init_sharded)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
+  return graphdef, randomize(state.to_pure_dict(), seed, std)
+
+
+def make_model(cfg=None, seed: int = 0, std: float = 0.2, **kwargs):
+  """(graphdef, random params pure dict) of a Transformer."""
+  return init_module(lambda rngs: Transformer(cfg or nano(), rngs=rngs, **kwargs), seed, std)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def apply(graphdef, params, tokens_BxT, valid_BxT=None):
+  """(logits_BxTxV, hidden_BxTxD) of a Transformer, jitted per graphdef and shape."""
+  out = nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT, return_hidden=True)
+  return out.logits_BxTxV, out.hidden_BxTxD
 
 
 def randomize(params, seed: int, std: float = 0.3):
@@ -42,10 +56,7 @@ def randomize(params, seed: int, std: float = 0.3):
 
 def make_forward(graphdef):
   """Jitted full forward: (params, tokens_BxT, valid_BxT) -> logits_BxTxV (f32)."""
-  @jax.jit
-  def forward(params, tokens_BxT, valid_BxT):
-    return nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT).logits_BxTxV
-  return forward
+  return lambda params, tokens_BxT, valid_BxT: apply(graphdef, params, tokens_BxT, valid_BxT)[0]
 
 
 # ----------------------------------------------------------------------------------------
