@@ -1,0 +1,252 @@
+"""Parsers from common preference / SFT / prompt file formats to normalised records.
+
+Formats (the `format` flag value -> what one input record looks like):
+  hh_rlhf       {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}: two full
+                dialogues sharing a prefix (Anthropic HH-RLHF).
+  ultrafeedback {"prompt": str, "chosen": [messages], "rejected": [messages]}
+                (UltraFeedback-binarized); the response is each list's final assistant message.
+  pairs         {"prompt": str, "chosen": str, "rejected": str}.
+  sft_messages  {"messages": [messages]}: a conversation; loss on the assistant turns.
+  prompts       {"prompt": str | [messages]}: prompts for online RL (no reference response).
+A message is {"role": "system"|"user"|"assistant"|"tool", "content": str}. Other keys of a
+record (ids, scores) are ignored.
+
+Normalised records (all fields text, so they go straight into an array_record TFDS build):
+  preference (hh_rlhf, ultrafeedback, pairs):
+    {"prompt", "prompt_kind", "chosen", "rejected"}
+  sft_messages: {"messages"}                         JSON-encoded message list
+  prompts:      {"prompt", "prompt_kind", "response"}  response is "" (kept so the records fit
+                                                     pipeline.make_prompt_iterator as is)
+  prompt_kind is "text" (prompt is raw text the responses continue, e.g. HH's
+  "\\n\\nHuman: Hi\\n\\nAssistant:" with chosen " Hello.") or "messages" (prompt is a
+  JSON-encoded message list: the conversation before the response; chosen/rejected are the
+  CONTENT of the final assistant message). A chat template consumes a record through a
+  `render_fn(messages) -> (prompt_text, response_text)`: given a conversation ending in an
+  assistant message, prompt_text is everything before that message's content (with the
+  generation cue) and response_text its content; given one ending in another role,
+  response_text is "" and prompt_text ends with the generation cue (add_generation_prompt).
+  `default_render` is a plain "role: content" stand-in; `render_pairs` applies any render_fn.
+
+Problems raise `Malformed(reason, detail)`, reason one of REASONS, so callers can count them.
+"""
+import json
+from typing import Any, Callable, Sequence
+
+from rlhf_jax.data.tokenizer import Tokenizer
+
+FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "sft_messages", "prompts")
+PREFERENCE_FORMATS = ("hh_rlhf", "ultrafeedback", "pairs")
+PREFERENCE_FIELDS = ("prompt", "prompt_kind", "chosen", "rejected")
+FIELDS = {"hh_rlhf": PREFERENCE_FIELDS, "ultrafeedback": PREFERENCE_FIELDS,
+          "pairs": PREFERENCE_FIELDS, "sft_messages": ("messages",),
+          "prompts": ("prompt", "prompt_kind", "response")}
+ROLES = ("system", "user", "assistant", "tool")
+HH_ASSISTANT = "\n\nAssistant:"
+
+REASONS = (
+    "invalid_json",         # a JSONL line that does not parse
+    "missing_field",        # a required key is absent
+    "wrong_type",           # a field (or the record) has the wrong type
+    "bad_messages",         # a message list that is empty, has unknown roles, ends wrongly, ...
+    "no_shared_prompt",     # hh_rlhf: the two dialogues share no assistant turn to split at
+    "empty_prompt",
+    "empty_response",       # a response that is empty or whitespace only
+    "identical_responses",  # chosen == rejected
+    "too_long",             # over max_len tokens after tokenisation (bos/eos included)
+)
+
+Messages = list[dict[str, str]]
+RenderFn = Callable[[Sequence[dict]], tuple[str, str]]
+
+
+class Malformed(ValueError):
+  """A record that cannot be used; `reason` is one of REASONS."""
+
+  def __init__(self, reason: str, detail: str):
+    assert reason in REASONS, reason
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+def _field(obj: Any, key: str, types: type | tuple[type, ...]) -> Any:
+  if not isinstance(obj, dict):
+    raise Malformed("wrong_type", f"record is a {type(obj).__name__}, expected an object")
+  if key not in obj or obj[key] is None:
+    raise Malformed("missing_field", f"no {key!r} field")
+  value = obj[key]
+  if not isinstance(value, types):
+    raise Malformed("wrong_type", f"{key!r} is a {type(value).__name__}")
+  return value
+
+
+def _messages(value: Any, what: str) -> Messages:
+  """Validates a message list; returns clean {"role", "content"} dicts."""
+  if not isinstance(value, list):
+    raise Malformed("wrong_type", f"{what} is a {type(value).__name__}, expected a message list")
+  if not value:
+    raise Malformed("bad_messages", f"{what} is an empty message list")
+  clean = []
+  for i, m in enumerate(value):
+    if not isinstance(m, dict):
+      raise Malformed("wrong_type", f"{what}[{i}] is a {type(m).__name__}, expected a message")
+    for key in ("role", "content"):
+      if key not in m or m[key] is None:
+        raise Malformed("missing_field", f"{what}[{i}] has no {key!r}")
+      if not isinstance(m[key], str):
+        raise Malformed("wrong_type", f"{what}[{i}].{key} is a {type(m[key]).__name__}")
+    if m["role"] not in ROLES:
+      raise Malformed("bad_messages", f"{what}[{i}] has role {m['role']!r}, not one of {ROLES}")
+    clean.append({"role": m["role"], "content": m["content"]})
+  return clean
+
+
+def _check_responses(chosen: str, rejected: str) -> None:
+  for name, text in (("chosen", chosen), ("rejected", rejected)):
+    if not text.strip():
+      raise Malformed("empty_response", f"{name} response is empty")
+  if chosen == rejected:
+    raise Malformed("identical_responses", "chosen and rejected responses are identical")
+
+
+def _dumps(messages: Messages) -> str:
+  return json.dumps(messages, ensure_ascii=False)
+
+
+def split_hh_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:
+  """(prompt, chosen_response, rejected_response) of two HH-RLHF dialogues.
+
+  The prompt is the dialogues' common text up to and including the LAST "\\n\\nAssistant:"
+  marker lying wholly inside their common prefix; the responses are the remainders, verbatim
+  (so they usually start with a space, and when the dialogues diverge in an earlier assistant
+  turn they carry the rest of the dialogue). prompt + response reproduces each dialogue.
+  """
+  common = 0
+  for a, b in zip(chosen, rejected):
+    if a != b:
+      break
+    common += 1
+  cut = chosen.rfind(HH_ASSISTANT, 0, common)  # an occurrence ending within the common prefix
+  if cut < 0:
+    raise Malformed("no_shared_prompt",
+                    f"the dialogues share no {HH_ASSISTANT!r} turn (common prefix "
+                    f"{chosen[:min(common, 40)]!r})")
+  end = cut + len(HH_ASSISTANT)
+  return chosen[:end], chosen[end:], rejected[end:]
+
+
+def parse_hh_rlhf(obj: Any) -> dict[str, str]:
+  chosen, rejected = _field(obj, "chosen", str), _field(obj, "rejected", str)
+  if chosen == rejected:
+    raise Malformed("identical_responses", "chosen and rejected dialogues are identical")
+  prompt, chosen_response, rejected_response = split_hh_dialogues(chosen, rejected)
+  _check_responses(chosen_response, rejected_response)
+  return {"prompt": prompt, "prompt_kind": "text", "chosen": chosen_response,
+          "rejected": rejected_response}
+
+
+def parse_ultrafeedback(obj: Any) -> dict[str, str]:
+  prompt = _field(obj, "prompt", str)
+  chosen = _messages(_field(obj, "chosen", list), "chosen")
+  rejected = _messages(_field(obj, "rejected", list), "rejected")
+  for name, conv in (("chosen", chosen), ("rejected", rejected)):
+    if conv[-1]["role"] != "assistant":
+      raise Malformed("bad_messages", f"{name} does not end with an assistant message")
+  if chosen[:-1] != rejected[:-1]:
+    raise Malformed("bad_messages", "chosen and rejected differ before the final assistant "
+                    "message")
+  context = chosen[:-1] or [{"role": "user", "content": prompt}]
+  if not any(m["content"].strip() for m in context):
+    raise Malformed("empty_prompt", "the prompt is empty")
+  _check_responses(chosen[-1]["content"], rejected[-1]["content"])
+  return {"prompt": _dumps(context), "prompt_kind": "messages",
+          "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
+def parse_pairs(obj: Any) -> dict[str, str]:
+  prompt = _field(obj, "prompt", str)
+  chosen, rejected = _field(obj, "chosen", str), _field(obj, "rejected", str)
+  if not prompt.strip():
+    raise Malformed("empty_prompt", "the prompt is empty")
+  _check_responses(chosen, rejected)
+  return {"prompt": prompt, "prompt_kind": "text", "chosen": chosen, "rejected": rejected}
+
+
+def parse_sft_messages(obj: Any) -> dict[str, str]:
+  messages = _messages(_field(obj, "messages", list), "messages")
+  if messages[-1]["role"] != "assistant":
+    raise Malformed("bad_messages", "messages do not end with an assistant message")
+  if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+    raise Malformed("empty_prompt", "no non-empty user message")
+  for i, m in enumerate(messages):
+    if m["role"] == "assistant" and not m["content"].strip():
+      raise Malformed("empty_response", f"assistant message {i} is empty")
+  return {"messages": _dumps(messages)}
+
+
+def parse_prompts(obj: Any) -> dict[str, str]:
+  prompt = _field(obj, "prompt", (str, list))
+  if isinstance(prompt, str):
+    if not prompt.strip():
+      raise Malformed("empty_prompt", "the prompt is empty")
+    return {"prompt": prompt, "prompt_kind": "text", "response": ""}
+  messages = _messages(prompt, "prompt")
+  if messages[-1]["role"] == "assistant":
+    raise Malformed("bad_messages", "a prompt message list must not end with an assistant "
+                    "message")
+  if not any(m["content"].strip() for m in messages):
+    raise Malformed("empty_prompt", "the prompt is empty")
+  return {"prompt": _dumps(messages), "prompt_kind": "messages", "response": ""}
+
+
+PARSERS: dict[str, Callable[[Any], dict[str, str]]] = {
+    "hh_rlhf": parse_hh_rlhf, "ultrafeedback": parse_ultrafeedback, "pairs": parse_pairs,
+    "sft_messages": parse_sft_messages, "prompts": parse_prompts}
+
+
+def parse(fmt: str, obj: Any) -> dict[str, str]:
+  if fmt not in PARSERS:
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+  return PARSERS[fmt](obj)
+
+
+# --- rendering (the hook a chat template plugs into) and the length check --------------------
+
+def default_render(messages: Sequence[dict]) -> tuple[str, str]:
+  """"role: content" lines; the prompt ends with the cue "assistant: ". See module doc."""
+  messages = list(messages)
+  response = ""
+  if messages and messages[-1]["role"] == "assistant":
+    response = messages.pop()["content"]
+  prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+  return prompt, response
+
+
+def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
+                 ) -> list[tuple[str, str]]:
+  """The (prompt_text, response_text) sequences a normalised record trains on: one per
+  response for preferences (chosen first), the whole conversation for sft_messages (split at
+  its final assistant message), (prompt, "") for prompts. Text prompts are used verbatim;
+  message lists go through render_fn."""
+  record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+  if fmt == "sft_messages":
+    return [render_fn(json.loads(record["messages"]))]
+  responses = [record["chosen"], record["rejected"]] if fmt in PREFERENCE_FORMATS else [""]
+  if record["prompt_kind"] == "text":
+    return [(record["prompt"], r) for r in responses]
+  context = json.loads(record["prompt"])
+  if fmt == "prompts":
+    return [render_fn(context)]
+  return [render_fn(context + [{"role": "assistant", "content": r}]) for r in responses]
+
+
+def check_length(record: dict, fmt: str, tokenizer: Tokenizer, max_len: int,
+                 render_fn: RenderFn = default_render) -> None:
+  """Raises Malformed("too_long") if a sequence is over max_len tokens framed as the
+  pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt)."""
+  for prompt, response in render_pairs(record, fmt, render_fn):
+    n = 1 + len(tokenizer.encode(prompt))
+    if fmt != "prompts":
+      n += len(tokenizer.encode(response)) + 1
+    if n > max_len:
+      raise Malformed("too_long", f"{n} tokens (with bos/eos) > max_len={max_len}")
