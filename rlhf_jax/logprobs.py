@@ -30,7 +30,8 @@ def entropy(logits_BxTxV):
   logits = logits_BxTxV.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   p = jnp.exp(logits - lse)
-  return lse[..., 0] - jnp.sum(p * logits, axis=-1)
+  # -inf logits (truncated tokens, e.g. after top-k) contribute 0, not 0 * -inf = NaN.
+  return lse[..., 0] - jnp.sum(jnp.where(p > 0, p * logits, 0.0), axis=-1)
 
 
 def shifted_entropy(logits_BxTxV):
