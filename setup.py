@@ -22,6 +22,12 @@ setup(
         "pyarrow>=14",  # Parquet reader for local preference/SFT files
         "matplotlib>=3.8",
         "tensorboard>=2.20",  # event-file writer only; no tensorflow
+        "safetensors>=0.8",  # Hugging Face checkpoint import/export (numpy path)
+        "tokenizers>=0.23",
+        "jinja2>=3.1",  # chat templates
+        "ml_dtypes>=0.5",  # bfloat16 safetensors
     ],
-    extras_require={"test": ["pytest>=8", "scipy>=1.13"]},
+    extras_require={"test": ["pytest>=8", "scipy>=1.13",
+                             # HF parity tests; .ci/run installs this CPU torch first
+                             "torch==2.13.0", "transformers==5.24.0"]},
 )
