@@ -179,7 +179,8 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
   test_fraction, split_seed: hashed train/test split of a single set of files.
   tokenizer, max_len: when given, records over max_len tokens are malformed ("too_long").
   render_fn, render_id: how message lists become text for the length check (a chat template
-    plugs in here); render_id names it in the config hash (default: its qualified name).
+    plugs in here); render_id names it in the config hash (default: its qualified name;
+    required for lambdas and closures, whose names do not identify them).
   """
   if format not in pf.FORMATS:
     raise ValueError(f"format must be one of {pf.FORMATS}, got {format!r}")
@@ -198,7 +199,11 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
     if test_fraction is not None and not 0.0 < test_fraction < 1.0:
       raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     paths = {"train": local_files.resolve_files(files)}
-  render_id = render_id or f"{render_fn.__module__}.{render_fn.__qualname__}"
+  if render_id is None:
+    render_id = f"{render_fn.__module__}.{render_fn.__qualname__}"
+    if tokenizer is not None and "<" in render_id:  # <lambda>, <locals>: not a stable identity
+      raise ValueError(f"render_fn {render_id} has no stable name; pass render_id (it goes "
+                       "into the dataset's config hash)")
   config = {
       "format": format, "on_error": on_error,
       "files": {split: local_files.files_digest(p) for split, p in paths.items()},

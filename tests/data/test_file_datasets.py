@@ -207,6 +207,8 @@ def test_render_fn_drives_the_length_check(tmp_path):
   assert fd.build_file_dataset(path, **kw).report.kept == 1  # "user: Q\nassistant: " fits
   with pytest.raises(ValueError, match="too_long"):
     fd.build_file_dataset(path, render_fn=long_template, render_id="long", **kw)
+  with pytest.raises(ValueError, match="pass render_id"):  # a lambda has no stable identity
+    fd.build_file_dataset(path, render_fn=long_template, **kw)
 
 
 def test_argument_errors(tmp_path):
