@@ -29,11 +29,16 @@ class SFTConfig(lm.LMConfig):
       raise ValueError(f"--num_sft must be >= 1, got {self.num_sft}")
 
 
+# Flags an SFT run passes down to its pretraining stage: the model and world must be the same
+# (SFT fine-tunes those params on that world), and mesh/smoke/data_dir are properties of the
+# run. Changing any of them changes the stage's key, so the base is rebuilt, not mismatched.
+SHARED_WITH_PRETRAIN = ("model", "world_seed", "error_rate", "data_dir", "mesh_data",
+                        "mesh_fsdp", "mesh_tensor", "smoke")
+
+
 def pretrain_config(cfg: SFTConfig) -> pretrain.PretrainConfig:
-  """The upstream stage's config: its flagfile plus this run's shared world/mesh/smoke flags."""
-  shared = ["--smoke" if cfg.smoke else "--nosmoke", f"--data_dir={cfg.data_dir}",
-            f"--mesh_data={cfg.mesh_data}", f"--mesh_fsdp={cfg.mesh_fsdp}",
-            f"--mesh_tensor={cfg.mesh_tensor}"]
+  """The upstream stage's config: its flagfile plus this run's shared flags."""
+  shared = [f"--{name}={getattr(cfg, name)}" for name in SHARED_WITH_PRETRAIN]
   return cli.parse(pretrain.PretrainConfig, [f"--flagfile={cfg.pretrain_flagfile}", *shared])
 
 
@@ -49,12 +54,7 @@ def run(cfg: SFTConfig) -> dict:
   cfg = cfg.effective()
   base_dir = ensure_pretrained(cfg)
   mesh = lm.setup(cfg)
-  pcfg = pretrain_config(cfg)
-  if (pcfg.model, pcfg.world_seed, pcfg.error_rate) != (cfg.model, cfg.world_seed, cfg.error_rate):
-    raise ValueError("SFT and its pretraining stage must share --model, --world_seed and "
-                     f"--error_rate; pretrain flagfile {cfg.pretrain_flagfile} has "
-                     f"{(pcfg.model, pcfg.world_seed, pcfg.error_rate)}")
-  datasets = lm.build_world(dataclasses.replace(cfg))
+  datasets = lm.build_world(cfg)
   heldout = builders.load_split(datasets["sft"], "test")
   sft_source = builders.load_split(datasets["sft"], "train")
   sft_source = [sft_source[i] for i in range(min(cfg.num_sft, len(sft_source)))]

@@ -40,7 +40,8 @@ def make_manager(workdir: str, *, save_every: int, max_to_keep: int | None = 3,
       cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save,
   )
-  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options,
+  # orbax requires absolute paths (a relative --workdir would fail in its background thread).
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
                                item_names=("state", "data", "meta"))
 
 

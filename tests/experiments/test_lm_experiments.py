@@ -1,0 +1,90 @@
+"""Smoke runs of the pretrain and SFT experiments through their flagfiles, in-process, plus
+the stage cache and flag validation."""
+import json
+import os
+
+import pytest
+
+from experiments import cli, pretrain, sft, stages
+from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
+
+FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
+
+
+def _sft_config(tmp_path, *extra):
+  return cli.parse(sft.SFTConfig, [
+      f"--flagfile={FLAGS_DIR}/sft_tiny.flags",
+      f"--pretrain_flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--smoke",
+      f"--workdir={tmp_path}/sft", f"--stage_root={tmp_path}/stages",
+      f"--data_dir={tmp_path}/data", *extra])
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("sft")
+  cfg = _sft_config(tmp_path)
+  return tmp_path, cfg, sft.run(cfg)
+
+
+def test_sft_smoke_builds_pretrain_stage_and_reports_accuracy(sft_run):
+  tmp_path, cfg, result = sft_run
+  for stage in ("base", "sft"):
+    for metric in ("accuracy_greedy", "accuracy_temp1"):
+      assert 0.0 <= result[stage][metric] <= 1.0
+  pre_dir = result["pretrain_workdir"]
+  assert os.path.basename(pre_dir).startswith("pretrain-")
+  assert os.path.exists(os.path.join(pre_dir, "STAGE_DONE"))
+  for workdir in (pre_dir, cfg.workdir):
+    assert os.path.isdir(os.path.join(workdir, "params"))
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f)["smoke"] is True
+    train = read_metrics(workdir, split="train")
+    assert [r["step"] for r in train] == [1, 2, 3]  # --smoke: 3 steps, logged every step
+    assert all(r["metrics"]["loss"] > 0 for r in train)
+    assert "train/loss" in read_tensorboard_scalars(workdir)
+  with open(os.path.join(cfg.workdir, "result.json")) as f:
+    assert json.load(f)["sft"] == result["sft"]
+
+
+def test_stage_cache_reuses_and_rebuilds_on_upstream_change(sft_run, capsys):
+  tmp_path, cfg, result = sft_run
+  same = sft.ensure_pretrained(cfg.effective())
+  assert same == result["pretrain_workdir"]
+  assert "cached" in capsys.readouterr().out
+  changed = _sft_config(tmp_path, "--error_rate=0.3").effective()
+  key_changed = {k: v for k, v in cli.to_dict(sft.pretrain_config(changed)).items()
+                 if k != "workdir"}
+  key_same = {k: v for k, v in cli.to_dict(sft.pretrain_config(cfg.effective())).items()
+              if k != "workdir"}
+  assert stages.stage_key(key_changed) != stages.stage_key(key_same)
+
+
+def test_ensure_stage_runs_once_per_config(tmp_path):
+  calls = []
+  run = lambda workdir: calls.append(workdir)
+  a = stages.ensure_stage("s", {"x": 1}, str(tmp_path), run, print_fn=lambda s: None)
+  b = stages.ensure_stage("s", {"x": 1}, str(tmp_path), run, print_fn=lambda s: None)
+  c = stages.ensure_stage("s", {"x": 2}, str(tmp_path), run, print_fn=lambda s: None)
+  assert a == b != c
+  assert calls == [a, c]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--batch_size=0", "--batch_size must be >= 1"),
+    ("--model=huge", "value should be one of"),
+    ("--learning_rate=-1", "--learning_rate must be > 0"),
+    ("--batch_size=30", "divisible by --num_microbatches"),
+    ("--no_such_flag=1", "Unknown command line flag"),
+])
+def test_invalid_flags_fail_before_anything_runs(flag, message):
+  extra = ["--num_microbatches=4"] if flag == "--batch_size=30" else []
+  with pytest.raises(ValueError, match=message):
+    cli.parse(pretrain.PretrainConfig,
+              [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", flag, *extra])
+
+
+def test_command_line_overrides_flagfile():
+  cfg = cli.parse(pretrain.PretrainConfig,
+                  [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--steps=7"])
+  assert cfg.steps == 7 and cfg.model == "tiny"
