@@ -63,7 +63,8 @@ def config_from_hf(hf: dict, *, dtype: str | None = None, compute_dtype: str | N
   checkpoint's (float16 checkpoints load as float32); compute_dtype defaults to dtype."""
   name, model_type, kind = architecture(hf)
   if _opt(hf, "hidden_act") != "silu":
-    raise ValueError(f"{name}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    raise ValueError(f"{name}: hidden_act={hf['hidden_act']!r} is not supported "
+                     "(SwiGLU with silu only)")
   if hf.get("mlp_bias"):
     raise ValueError(f"{name}: mlp_bias=True is not supported (the MLP has no biases)")
   if model_type == "llama" and hf.get("attention_bias"):

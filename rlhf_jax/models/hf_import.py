@@ -5,8 +5,8 @@ rlhf_jax.sharding.param_shardings. Tensors are then read one at a time: each saf
 is memory-mapped (the header is parsed here, so bfloat16 maps onto ml_dtypes.bfloat16, which
 safetensors' own numpy path lacks), and each addressable device receives exactly the block it
 holds (read_block reads only the HF rows that block covers). A host therefore materialises
-at most one tensor's local blocks at a time, never a full state dict: an 8B checkpoint loads on a host with little
-memory beyond its own shards.
+at most one tensor's local blocks at a time, never a full state dict: an 8B checkpoint
+loads on a host with little memory beyond its own shards.
 """
 import json
 import pathlib
@@ -112,7 +112,8 @@ def place(src: np.ndarray, layout: hf.Layout, shape, dtype, sharding) -> jax.Arr
       blocks[k] = read_block(src, layout, key, dtype)
     arrays.append(jax.device_put(blocks[k], device, may_alias=False))
   # Wait for the copies (transfers are asynchronous) before the host blocks are released.
-  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays).block_until_ready()
+  out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
+  return out.block_until_ready()
 
 
 def _nested(flat: dict) -> dict:
@@ -150,7 +151,8 @@ def load_hf_model(path, mesh, *, dtype: str | None = None, compute_dtype: str | 
   wanted = {n for _, n, _ in plan if n}
   if cfg.tie_embeddings:
     wanted.add("lm_head.weight")  # some tied checkpoints still store it: ignored
-  unexpected = sorted(n for n in ckpt.where if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
+  unexpected = sorted(n for n in ckpt.where
+                      if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
   if unexpected:
     raise ValueError(f"{path}: tensors the {name} -> {factory.__name__} mapping does not use: "
                      f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")

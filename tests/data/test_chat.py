@@ -61,7 +61,8 @@ def _write(path, template, specials):
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=330, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+      vocab_size=330, special_tokens=SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **specials}))
@@ -99,7 +100,8 @@ def test_whitespace_control(chat_dir):
   text = ChatTemplate.from_file(chat_dir).render(CONVERSATIONS[0], add_generation_prompt=True)
   if "chatml" in chat_dir.name:  # trim_blocks/lstrip_blocks leave exactly the ChatML lines
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
+                    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n4.<|im_end|>\n"
                     "<|im_start|>assistant\n")
   else:  # bos_token reaches the template
     assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"

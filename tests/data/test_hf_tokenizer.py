@@ -34,7 +34,8 @@ def tok_dir(tmp_path_factory):
   train().save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({
       "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-      "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True}, "pad_token": "<pad>",
+      "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
+      "pad_token": "<pad>",
       "unk_token": "<unk>"}))
   return path
 

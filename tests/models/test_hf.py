@@ -154,7 +154,8 @@ class TestParity:
                            pad_token_id=0).numpy()[:, tokens.shape[1]:]
     # Margins of our own logits along the generated path: compare until the first step whose
     # top-2 gap is within tolerance (either choice would be right there).
-    seq, seq_valid = np.concatenate([tokens, ours], 1), np.concatenate([valid, np.ones_like(ours, bool)], 1)
+    seq = np.concatenate([tokens, ours], 1)
+    seq_valid = np.concatenate([valid, np.ones_like(ours, bool)], 1)
     logits = _logits(graphdef, params, seq, seq_valid)[:, tokens.shape[1] - 1:-1]
     top2 = -np.sort(-logits, axis=-1)[..., :2]
     compared = 0
