@@ -19,6 +19,13 @@ from rlhf_jax.models.config import ModelConfig
 _MASKED = -1e30
 
 
+def dense(x_BxTxD, w_DxF, **kwargs):
+  """x @ w over a flattened (B*T, D) view. XLA:CPU runs the weight-gradient matmul of a 3-D
+  input (contracting over both B and T) about 2x slower than the same 2-D matmul."""
+  b, t, d = x_BxTxD.shape
+  return jnp.dot(x_BxTxD.reshape(b * t, d), w_DxF, **kwargs).reshape(b, t, w_DxF.shape[-1])
+
+
 def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None) -> nnx.Param:
   if len(shape) != len(axes):
     raise ValueError(f"parameter shape {shape} does not match logical axes {axes}")
@@ -95,9 +102,10 @@ class Attention(nnx.Module):
       self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
       self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
 
-  def _project(self, x, w, bias_name):
+  def _project(self, x_BxTxD, w, bias_name):
     dt = self.cfg.compute_dtype
-    y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt))
+    d, n, h = w.shape
+    y = dense(x_BxTxD, w[...].reshape(d, n * h).astype(dt)).reshape(*x_BxTxD.shape[:2], n, h)
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(dt)
     return y
@@ -122,7 +130,7 @@ class Attention(nnx.Module):
     scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype)).reshape(b, t, n, h)
-    y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(cfg.compute_dtype))
+    y = dense(out.reshape(b, t, n * h), self.wo[...].reshape(n * h, -1).astype(cfg.compute_dtype))
     return y, cache
 
 
@@ -139,8 +147,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.dtype
-    gate = jax.nn.silu(x_BxTxD @ self.w_gate[...].astype(dt))
-    return (gate * (x_BxTxD @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+    b, t, d = x_BxTxD.shape
+    x = x_BxTxD.reshape(b * t, d)
+    gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+    return ((gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)).reshape(b, t, d)
 
 
 class Block(nnx.Module):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, LayerCache, RMSNorm, param
+from rlhf_jax.models.layers import Block, LayerCache, RMSNorm, dense, param
 
 
 class KVCache(NamedTuple):
@@ -94,8 +94,7 @@ class Transformer(nnx.Module):
 
   def logits(self, hidden_BxTxD):
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", hidden_BxTxD, w.astype(hidden_BxTxD.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(hidden_BxTxD, w.astype(hidden_BxTxD.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None,
                cache: KVCache | None = None, return_hidden: bool = False) -> ModelOutput:
@@ -118,8 +117,7 @@ class ScalarHeadModel(nnx.Module):
   def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None):
     """Per-token scalars BxT in float32."""
     hidden, _ = self.backbone.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT)
-    values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32),
-                        self.head_w[...].astype(jnp.float32))
+    values = dense(hidden.astype(jnp.float32), self.head_w[...].astype(jnp.float32)[:, None])[..., 0]
     return values + self.head_b[...].astype(jnp.float32)
 
   def score(self, tokens_BxT, *, valid_BxT):
