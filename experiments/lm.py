@@ -31,7 +31,7 @@ class LMConfig:
   workdir: str = flag("workdirs/lm", "Run directory: checkpoints, metrics.jsonl, tb/, config.json.")
   model: str = flag("tiny", "Model preset.", choices=tuple(PRESETS))
   dtype: str = flag("float32", "Compute dtype.", choices=("float32", "bfloat16"))
-  seq_len: int = flag(96, "Training sequence length (tokens, incl. bos/eos).")
+  seq_len: int = flag(48, "Training sequence length (tokens, incl. bos/eos).")
   batch_size: int = flag(32, "Global batch size (sequences per step).")
   num_microbatches: int = flag(1, "Gradient-accumulation microbatches per step.")
   steps: int = flag(600, "Training steps.")
@@ -41,6 +41,7 @@ class LMConfig:
   grad_clip_norm: float = flag(1.0, "Global gradient-norm clip.")
   seed: int = flag(0, "Seed of init, data order and sampling.")
   log_every: int = flag(50, "Steps between progress lines / metric records.")
+  eval_every: int = flag(200, "Steps between held-out loss evaluations (and at the end).")
   save_every: int = flag(200, "Steps between checkpoints.")
   keep_checkpoints: int = flag(2, "Checkpoints kept.")
   mesh_data: int = flag(-1, "Data-parallel mesh axis size (-1: fill).")
@@ -49,12 +50,17 @@ class LMConfig:
   data_dir: str = flag("workdirs/data", "Where the world's TFDS datasets are materialised.")
   world_seed: int = flag(0, "Seed of the arithmetic world (splits, corrupted pairs).")
   error_rate: float = flag(0.4, "Fraction of pretraining statements with systematic errors.")
+  min_digits: int = flag(2, "Fewest digits per operand (2: operands 10..99, fixed width).")
+  max_digits: int = flag(2, "Most digits per operand.")
+  statements_per_text: int = flag(4, "Statements per pretraining text.")
+  pretrain_texts: int = flag(8000, "Texts in the pretraining corpus.")
   eval_prompts: int = flag(500, "Held-out prompts for exact-match evaluation.")
   eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
   smoke: bool = flag(False, "A few steps of everything, for tests.")
 
   def __post_init__(self):
-    positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "save_every",
+    positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "eval_every",
+                "save_every",
                 "keep_checkpoints", "eval_prompts", "eval_batch_size")
     for name in positive:
       if getattr(self, name) < 1:
@@ -72,11 +78,14 @@ class LMConfig:
     if not self.smoke:
       return self
     return dataclasses.replace(self, steps=3, warmup_steps=1, log_every=1, save_every=2,
+                               eval_every=3,
                                eval_prompts=8, eval_batch_size=8, batch_size=8,
                                num_microbatches=1)
 
   def world(self, **overrides) -> arithmetic.ArithmeticConfig:
-    kw = dict(seed=self.world_seed, error_rate=self.error_rate)
+    kw = dict(seed=self.world_seed, error_rate=self.error_rate, min_digits=self.min_digits,
+              max_digits=self.max_digits, statements_per_text=self.statements_per_text,
+              num_pretrain_texts=self.pretrain_texts)
     if self.smoke:
       kw.update(num_pretrain_texts=64, num_sft=32, num_test=8)
     kw.update(overrides)
@@ -90,6 +99,15 @@ def model_config(cfg: LMConfig):
 def setup(cfg: LMConfig):
   runtime.enable_compilation_cache()
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("batch_size", "eval_batch_size"):
+    if getattr(cfg, name) % data_parallel:
+      raise ValueError(f"--{name}={getattr(cfg, name)} must be divisible by the data-parallel "
+                       f"size mesh_data*mesh_fsdp={data_parallel}")
+  if (cfg.batch_size // cfg.num_microbatches) % data_parallel:
+    raise ValueError(f"each microbatch (--batch_size/--num_microbatches = "
+                     f"{cfg.batch_size // cfg.num_microbatches}) must be divisible by the "
+                     f"data-parallel size {data_parallel}")
   jax.set_mesh(mesh)
   return mesh
 
@@ -127,9 +145,31 @@ def heldout_accuracy(cfg: LMConfig, graphdef, params, heldout_source, *, key) ->
   return results
 
 
+def heldout_loss_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
+  """eval_fn(params) -> held-out answer NLL per token and token accuracy (teacher forced)."""
+  tok = ByteTokenizer()
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
+  eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(lm_loss_fn(graphdef)),
+                                         shardings, batch_shardings)
+  source = [heldout_source[i] for i in range(min(cfg.eval_prompts, len(heldout_source)))]
+
+  def eval_fn(params):
+    batches = pipeline.make_eval_iterator(source, batch_size=cfg.eval_batch_size,
+                                          seq_len=cfg.seq_len, tokenizer=tok, kind="sft")
+    return step_lib.evaluate(eval_step, params,
+                             (sharding.shard_batch(b, mesh) for b in batches))
+
+  return eval_fn
+
+
+_BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
+
+
 def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, kind: str,
              eval_fn=None, config_dict=None):
-  """Trains params on train_source (kind "lm" or "sft"); saves final params; returns summary."""
+  """Trains params on train_source (kind "lm" or "sft"); saves final params; returns summary.
+
+  eval_fn(params) -> dict runs every --eval_every steps and at the end."""
   tok = ByteTokenizer()
   ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
@@ -138,8 +178,7 @@ def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, 
   train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
                                            param_shardings=shardings)
   state_shardings = state_lib.state_shardings(optimizer, params, shardings)
-  batch_shardings = {k: sharding.batch_sharding(mesh)
-                     for k in ("tokens", "loss_mask", "valid", "example_valid")}
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   step_fn = step_lib.make_train_step(lm_loss_fn(graphdef), optimizer,
                                      num_microbatches=cfg.num_microbatches,
                                      lr_schedule=optim.make_schedule(ocfg))
@@ -153,7 +192,7 @@ def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, 
   final, summary = loop.train(
       workdir=cfg.workdir, train_step=train_step, state=train_state, train_iter=sharded_iter,
       total_steps=cfg.steps, manager=manager, logger=logger, eval_fn=eval_fn,
-      eval_every=cfg.steps, log_every=cfg.log_every,
+      eval_every=cfg.eval_every, log_every=cfg.log_every,
       tokens_per_batch=cfg.batch_size * cfg.seq_len, config=config_dict or to_dict(cfg))
   checkpoint.save_params(os.path.join(cfg.workdir, PARAMS_DIR), final.params)
   manager.close()

@@ -28,8 +28,9 @@ def run(cfg: PretrainConfig) -> dict:
   graphdef, params, shardings = lm.init_model(cfg, mesh)
   heldout = builders.load_split(datasets["sft"], "test")
   params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings,
-                                builders.load_split(datasets["pretrain"], "train"), kind="lm")
-  result = {"train": summary["train"], "wall_s": summary["wall_s"],
+                                builders.load_split(datasets["pretrain"], "train"), kind="lm",
+                                eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
+  result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             **lm.heldout_accuracy(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -32,7 +32,8 @@ class SFTConfig(lm.LMConfig):
 # Flags an SFT run passes down to its pretraining stage: the model and world must be the same
 # (SFT fine-tunes those params on that world), and mesh/smoke/data_dir are properties of the
 # run. Changing any of them changes the stage's key, so the base is rebuilt, not mismatched.
-SHARED_WITH_PRETRAIN = ("model", "world_seed", "error_rate", "data_dir", "mesh_data",
+SHARED_WITH_PRETRAIN = ("model", "world_seed", "error_rate", "min_digits", "max_digits",
+                        "statements_per_text", "pretrain_texts", "data_dir", "mesh_data",
                         "mesh_fsdp", "mesh_tensor", "smoke")
 
 
@@ -61,9 +62,11 @@ def run(cfg: SFTConfig) -> dict:
   graphdef, params, shardings = lm.init_model(cfg, mesh, init_from=base_dir)
   key = jax.random.key(cfg.seed)
   before = lm.timed("eval base", lm.heldout_accuracy, cfg, graphdef, params, heldout, key=key)
-  params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings, sft_source, kind="sft")
+  params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings, sft_source, kind="sft",
+                                eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
   after = lm.heldout_accuracy(cfg, graphdef, params, heldout, key=key)
-  result = {"base": before, "sft": after, "train": summary["train"], "wall_s": summary["wall_s"],
+  result = {"base": before, "sft": after, "train": summary["train"], "eval": summary["eval"],
+            "wall_s": summary["wall_s"],
             "pretrain_workdir": base_dir}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -5,8 +5,6 @@ On a finite response set: pi* = pi_ref exp(r/beta) / Z maximises E_pi[r] - beta 
 DPO loss at pi* equals the Bradley-Terry loss under r, so pi* minimises the population DPO loss
 on BT-labelled comparisons.
 """
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +15,7 @@ from scipy import optimize
 from rlhf_jax.losses import bradley_terry as bt
 from rlhf_jax.losses import dpo
 
-
-@functools.cache
-def J(fn):
-  """fn under jax.jit with its keyword-only hyperparameters static: every call in these tests
-  runs compiled (one program per shape, far cheaper on 2 CPU cores than op-by-op dispatch)."""
-  static = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-  return jax.jit(fn, static_argnames=static)
-
-
-def G(f, **kwargs):
-  return jax.jit(jax.grad(f, **kwargs))
+from jitted import G, J
 
 N = 6
 

@@ -1,6 +1,4 @@
 """Tests for rlhf_jax.losses.sft: hand cases, float64 NumPy references, properties, grads."""
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +7,7 @@ import pytest
 
 from rlhf_jax.losses import sft
 
-
-@functools.cache
-def J(fn):
-  """fn under jax.jit with its keyword-only hyperparameters static: every call in these tests
-  runs compiled (one program per shape, far cheaper on 2 CPU cores than op-by-op dispatch)."""
-  static = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-  return jax.jit(fn, static_argnames=static)
-
-
-def G(f, **kwargs):
-  return jax.jit(jax.grad(f, **kwargs))
+from jitted import G, J
 
 
 def _np_sft(logps, mask):
