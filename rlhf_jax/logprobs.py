@@ -7,6 +7,8 @@ tokens[:, <t]), so it lines up with a target mask over the same token positions;
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses import _shapes
+
 
 def token_logps(logits_BxTxV, targets_BxT, *, temperature: float = 1.0):
   """log softmax(logits / temperature)[target], without materialising the log-softmax:
@@ -40,8 +42,11 @@ def shifted_entropy(logits_BxTxV):
 
 
 def masked_sum(x_BxT, mask_BxT):
-  """Per-row masked sum: B."""
-  return jnp.sum(x_BxT * mask_BxT.astype(x_BxT.dtype), axis=-1)
+  """Per-row masked sum: B. `where`, not a bare product: a masked -inf must not become NaN."""
+  _shapes.check_rank("x_BxT", x_BxT, 2)
+  _shapes.check_same_shape(x_BxT=x_BxT, mask_BxT=mask_BxT)
+  mask_BxT = mask_BxT.astype(x_BxT.dtype)
+  return jnp.sum(jnp.where(mask_BxT > 0, x_BxT * mask_BxT, 0.0), axis=-1)
 
 
 def masked_mean(x_BxT, mask_BxT):
@@ -52,5 +57,7 @@ def masked_mean(x_BxT, mask_BxT):
 
 def sequence_logps(logps_BxT, mask_BxT, *, average: bool = False):
   """log pi(y|x) as the SUM of response-token log-probs (MATH.md's convention), or their
-  mean when average=True (length-normalised, as IPO is commonly run)."""
+  mean when average=True (length-normalised, as TRL runs IPO)."""
+  _shapes.check_rank("logps_BxT", logps_BxT, 2)
+  _shapes.check_same_shape(logps_BxT=logps_BxT, mask_BxT=mask_BxT)
   return masked_mean(logps_BxT, mask_BxT) if average else masked_sum(logps_BxT, mask_BxT)

@@ -1,8 +1,8 @@
 """The DPO family: DPO (with conservative label smoothing), IPO, KTO, on sequence log-probs.
 
 Inputs are SEQUENCE log-probs log pi(y|x) of shape (B,). Per MATH.md these are SUMS over the
-response tokens; `sequence_logps(..., average=True)` gives the length-averaged form that TRL
-uses for IPO (pass whichever you want: the losses do not care how they were reduced).
+response tokens; `rlhf_jax.logprobs.sequence_logps(..., average=True)` (re-exported here)
+gives the length-averaged form that TRL uses for IPO (pass whichever you want: the losses do not care how they were reduced).
 
 Notation: chosen log-ratio rho_w = log pi(y_w) - log pi_ref(y_w), rejected rho_l likewise,
 h = rho_w - rho_l, implicit reward r_hat = beta * rho (Rafailov 2023 eq. 5).
@@ -21,6 +21,7 @@ KTO loss with z_0 = 0: mean_i lambda_{y_i} / 2, and all implicit rewards 0.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.logprobs import sequence_logps  # noqa: F401  (the DPO family's input reduction)
 from rlhf_jax.losses import _shapes
 
 
@@ -28,21 +29,6 @@ def _check_python(name, value, ok, requirement):
   """Validates a static python hyperparameter (skipped for traced values)."""
   if isinstance(value, (int, float)) and not ok(value):
     raise ValueError(f"{name} must be {requirement}, got {value}")
-
-
-def sequence_logps(logps_BxT, mask_BxT, *, average: bool = False):
-  """Sequence log-prob from per-token log-probs: sum_t m_t logp_t, or that over sum_t m_t.
-
-  average=False (default, MATH.md): log pi(y|x) = sum over response tokens.
-  average=True: the length-averaged log-prob (TRL's IPO); an all-masked row gives 0, not NaN.
-  """
-  _shapes.check_rank("logps_BxT", logps_BxT, 2)
-  _shapes.check_same_shape(logps_BxT=logps_BxT, mask_BxT=mask_BxT)
-  mask_BxT = mask_BxT.astype(logps_BxT.dtype)
-  total_B = jnp.sum(jnp.where(mask_BxT > 0, logps_BxT * mask_BxT, 0.0), axis=1)
-  if average:
-    return total_B / jnp.maximum(jnp.sum(mask_BxT, axis=1), 1.0)
-  return total_B
 
 
 def _log_ratios(policy_chosen_logps_B, policy_rejected_logps_B, ref_chosen_logps_B,
