@@ -96,9 +96,10 @@ def model_config(cfg: LMConfig):
   return preset(cfg.model, dtype=cfg.dtype)
 
 
-def setup(cfg: LMConfig):
+def setup(cfg: LMConfig, devices=None):
+  """The run's mesh (over `devices`, default all), checked against the batch sizes."""
   runtime.enable_compilation_cache()
-  mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, devices=devices)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   for name in ("batch_size", "eval_batch_size"):
     if getattr(cfg, name) % data_parallel:

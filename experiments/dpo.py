@@ -1,0 +1,272 @@
+"""DPO / cDPO / IPO on preference pairs from local files, from a real or a random model.
+
+    python -m experiments.dpo --flagfile=experiments/configs/dpo_tiny.flags
+    python -m experiments.dpo --flagfile=experiments/configs/dpo_llama3_1b_hh_v5e8.flags --dry_run
+
+The policy starts from --init_hf (a Hugging Face model directory), else --init_from (the
+params of an earlier stage), else a random --model preset (smoke tests). The reference is
+that same starting point, frozen; its log-probs are precomputed in one jitted pass over the
+data (--precompute_ref, default) or recomputed inside every step. Reports held-out
+preference accuracy (implicit reward), loss and chosen/rejected log-probs; writes
+config.json, metrics.jsonl, tb/, checkpoints/ (resumes), params/, result.json, and with
+--export_hf the trained policy as a Hugging Face directory.
+
+--dry_run resolves the model's shapes and shardings on the mesh with eval_shape and prints the
+analytic per-device memory (rlhf_jax.memory), loading no weights and compiling nothing. A
+--init_hf directory without config.json falls back to the --model preset's shape there, so a
+real flagfile can be checked before the checkpoint is downloaded.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import cli, lm
+from rlhf_jax import memory, sharding
+from rlhf_jax.data import builders, file_datasets, pairs
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data.chat import ChatTemplate
+from rlhf_jax.data.hf_tokenizer import HFTokenizer
+from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.train import checkpoint, loop, optim, preference, state as state_lib
+from rlhf_jax.train import step as step_lib
+from rlhf_jax.train.logging import MetricsLogger
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(lm.LMConfig):
+  workdir: str = cli.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
+  init_hf: str = cli.flag("", "Hugging Face model directory to start from (policy and reference).")
+  init_from: str = cli.flag("", "Params of an earlier stage (its workdir or params/ dir).")
+  tokenizer: str = cli.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
+  data_files: str = cli.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
+  data_format: str = cli.flag("pairs", "Preference file format.",
+                              choices=pf.PREFERENCE_FORMATS)
+  test_fraction: float = cli.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
+  on_error: str = cli.flag("raise", "Malformed records: fail the build or skip and count them.",
+                           choices=file_datasets.ON_ERROR)
+  loss: str = cli.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
+                       choices=preference.LOSSES)
+  beta: float = cli.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
+  label_smoothing: float = cli.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
+  ipo_tau: float = cli.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
+  average_logps: bool = cli.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
+  precompute_ref: bool = cli.flag(True, "Precompute reference log-probs once (else per step).")
+  export_hf: str = cli.flag("", "Directory to export the trained policy to (HF layout).")
+  dry_run: bool = cli.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.beta <= 0:
+      raise ValueError(f"--beta must be > 0, got {self.beta}")
+    if self.ipo_tau <= 0:
+      raise ValueError(f"--ipo_tau must be > 0, got {self.ipo_tau}")
+    if not 0.0 <= self.label_smoothing <= 0.5:
+      raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+    if not 0.0 <= self.test_fraction < 1.0:
+      raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
+    preference.check_loss(self.loss)  # every --data_format here is paired: kto is refused
+    if self.init_hf and self.init_from:
+      raise ValueError("give at most one of --init_hf and --init_from")
+    if not self.data_files and not self.dry_run:
+      raise ValueError("--data_files is required (preference pairs to train on)")
+
+
+def model_config(cfg: DPOConfig):
+  """Parameters stored in float32 (Adam's master copy), computed in --dtype."""
+  if cfg.init_hf:
+    if (pathlib.Path(cfg.init_hf) / "config.json").exists():
+      return hf.config_from_hf(hf.read_hf_config(cfg.init_hf), dtype="float32",
+                               compute_dtype=cfg.dtype)
+    if not cfg.dry_run:
+      raise FileNotFoundError(f"--init_hf={cfg.init_hf}: no config.json (see WORKSPACE.md, "
+                              "'Real checkpoints and data')")
+    print(f"[dry run] {cfg.init_hf}/config.json not found: using the --model={cfg.model} shape")
+  return lm.model_config(cfg)
+
+
+def _mesh(cfg: DPOConfig):
+  """The flags' mesh; a dry run of a mesh smaller than this host takes its first devices."""
+  sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  devices = None
+  if cfg.dry_run and -1 not in sizes and math.prod(sizes) < jax.device_count():
+    devices = jax.devices()[:math.prod(sizes)]
+  return lm.setup(cfg, devices=devices)
+
+
+def memory_estimate(cfg: DPOConfig, mcfg, mesh) -> dict:
+  return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
+                         seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
+                         reference_params=not cfg.precompute_ref)
+
+
+def dry_run(cfg: DPOConfig, mcfg, mesh) -> dict:
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.param_shardings(abstract, mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract.to_pure_dict(), shardings)
+  for x in jax.tree.leaves(params):
+    x.sharding.shard_shape(x.shape)  # raises if a dimension does not divide its mesh axes
+  optimizer = optim.make_optimizer(optim.OptimConfig(
+      learning_rate=cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps))
+  state = state_lib.abstract_state(optimizer, params, shardings)
+  est = memory_estimate(cfg, mcfg, mesh)
+  print(f"[dry run] mesh {dict(mesh.shape)}, {mcfg.num_params():,} parameters, "
+        f"{len(jax.tree.leaves(state))} state arrays\n{memory.format_table(est)}")
+  return {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
+          "memory": est}
+
+
+def load_tokenizer(cfg: DPOConfig):
+  """(tokenizer, render_fn, render_id): the tokenizer dir's chat template renders message
+  prompts when it has one, else preference_formats.default_render."""
+  if not cfg.tokenizer:
+    return ByteTokenizer(), pf.default_render, None
+  tok = HFTokenizer.from_file(cfg.tokenizer)
+  try:
+    template = ChatTemplate.from_file(cfg.tokenizer)
+  except ValueError:
+    return tok, pf.default_render, None
+  digest = hashlib.sha256(template.source.encode()).hexdigest()[:12]
+  return tok, pairs.chat_render_fn(template), f"chat_template:{digest}"
+
+
+def init_policy(cfg: DPOConfig, mcfg, mesh):
+  """(graphdef, params, shardings) from --init_hf, --init_from or a random init."""
+  if cfg.init_hf:
+    return hf.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
+                            kind="lm")
+  if cfg.init_from:
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.param_shardings(abstract, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract.to_pure_dict(), shardings)
+    path = os.path.join(cfg.init_from, lm.PARAMS_DIR)
+    path = path if os.path.isdir(path) else cfg.init_from
+    return graphdef, checkpoint.load_params(path, target), shardings
+  return sharding.init_sharded(lambda r: Transformer(mcfg, rngs=r), jax.random.key(cfg.seed),
+                               mesh)
+
+
+def precompute_reference(ref_fn, params, source, cfg: DPOConfig, encode, mesh):
+  """The frozen reference's (chosen_N, rejected_N) log-probs over `source`, in order."""
+  chosen, rejected = [], []
+  for batch in pairs.make_pair_eval_iterator(source, batch_size=cfg.eval_batch_size,
+                                             encode=encode):
+    keep = np.asarray(batch["example_valid"])
+    out = jax.device_get(ref_fn(params, sharding.shard_batch(batch, mesh)))
+    chosen.append(np.asarray(out["ref_chosen_logps"])[keep])
+    rejected.append(np.asarray(out["ref_rejected_logps"])[keep])
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def run(cfg: DPOConfig) -> dict:
+  cfg = cfg.effective()
+  mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
+  mesh = _mesh(cfg)
+  if cfg.dry_run:
+    return dry_run(cfg, mcfg, mesh)
+  tok, render_fn, render_id = load_tokenizer(cfg)
+  if tok.vocab_size > mcfg.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
+                     f"{mcfg.vocab_size}")
+  graphdef, params, shardings = init_policy(cfg, mcfg, mesh)
+  built = file_datasets.build_file_dataset(
+      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
+      on_error=cfg.on_error, test_fraction=cfg.test_fraction or None, tokenizer=tok,
+      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+  train_src = builders.load_split(built.builder, "train")
+  test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
+  encode = pairs.make_encoder(tok, cfg.seq_len, cfg.data_format, render_fn)
+  ref_params = None
+  if cfg.precompute_ref:
+    pair_keys = [k for k in encode(train_src[0]) if k not in pairs.REF_KEYS]
+    ref_fn = jax.jit(preference.reference_logps_fn(graphdef, average=cfg.average_logps),
+                     in_shardings=(shardings, {k: sharding.batch_sharding(mesh)
+                                               for k in pair_keys}),
+                     out_shardings=sharding.batch_sharding(mesh))
+    train_src = pairs.with_reference_logps(
+        train_src, *precompute_reference(ref_fn, params, train_src, cfg, encode, mesh))
+    if test_src is not None:
+      test_src = pairs.with_reference_logps(
+          test_src, *precompute_reference(ref_fn, params, test_src, cfg, encode, mesh))
+  else:  # a copy: the policy's buffers are donated to the train step
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+  loss_fn = preference.preference_loss_fn(
+      graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+      ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
+  eval_fn = None
+  if test_src is not None:
+    eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,
+                                           batch_shardings)
+
+    def eval_fn(params):
+      batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
+                                              encode=encode)
+      return step_lib.evaluate(eval_step, params,
+                               (sharding.shard_batch(b, mesh) for b in batches))
+
+  final, summary = _train(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+                          encode, eval_fn)
+  if cfg.export_hf:
+    base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
+    hf.save_hf_model(cfg.export_hf, graphdef, final.params, hf_config_base=base)
+    for name in _TOKENIZER_FILES if cfg.tokenizer else ():
+      if (pathlib.Path(cfg.tokenizer) / name).exists():
+        shutil.copy(pathlib.Path(cfg.tokenizer) / name, pathlib.Path(cfg.export_hf) / name)
+  result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
+            "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
+                     "skipped": built.report.skipped},
+            "memory": memory_estimate(cfg, mcfg, mesh)}
+  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  if summary["eval"]:
+    print(f"held-out preference accuracy {summary['eval']['rewards/accuracies']:.3f}, "
+          f"loss {summary['eval']['loss']:.4f}")
+  return result
+
+
+def _train(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+           encode, eval_fn):
+  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                           grad_clip_norm=cfg.grad_clip_norm)
+  optimizer = optim.make_optimizer(ocfg)
+  state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
+                                     param_shardings=shardings)
+  step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
+                                     lr_schedule=optim.make_schedule(ocfg))
+  train_step = step_lib.compile_train_step(
+      step_fn, state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
+  it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
+                                      encode=encode)
+  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
+                                    max_to_keep=cfg.keep_checkpoints)
+  logger = MetricsLogger(cfg.workdir)
+  final, summary = loop.train(
+      workdir=cfg.workdir, train_step=train_step, state=state,
+      train_iter=lm._ShardedIterator(it, mesh), total_steps=cfg.steps, manager=manager,
+      logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
+      tokens_per_batch=2 * cfg.batch_size * cfg.seq_len, config=cli.to_dict(cfg))
+  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), final.params)
+  manager.close()
+  logger.close()
+  return final, summary
+
+
+if __name__ == "__main__":
+  cli.main(DPOConfig, run)

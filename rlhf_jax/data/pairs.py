@@ -1,0 +1,130 @@
+"""Preference pairs -> fixed-shape numpy batches (grain), for the DPO family.
+
+Each normalised preference record (preference_formats: {prompt, prompt_kind, chosen,
+rejected}) becomes TWO right-padded sequences sharing the prompt:
+
+    [bos] + prompt + response + [eos]        (response = chosen, or rejected)
+
+with loss_mask 1 on the response tokens and eos (the tokens whose log-probs make up
+log pi(y|x)). Right padding with positions that follow `valid` (models/transformer.py) gives
+the same logits as any other padding, and keeps both sequences of a pair in one shape.
+
+Batch:
+  chosen_tokens int32 BxT, chosen_valid bool BxT, chosen_mask float32 BxT; rejected_* alike;
+  example_valid bool B (False only on the rows padding the last eval batch);
+  ref_chosen_logps, ref_rejected_logps float32 B, when the source carries PRECOMPUTED
+  reference log-probs (`with_reference_logps`), so the train step never runs the reference.
+
+Prompts: text prompts are used verbatim; message prompts go through a render_fn
+(preference_formats.RenderFn), `chat_render_fn(template)` when the tokenizer ships a chat
+template, else preference_formats.default_render. Over-long pairs raise (no silent cut).
+"""
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data.chat import ChatTemplate
+from rlhf_jax.data.tokenizer import Tokenizer
+
+SIDES = ("chosen", "rejected")
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def chat_render_fn(template: ChatTemplate) -> pf.RenderFn:
+  """A render_fn from a chat template: prompt = the context with the generation cue,
+  response = the rest of the rendered conversation (reply + end-of-turn tokens).
+
+  A leading bos_token text the template writes itself is dropped: the pipeline adds bos."""
+  bos = template.special_tokens.get("bos_token") or ""
+
+  def strip_bos(text: str) -> str:
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+  def render(messages):
+    messages = list(messages)
+    if messages[-1]["role"] != "assistant":
+      return strip_bos(template.render(messages, add_generation_prompt=True)), ""
+    prompt = template.render(messages[:-1], add_generation_prompt=True)
+    full = template.render(messages)
+    if not full.startswith(prompt):
+      raise ValueError("chat template renders the context differently once the reply is "
+                       f"appended ({prompt[-40:]!r} is not a prefix); cannot split prompt/reply")
+    return strip_bos(prompt), full[len(prompt):]
+
+  return render
+
+
+def _side(ids: list[int], first_target: int, seq_len: int, pad_id: int) -> tuple:
+  n = len(ids)
+  tokens = np.full(seq_len, pad_id, np.int32)
+  tokens[:n] = ids
+  mask = np.zeros(seq_len, np.float32)
+  mask[first_target:n] = 1.0
+  return tokens, np.arange(seq_len) < n, mask
+
+
+def pair_example(record: dict, tokenizer: Tokenizer, seq_len: int, fmt: str = "pairs",
+                 render_fn: pf.RenderFn = pf.default_render) -> dict:
+  """One record -> the chosen_*/rejected_* arrays (see the module docstring)."""
+  (prompt, chosen), (_, rejected) = pf.render_pairs(record, fmt, render_fn)
+  head = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  out = {"example_valid": np.True_}
+  for side, response in zip(SIDES, (chosen, rejected)):
+    ids = head + tokenizer.encode(response) + [tokenizer.eos_id]
+    if len(ids) > seq_len:
+      raise ValueError(f"{side} sequence of prompt {prompt[:40]!r} is {len(ids)} tokens (with "
+                       f"bos/eos), longer than seq_len={seq_len}; raise --seq_len or filter "
+                       "the data (build_file_dataset's max_len drops such records)")
+    out[f"{side}_tokens"], out[f"{side}_valid"], out[f"{side}_mask"] = _side(
+        ids, len(head), seq_len, tokenizer.pad_id)
+  for key in REF_KEYS:
+    if key in record:
+      out[key] = np.float32(record[key])
+  return out
+
+
+class with_reference_logps(Sequence):  # noqa: N801  (reads as a function at call sites)
+  """The records of `source` with their precomputed reference log-probs attached: a grain
+  source, so the shuffled, resumable train order carries each pair's own reference values."""
+
+  def __init__(self, source: Sequence[dict], chosen_N: np.ndarray, rejected_N: np.ndarray):
+    if not len(source) == len(chosen_N) == len(rejected_N):
+      raise ValueError(f"{len(source)} records but {len(chosen_N)}/{len(rejected_N)} "
+                       "reference log-probs")
+    self._source, self._chosen, self._rejected = source, chosen_N, rejected_N
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return {**self._source[i], REF_KEYS[0]: self._chosen[i], REF_KEYS[1]: self._rejected[i]}
+
+
+Encoder = Callable[[dict], dict]
+
+
+def make_encoder(tokenizer: Tokenizer, seq_len: int, fmt: str,
+                 render_fn: pf.RenderFn = pf.default_render) -> Encoder:
+  return lambda r: pair_example(r, tokenizer, seq_len, fmt, render_fn)
+
+
+def make_pair_train_iterator(source: Sequence[dict], *, batch_size: int, seed: int,
+                             encode: Encoder) -> grain.DatasetIterator:
+  """Infinite, seeded, resumable (get_state/set_state) batches, as
+  pipeline.make_train_iterator: global shuffle, a fresh order every epoch, nothing dropped."""
+  ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).map(encode)
+        .batch(batch_size, drop_remainder=True))
+  return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
+
+
+def make_pair_eval_iterator(source: Sequence[dict], *, batch_size: int, encode: Encoder):
+  """One pass in order; the last batch is padded with example_valid=False rows (a copy of
+  the first example), so every batch has one shape and padded rows are weighted 0."""
+  first = encode(source[0])
+  filler = {**first, "example_valid": np.False_}
+  ds = (grain.MapDataset.source(source).map(encode)
+        .batch(batch_size, batch_fn=pipeline._padded_stack(filler, batch_size)))
+  return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
