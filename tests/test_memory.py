@@ -1,0 +1,62 @@
+"""rlhf_jax.memory: every term against a hand computation on the nano preset, and sharding
+dividing exactly the terms it should."""
+import dataclasses
+
+import pytest
+
+from rlhf_jax import memory
+from rlhf_jax.models.config import preset
+
+NANO = preset("nano")  # V=264, D=64, L=2, N=4, KV=2, F=192, head_dim 16, untied, f32
+# embed V*D + per layer (attn D*16*(2*4+2*2) + MLP 3*D*F + 2 norms D) + final norm + lm_head
+NUMEL = 264 * 64 + 2 * (64 * 16 * 12 + 3 * 64 * 192 + 2 * 64) + 64 + 64 * 264
+NORMS = 2 * 2 * 64 + 64  # replicated under every mesh
+
+
+def test_unsharded_terms_by_hand():
+  assert NANO.num_params() == NUMEL
+  b, t = 6, 10
+  est = memory.estimate(NANO, {}, batch_size=b, seq_len=t, reference_params=True,
+                        other_model_params=1000, sample_batch=3, sample_len=20)
+  act = 2 * (16 * b * t * 64 * 4 + b * 4 * t * t * 4) + b * t * 264 * 4 * 2
+  assert est == {
+      "params": 4 * NUMEL, "optimizer": 8 * NUMEL, "gradients": 4 * NUMEL,
+      "reference": 4 * NUMEL, "other_models": 4 * 1000, "activations": act,
+      "kv_cache": 2 * 2 * 3 * 20 * 2 * 16 * 4,
+      "total": 4 * NUMEL * 5 + 4000 + act + 2 * 2 * 3 * 20 * 2 * 16 * 4}
+  assert memory.estimate(NANO, {}, batch_size=b, seq_len=t)["reference"] == 0
+
+
+def test_dtypes():
+  bf16 = dataclasses.replace(NANO, param_dtype="bfloat16", dtype="bfloat16")
+  est = memory.estimate(bf16, {}, batch_size=2, seq_len=4)
+  assert est["params"] == 2 * NUMEL and est["optimizer"] == 8 * NUMEL  # Adam stays f32
+  f32 = memory.estimate(NANO, {}, batch_size=2, seq_len=4)
+  assert est["activations"] < f32["activations"]
+
+
+def test_sharding_divides_the_sharded_terms():
+  one = memory.estimate(NANO, {}, batch_size=8, seq_len=10, reference_params=True,
+                        sample_batch=8, sample_len=10)
+  fsdp = memory.estimate(NANO, {"fsdp": 4}, batch_size=8, seq_len=10, reference_params=True,
+                         sample_batch=8, sample_len=10)
+  per_device = (NUMEL - NORMS) // 4 + NORMS  # norms stay replicated
+  assert memory.sharded_numel(NANO, {"fsdp": 4}) == per_device
+  for term, bytes_per in (("params", 4), ("optimizer", 8), ("gradients", 4), ("reference", 4)):
+    assert fsdp[term] == bytes_per * per_device
+  assert fsdp["activations"] * 4 == one["activations"]  # batch over data*fsdp
+  assert fsdp["kv_cache"] * 4 == one["kv_cache"]
+  tensor = memory.estimate(NANO, {"tensor": 2}, batch_size=8, seq_len=10, sample_batch=8,
+                           sample_len=10)
+  assert tensor["kv_cache"] * 2 == one["kv_cache"]  # kv heads over tensor
+  assert tensor["activations"] < one["activations"]  # attention heads and vocab split
+  assert memory.estimate(NANO, {}, batch_size=8, seq_len=10, num_microbatches=4)[
+      "activations"] * 4 == one["activations"]
+
+
+def test_table_lists_every_term():
+  est = memory.estimate(preset("1b"), {"fsdp": 8}, batch_size=16, seq_len=1024)
+  table = memory.format_table(est)
+  for term in (*memory.TERMS, "total"):
+    assert term in table
+  assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
