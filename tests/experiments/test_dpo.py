@@ -170,3 +170,17 @@ def test_params_of_another_model_size_named_before_compiling(tmp_path):
   with CompileCounter() as compiles, pytest.raises(ValueError, match=r"tensor \S+ has shape"):
     dpo.run(cfg)
   assert _model_compiles(compiles) == []
+
+
+def test_tiny_flagfile_smoke_with_in_step_reference_and_ipo(tmp_path):
+  """The committed example data and flagfile; the reference recomputed in every step."""
+  cfg = cli.parse(dpo.DPOConfig, [
+      f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--smoke", "--precompute_ref=false",
+      "--loss=ipo", "--average_logps", f"--workdir={tmp_path}/run",
+      f"--data_dir={tmp_path}/data",
+      f"--data_files={os.path.join(FLAGS_DIR, '..', 'data', 'pairs_tiny.jsonl')}"])
+  result = dpo.run(cfg)
+  assert result["memory"]["reference"] > 0
+  train = read_metrics(cfg.workdir, split="train")
+  assert train[0]["metrics"]["loss"] == pytest.approx((1 / (2 * cfg.ipo_tau)) ** 2, rel=1e-4)
+  assert 0.0 <= result["eval"]["rewards/accuracies"] <= 1.0
