@@ -198,10 +198,10 @@ def run(cfg: DPOConfig) -> dict:
                      in_shardings=(shardings, {k: sharding.batch_sharding(mesh)
                                                for k in pair_keys}),
                      out_shardings=sharding.batch_sharding(mesh))
-    train_src = pairs.with_reference_logps(
+    train_src = pairs.WithReferenceLogps(
         train_src, *precompute_reference(ref_fn, params, train_src, cfg, encode, mesh))
     if test_src is not None:
-      test_src = pairs.with_reference_logps(
+      test_src = pairs.WithReferenceLogps(
           test_src, *precompute_reference(ref_fn, params, test_src, cfg, encode, mesh))
   else:  # a copy: the policy's buffers are donated to the train step
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)

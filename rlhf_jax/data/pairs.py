@@ -13,7 +13,7 @@ Batch:
   chosen_tokens int32 BxT, chosen_valid bool BxT, chosen_mask float32 BxT; rejected_* alike;
   example_valid bool B (False only on the rows padding the last eval batch);
   ref_chosen_logps, ref_rejected_logps float32 B, when the source carries PRECOMPUTED
-  reference log-probs (`with_reference_logps`), so the train step never runs the reference.
+  reference log-probs (`WithReferenceLogps`), so the train step never runs the reference.
 
 Prompts: text prompts are used verbatim; message prompts go through a render_fn
 (preference_formats.RenderFn), `chat_render_fn(template)` when the tokenizer ships a chat
@@ -86,7 +86,7 @@ def pair_example(record: dict, tokenizer: Tokenizer, seq_len: int, fmt: str = "p
   return out
 
 
-class with_reference_logps(Sequence):  # noqa: N801  (reads as a function at call sites)
+class WithReferenceLogps(Sequence):
   """The records of `source` with their precomputed reference log-probs attached: a grain
   source, so the shuffled, resumable train order carries each pair's own reference values."""
 
