@@ -19,6 +19,8 @@ from experiments import cli, dpo
 from helpers import make_model
 from rlhf_jax import memory
 from rlhf_jax.compile_count import CompileCounter
+from rlhf_jax.models import hf
+from rlhf_jax.models.config import preset
 from rlhf_jax.models.hf import load_hf_model
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.train import checkpoint
@@ -63,6 +65,13 @@ def test_real_flagfiles_dry_run(flagfile, devices, capsys):
     assert term in out
 
 
+def test_dry_run_reads_the_checkpoint_config_without_its_weights(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(preset("1b"))))
+  cfg = cli.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_llama3_1b_hh_v5e8.flags",
+                                  "--dry_run", f"--init_hf={tmp_path}", "--model=nano"])
+  assert dpo.run(cfg)["num_params"] == preset("1b").num_params()
+
+
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("dpo")
@@ -72,7 +81,8 @@ def hf_run(tmp_path_factory):
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator([json.dumps(r) for r in _pairs()], trainers.BpeTrainer(
-      vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+      vocab_size=300, special_tokens=SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   model_dir = root / "model"
   model_dir.mkdir()
   tok.save(str(model_dir / "tokenizer.json"))
