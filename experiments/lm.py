@@ -109,7 +109,8 @@ def setup(cfg: LMConfig, devices=None):
     raise ValueError(f"each microbatch (--batch_size/--num_microbatches = "
                      f"{cfg.batch_size // cfg.num_microbatches}) must be divisible by the "
                      f"data-parallel size {data_parallel}")
-  jax.set_mesh(mesh)
+  # No jax.set_mesh: every jit gets explicit shardings, and a process-global mesh would leak
+  # into whatever runs next in the same process (tests call experiments in-process).
   return mesh
 
 

@@ -43,6 +43,7 @@ def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
   print_fn(f"[stage {name}] building in {workdir}")
   start = time.perf_counter()
   run(workdir)
+  os.makedirs(workdir, exist_ok=True)
   with open(done_marker, "w") as f:
     f.write(json.dumps({"wall_s": time.perf_counter() - start}))
   print_fn(f"[stage {name}] done in {time.perf_counter() - start:.1f}s")

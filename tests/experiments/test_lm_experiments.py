@@ -86,5 +86,5 @@ def test_invalid_flags_fail_before_anything_runs(flag, message):
 
 def test_command_line_overrides_flagfile():
   cfg = cli.parse(pretrain.PretrainConfig,
-                  [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--steps=7"])
-  assert cfg.steps == 7 and cfg.model == "tiny"
+                  [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--steps=70"])
+  assert cfg.steps == 70 and cfg.model == "tiny"
