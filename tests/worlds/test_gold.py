@@ -181,3 +181,13 @@ def test_invalid_arguments_raise():
       raters.agreement([1.0], temperature)
   with pytest.raises(ValueError, match="K >= 2"):
     raters.sample_rankings([[1.0]], 1.0, rng)
+
+
+def test_build_datasets_materialises_the_records(tmp_path):
+  from rlhf_jax.data import builders
+  tiny = g.GoldConfig(num_pretrain_texts=20, num_sft=10, num_test=5)
+  built = g.build_datasets(tiny, str(tmp_path))
+  test = builders.load_split(built["sft"], "test")
+  assert sorted(r["prompt"].decode() for r in test) == sorted(
+      r["prompt"] for r in g.heldout_records(tiny))
+  assert len(builders.load_split(built["pretrain"], "train")) == 20
