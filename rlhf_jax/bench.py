@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rlhf_jax import runtime, sharding
 from rlhf_jax.models.config import ModelConfig, preset
@@ -55,9 +56,8 @@ def peak_matmul_flops(dtype: str, sizes=(512, 1024, 2048)) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  matmul_params = cfg.num_params() - cfg.vocab_size * cfg.d_model * (not cfg.tie_embeddings)
-  matmul_params = cfg.num_params() - cfg.vocab_size * cfg.d_model + (
-      cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+  # The embedding lookup is a gather, not a matmul; a tied table still does the LM-head matmul.
+  matmul_params = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
   return 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
@@ -87,15 +87,13 @@ def bench_train_step(cfg: ModelConfig, *, batch: int, seq_len: int, repeats: int
 
 def bench_sampler(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int,
                   repeats: int, naive: bool) -> dict:
-  model = Transformer(cfg, rngs=__import__("flax").nnx.Rngs(0))
-  from flax import nnx
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   params = state.to_pure_dict()
   prompts = jnp.asarray(np.random.default_rng(0).integers(0, min(cfg.vocab_size, 256),
                                                          (batch, prompt_len)), jnp.int32)
   valid = jnp.ones((batch, prompt_len), bool)
-  # No EOS (an id the model never has reason to emit first is irrelevant: eos=-1 never
-  # matches), so every row decodes exactly new_tokens tokens and both samplers do equal work.
+  # eos_id=-1 never matches a token: every row decodes exactly new_tokens tokens, so both
+  # samplers do the same work.
   scfg = SamplingConfig(max_new_tokens=new_tokens, eos_id=-1, pad_id=0)
   out = {}
   for name, fn in (("kv_cache", sample), ("naive", sample_naive)):
