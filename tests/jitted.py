@@ -4,6 +4,7 @@ import functools
 import inspect
 
 import jax
+import numpy as np
 
 
 @functools.cache
@@ -15,3 +16,14 @@ def J(fn):
 
 def G(f, **kwargs):
   return jax.jit(jax.grad(f, **kwargs))
+
+
+def fd_grad(f, x, h=1e-6):
+  """Central finite-difference gradient of a scalar float64 function of one array."""
+  x = np.asarray(x, np.float64)
+  g = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    e = np.zeros_like(x)
+    e[i] = h
+    g[i] = (f(x + e) - f(x - e)) / (2 * h)
+  return g

@@ -15,6 +15,7 @@ both the same way. Stack facts this module is written around (see DESIGN.md):
 
 One generic builder serves every world: it takes the records from a python callable.
 """
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -102,3 +103,13 @@ def load_split(builder: WorldRecords, split: str) -> Sequence[dict[str, bytes]]:
   """A random-access data source (len, __getitem__) over one split; text fields are bytes.
   Grain consumes it directly: grain.MapDataset.source(load_split(...))."""
   return builder.as_data_source(split=split)
+
+
+def build_world_datasets(world: str, config, datasets: Mapping[str, tuple], data_dir: str) -> dict:
+  """Materialises a world's datasets ({name: (fields, config -> {split: records})}) as
+  array_record TFDS datasets named "<world>_<name>" under data_dir, reusing any built before
+  for this exact config (a frozen dataclass). Returns {name: builder}."""
+  config_dict = dataclasses.asdict(config)
+  return {name: build_records(name=f"{world}_{name}", config=config_dict, fields=fields,
+                              data_dir=data_dir, records_fn=lambda make=make: make(config))
+          for name, (fields, make) in datasets.items()}

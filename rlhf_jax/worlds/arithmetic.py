@@ -235,8 +235,4 @@ def build_datasets(config: ArithmeticConfig, data_dir: str) -> dict:
   when this exact config was built before) and returns their builders; read a split with
   rlhf_jax.data.builders.load_split(builders["sft"], "test")."""
   from rlhf_jax.data import builders  # The world's generators stay usable without TFDS.
-  config_dict = dataclasses.asdict(config)
-  return {name: builders.build_records(name=f"arithmetic_{name}", config=config_dict,
-                                       fields=fields, data_dir=data_dir,
-                                       records_fn=lambda make=make: make(config))
-          for name, (fields, make) in DATASETS.items()}
+  return builders.build_world_datasets("arithmetic", config, DATASETS, data_dir)

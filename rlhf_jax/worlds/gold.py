@@ -234,8 +234,4 @@ def records(config: GoldConfig) -> dict[str, dict[str, list[dict[str, str]]]]:
 def build_datasets(config: GoldConfig, data_dir: str) -> dict:
   """Materialises {"pretrain", "sft"} as array_record TFDS datasets (see arithmetic)."""
   from rlhf_jax.data import builders  # The world's generators stay usable without TFDS.
-  config_dict = dataclasses.asdict(config)
-  return {name: builders.build_records(name=f"gold_{name}", config=config_dict,
-                                       fields=fields, data_dir=data_dir,
-                                       records_fn=lambda make=make: make(config))
-          for name, (fields, make) in DATASETS.items()}
+  return builders.build_world_datasets("gold", config, DATASETS, data_dir)

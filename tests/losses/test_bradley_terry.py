@@ -9,22 +9,12 @@ import pytest
 
 from rlhf_jax.losses import bradley_terry as bt
 
-from jitted import G, J
+from jitted import G, J, fd_grad
 
 
 def _lse(x):
   x = np.asarray(x, np.float64)
   return x.max() + np.log(np.exp(x - x.max()).sum())
-
-
-def _fd_grad(f, x, h=1e-6):
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (f(x + e) - f(x - e)) / (2 * h)
-  return g
 
 
 def _np_bt(rw, rl):
@@ -96,7 +86,7 @@ class TestBtLoss:
     rng = np.random.default_rng(2)
     rw, rl = rng.normal(size=(2, 4))
     g = G(lambda a: J(bt.bt_loss)(a, jnp.asarray(rl, jnp.float32))[0])(jnp.asarray(rw, jnp.float32))
-    np.testing.assert_allclose(g, _fd_grad(lambda a: _np_bt(a, rl), rw), atol=1e-5)
+    np.testing.assert_allclose(g, fd_grad(lambda a: _np_bt(a, rl), rw), atol=1e-5)
 
   def test_extreme_rewards_finite(self):
     rw, rl = jnp.array([1e6, -1e6]), jnp.array([-1e6, 1e6])
@@ -149,7 +139,7 @@ class TestRankingLoss:
     r = rng.normal(size=(2, 4))
     valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
     g = G(lambda x: J(bt.ranking_loss)(x, valid)[0])(jnp.asarray(r, jnp.float32))
-    np.testing.assert_allclose(g, _fd_grad(lambda x: _np_ranking(x, valid), r), atol=1e-5)
+    np.testing.assert_allclose(g, fd_grad(lambda x: _np_ranking(x, valid), r), atol=1e-5)
 
   def test_extreme_and_all_invalid(self):
     r = jnp.array([[1e6, -1e6, 0.0], [5.0, 1.0, 2.0]])
@@ -196,7 +186,7 @@ class TestPlackettLuceLoss:
     r = rng.normal(size=(2, 4))
     valid = np.array([[1, 1, 1, 1], [1, 1, 0, 1]], bool)
     g = G(lambda x: J(bt.plackett_luce_loss)(x, valid)[0])(jnp.asarray(r, jnp.float32))
-    np.testing.assert_allclose(g, _fd_grad(lambda x: _np_plackett_luce(x, valid), r), atol=1e-5)
+    np.testing.assert_allclose(g, fd_grad(lambda x: _np_plackett_luce(x, valid), r), atol=1e-5)
 
   def test_extreme_and_masked_finite(self):
     r = jnp.array([[1e6, -1e6, 0.0], [1e6, 3.0, -1e6]])
@@ -351,7 +341,7 @@ class TestPreferenceModelLoss:
     g = G(lambda a: J(bt.preference_model_loss)(a, jnp.asarray(fba, jnp.float32),
                                                     jnp.asarray(y, jnp.float32))[0])(
                                                         jnp.asarray(fab, jnp.float32))
-    np.testing.assert_allclose(g, _fd_grad(ref, fab), atol=1e-5)
+    np.testing.assert_allclose(g, fd_grad(ref, fab), atol=1e-5)
 
   def test_extreme_finite_and_shape_error(self):
     loss, _ = J(bt.preference_model_loss)(jnp.array([1e6, -1e6]), jnp.array([-1e6, 1e6]), jnp.array([0.0, 1.0]))

@@ -8,17 +8,7 @@ import pytest
 
 from rlhf_jax.losses import dpo
 
-from jitted import G, J
-
-
-def _fd_grad(f, x, h=1e-6):
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (f(x + e) - f(x - e)) / (2 * h)
-  return g
+from jitted import G, J, fd_grad
 
 
 def _log_sigmoid(z):
@@ -120,7 +110,7 @@ class TestDpoLoss:
     s = 1 / (1 + np.exp(-(beta * ((pl - rl) - (pw - rw))).astype(np.float64)))
     np.testing.assert_allclose(gw, -beta * s / len(pw), rtol=1e-5)
     np.testing.assert_allclose(gl, beta * s / len(pw), rtol=1e-5)
-    fd = _fd_grad(lambda a: _np_dpo(a, pl, rw, rl, beta, 0.1), pw)
+    fd = fd_grad(lambda a: _np_dpo(a, pl, rw, rl, beta, 0.1), pw)
     g_ls = G(lambda a: J(dpo.dpo_loss)(a, pl, rw, rl, beta=beta, label_smoothing=0.1)[0])(pw)
     np.testing.assert_allclose(g_ls, fd, atol=1e-5)
 
@@ -211,7 +201,7 @@ class TestIpoLoss:
     np.testing.assert_allclose(loss, _np_ipo(*map(np.float64, (pw, pl, rw, rl)), tau), rtol=1e-5)
     np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
     g = G(lambda a: J(dpo.ipo_loss)(a, pl, rw, rl, ipo_tau=tau)[0])(pw)
-    fd = _fd_grad(lambda a: _np_ipo(a, pl, rw, rl, tau), pw)
+    fd = fd_grad(lambda a: _np_ipo(a, pl, rw, rl, tau), pw)
     np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4)
 
   def test_minimum_at_target_margin(self):
@@ -267,7 +257,7 @@ class TestKtoLoss:
     g_kl = G(lambda k: J(dpo.kto_loss)(p, r, good, k, beta=0.5)[0])(kl)
     np.testing.assert_allclose(g_kl, 0.0)
     g = G(lambda a: J(dpo.kto_loss)(a, r, good, kl, beta=0.5)[0])(p)
-    fd = _fd_grad(lambda a: _np_kto(a, r, good, kl, 0.5, 1.0, 1.0), p)
+    fd = fd_grad(lambda a: _np_kto(a, r, good, kl, 0.5, 1.0, 1.0), p)
     np.testing.assert_allclose(g, fd, atol=1e-5)
 
   def test_z0_clamped_at_zero(self):
