@@ -13,7 +13,7 @@ import jax
 
 from experiments.cli import flag, to_dict
 from rlhf_jax import evaluation, runtime, sharding
-from rlhf_jax.data import builders, pipeline
+from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models.config import PRESETS, preset
 from rlhf_jax.models.transformer import Transformer

@@ -8,7 +8,6 @@ base model's held-out exact-match accuracy (greedy and temperature 1).
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 

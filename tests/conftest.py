@@ -10,8 +10,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import jax  # noqa: E402
-
 from rlhf_jax import runtime  # noqa: E402
 
 runtime.enable_compilation_cache()

@@ -1,7 +1,6 @@
 """KV-cache sampler: agreement with the training forward, the naive sampler and an argmax loop;
 padding and batch invariance; truncation; EOS; determinism; compile once per shape."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -21,7 +21,7 @@ KTO loss with z_0 = 0: mean_i lambda_{y_i} / 2, and all implicit rewards 0.
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.logprobs import sequence_logps  # noqa: F401  (the DPO family's input reduction)
+from rlhf_jax.logprobs import sequence_logps  # noqa: F401  (re-exported: the DPO family's input reduction)
 from rlhf_jax.losses import _shapes
 
 

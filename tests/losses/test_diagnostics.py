@@ -9,7 +9,7 @@ import pytest
 from rlhf_jax.losses import diagnostics as diag
 from rlhf_jax.losses import dpo
 
-from jitted import G, J
+from jitted import J
 
 
 def _np_ches(hp, mp, hn, mn, normalise):

@@ -10,7 +10,7 @@ from flax import nnx
 import helpers
 from rlhf_jax.models.config import RopeScaling
 from rlhf_jax.models.layers import rope_inv_freq
-from rlhf_jax.models.transformer import (ScalarHeadModel, Transformer, init_cache,
+from rlhf_jax.models.transformer import (ScalarHeadModel, init_cache,
                                          last_valid_index, positions_from_valid)
 
 CFG = helpers.nano()
