@@ -147,49 +147,60 @@ def test_step0_ratio_is_one(rollout_data):
   assert float(aux_ref["approx_kl"]) / n > 1e-3
 
 
-def toy_setup(seed, b, p, n, lr, kl_coef):
-  pg, policy, ref, vg, value = models(seed, std=0.1)
-  scfg = SamplingConfig(max_new_tokens=n, eos_id=V, pad_id=PAD)  # EOS never sampled
+TOY_B, TOY_P, TOY_N = 16, 3, 8
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """(fresh_state(), iteration(state, key, tokens, valid) -> (state, rewards_B, metrics)):
+  one PPO iteration = rollout -> toy reward -> advantages -> 2 compiled train steps."""
+  pg, policy, ref, vg, value = models(1, std=0.1)
+  scfg = SamplingConfig(max_new_tokens=TOY_N, eos_id=V, pad_id=PAD)  # EOS never sampled
   rollout_fn = ppo.make_rollout_fn(pg, vg, scfg)
-  adv_fn = ppo.make_advantages_fn(kl_coef, 1.0, 0.95)
-  opt = optax.adam(lr)
+  adv_fn = ppo.make_advantages_fn(0.01, 1.0, 0.95)
+  opt = optax.adam(3e-2)
   train_step = step.compile_train_step(step.make_train_step(
       ppo.ppo_loss_fn(pg, vg, **LOSS_KW), opt, num_microbatches=2))
-  params = jax.tree.map(np.array, {"policy": policy, "value": value})  # fresh buffers (donated)
-  state = init_train_state(params, opt, jax.random.key(seed))
   # Toy reward: +1 per response token in the lower quarter of the vocabulary.
-  reward_fn = jax.jit(lambda ro: jnp.sum((ro.tokens_BxT[:, p:] < V // 4) * ro.mask_BxT[:, p:], 1))
+  reward_fn = jax.jit(
+      lambda ro: jnp.sum((ro.tokens_BxT[:, TOY_P:] < V // 4) * ro.mask_BxT[:, TOY_P:], 1))
+
+  def fresh_state():
+    params = jax.tree.map(np.array, {"policy": policy, "value": value})  # own buffers: donated
+    return init_train_state(params, opt, jax.random.key(0))
 
   def iteration(state, key, tokens, valid):
     ro = rollout_fn(state.params["policy"], ref, state.params["value"], tokens, valid, key)
     rewards = reward_fn(ro)
-    batch, stats = adv_fn(ro, rewards)
+    batch, _ = adv_fn(ro, rewards)
     for _ in range(2):
       state, metrics = train_step(state, batch)
     return state, rewards, metrics
 
-  return state, iteration
+  return fresh_state, iteration
 
 
-def test_second_iteration_compiles_nothing():
-  state, iteration = toy_setup(0, B, P, N, 1e-3, 0.1)
+def test_second_iteration_compiles_nothing(toy):
+  fresh_state, iteration = toy
+  state = fresh_state()
   keys = [jax.random.key(i) for i in range(2)]
-  (t0, v0), (t1, v1) = prompts(10), prompts(11)
+  (t0, v0), (t1, v1) = prompts(10, TOY_B, TOY_P), prompts(11, TOY_B, TOY_P)
   state, _, m = iteration(state, keys[0], t0, v0)
   jax.block_until_ready(m)
   with CompileCounter() as cc:
-    state, _, m = iteration(state, keys[1], t1, v1)
+    state, _, m = iteration(state, keys[1], t1, v1)  # new prompts, same shapes
     jax.block_until_ready(m)
   assert cc.count == 0, cc.names
   assert int(state.step) == 4 and np.isfinite(float(m["loss"]))
 
 
-def test_ppo_raises_toy_reward():
-  b, p, n = 16, 3, 8
-  state, iteration = toy_setup(1, b, p, n, 1e-2, 0.01)
-  tokens, valid = prompts(20, b, p)
+def test_ppo_raises_toy_reward(toy):
+  fresh_state, iteration = toy
+  state = fresh_state()
+  tokens, valid = prompts(20, TOY_B, TOY_P)
   means = []
   for i in range(6):
     state, rewards, _ = iteration(state, jax.random.key(100 + i), tokens, valid)
     means.append(float(np.mean(rewards)))
-  assert means[-1] > means[0] + 1.0, means
+  # A uniform-ish policy scores ~N/4 = 2; seeded PPO reaches > 5 by iteration 5.
+  assert np.mean(means[-2:]) > means[0] + 1.5, means
