@@ -47,7 +47,8 @@ def ranking_loss_fn(graphdef):
 
   loss_sum = sum_b (1/C(K_b,2)) sum_{i<j valid} -log s(r_bi - r_bj)  (Ouyang 2022 eq. 1);
   aux: denominator (prompts with >= 2 valid responses), accuracy (per-prompt pairwise
-  accuracy, weighted as the loss), margin (per-prompt mean r_i - r_j), pairs (valid pairs).
+  accuracy, weighted as the loss), margin (per-prompt mean r_i - r_j), pairs (valid pairs; the step reports
+  pairs per prompt). All sums, so microbatches and devices combine exactly.
   """
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward

@@ -69,7 +69,6 @@ def test_ranking_loss_matches_numpy(rm):
       if batch["response_valid_BxK"][i, j]:
         rewards_BxK[i, j] = score(params, batch["tokens_BxKxT"][i, j][None],
                                   batch["valid_BxKxT"][i, j][None])[0]
-  # Scale so the pairs have clearly non-zero margins and mixed accuracy.
   ref = _np_ranking(rewards_BxK, batch["response_valid_BxK"])
   loss_sum, aux = jax.jit(reward.ranking_loss_fn(graphdef))(params, batch, jax.random.key(0))
   assert float(aux["denominator"]) == ref["count"] == 3.0
