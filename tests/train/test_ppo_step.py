@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import helpers
 from rlhf_jax.compile_count import CompileCounter
@@ -65,7 +66,7 @@ def test_value_alignment(rollout_data):
   # On the rollout: V(s_{P+j}) is the value model run on the prefix tokens[:, :P+j] alone,
   # read at its last column; the bootstrap value reads the whole row's last real token.
   _, _, _, vg, value, ro = rollout_data
-  apply = jax.jit(lambda p, t, v: __import__("flax").nnx.merge(vg, p)(t, valid_BxT=v))
+  apply = jax.jit(lambda p, t, v: nnx.merge(vg, p)(t, valid_BxT=v))
   tokens, valid = np.asarray(ro.tokens_BxT), np.asarray(ro.valid_BxT)
   for j in (0, 2):
     prefix = apply(value, tokens[:, :P + j], valid[:, :P + j])
