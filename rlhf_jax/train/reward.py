@@ -15,6 +15,7 @@ Ensembles (Coste 2024, "Reward model ensembles help mitigate overoptimization"):
 models score the same responses; scores are stacked members first (E x B) and aggregated by
 mean, worst-case (min) or uncertainty-weighted (mean - c * var).
 """
+import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,8 +86,10 @@ def init_reward_from_policy(policy_params, reward_params):
   return {**reward_params, "backbone": backbone}
 
 
+@functools.cache
 def score_fn(graphdef):
-  """jitted (params, tokens_BxT, valid_BxT) -> rewards_B (float32, at the last real token)."""
+  """jitted (params, tokens_BxT, valid_BxT) -> rewards_B (float32, at the last real token).
+  Cached per graphdef, so ensemble_scores in a loop compiles once per shape."""
   @jax.jit
   def score(params, tokens_BxT, valid_BxT):
     return nnx.merge(graphdef, params).score(tokens_BxT, valid_BxT=valid_BxT).astype(jnp.float32)
