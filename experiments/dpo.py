@@ -38,9 +38,8 @@ from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.train import checkpoint, loop, optim, preference, state as state_lib
+from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.logging import MetricsLogger
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
@@ -242,30 +241,10 @@ def run(cfg: DPOConfig) -> dict:
 
 def _train(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
            encode, eval_fn):
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
-                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                           grad_clip_norm=cfg.grad_clip_norm)
-  optimizer = optim.make_optimizer(ocfg)
-  state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
-                                     param_shardings=shardings)
-  step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                                     lr_schedule=optim.make_schedule(ocfg))
-  train_step = step_lib.compile_train_step(
-      step_fn, state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
   it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
                                       encode=encode)
-  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
-  final, summary = loop.train(
-      workdir=cfg.workdir, train_step=train_step, state=state,
-      train_iter=lm._ShardedIterator(it, mesh), total_steps=cfg.steps, manager=manager,
-      logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
-      tokens_per_batch=2 * cfg.batch_size * cfg.seq_len, config=cli.to_dict(cfg))
-  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), final.params)
-  manager.close()
-  logger.close()
-  return final, summary
+  return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
+                         eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
 
 
 if __name__ == "__main__":

@@ -169,37 +169,48 @@ _BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
 
 def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, kind: str,
              eval_fn=None, config_dict=None):
-  """Trains params on train_source (kind "lm" or "sft"); saves final params; returns summary.
+  """Trains params on train_source (kind "lm" or "sft"); saves final params; returns
+  (params, summary). eval_fn(params) -> dict runs every --eval_every steps and at the end."""
+  it = pipeline.make_train_iterator(train_source, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                    seed=cfg.seed, tokenizer=ByteTokenizer(), kind=kind)
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
+  final, summary = run_training(cfg, mesh, lm_loss_fn(graphdef), params, shardings,
+                                batch_shardings, it, eval_fn=eval_fn,
+                                tokens_per_batch=cfg.batch_size * cfg.seq_len,
+                                config_dict=config_dict)
+  return final.params, summary
 
-  eval_fn(params) -> dict runs every --eval_every steps and at the end."""
-  tok = ByteTokenizer()
+
+def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_shardings, host_iter,
+                 *, eval_fn, tokens_per_batch: int, config_dict=None):
+  """The part every training stage shares: AdamW from the config's flags, a TrainState born
+  sharded, the step compiled once with shardings and donation, checkpoints in --workdir
+  (resumed automatically), metrics, and the final params saved to <workdir>/params.
+
+  host_iter: a resumable iterator of host batches (get_state/set_state); loss_fn follows
+  rlhf_jax/train/step.py's contract. Returns (final TrainState, summary)."""
   ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
                            grad_clip_norm=cfg.grad_clip_norm)
   optimizer = optim.make_optimizer(ocfg)
   train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
                                            param_shardings=shardings)
-  state_shardings = state_lib.state_shardings(optimizer, params, shardings)
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
-  step_fn = step_lib.make_train_step(lm_loss_fn(graphdef), optimizer,
-                                     num_microbatches=cfg.num_microbatches,
+  step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
                                      lr_schedule=optim.make_schedule(ocfg))
-  train_step = step_lib.compile_train_step(step_fn, state_shardings, batch_shardings)
-  it = pipeline.make_train_iterator(train_source, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                    seed=cfg.seed, tokenizer=tok, kind=kind)
-  sharded_iter = _ShardedIterator(it, mesh)
+  train_step = step_lib.compile_train_step(
+      step_fn, state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
   manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
                                     max_to_keep=cfg.keep_checkpoints)
   logger = MetricsLogger(cfg.workdir)
   final, summary = loop.train(
-      workdir=cfg.workdir, train_step=train_step, state=train_state, train_iter=sharded_iter,
-      total_steps=cfg.steps, manager=manager, logger=logger, eval_fn=eval_fn,
-      eval_every=cfg.eval_every, log_every=cfg.log_every,
-      tokens_per_batch=cfg.batch_size * cfg.seq_len, config=config_dict or to_dict(cfg))
+      workdir=cfg.workdir, train_step=train_step, state=train_state,
+      train_iter=_ShardedIterator(host_iter, mesh), total_steps=cfg.steps, manager=manager,
+      logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
+      tokens_per_batch=tokens_per_batch, config=config_dict or to_dict(cfg))
   checkpoint.save_params(os.path.join(cfg.workdir, PARAMS_DIR), final.params)
   manager.close()
   logger.close()
-  return final.params, summary
+  return final, summary
 
 
 class _ShardedIterator:
