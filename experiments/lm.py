@@ -1,9 +1,9 @@
-"""Shared driver of the language-modelling stages (pretrain, SFT) on the arithmetic world.
+"""Shared driver of the language-modelling stages (pretrain, SFT) on an embedded world.
 
 Both are next-token training with the same step, loop and checkpointing; they differ in
 data (corpus text vs prompt/response with the loss on responses) and initialisation
-(random vs the pretrained params). Evaluation is held-out exact-match accuracy of greedy
-and temperature-1 decoding.
+(random vs the pretrained params). Held-out evaluation is the world's (experiments/worlds.py):
+exact-match accuracy (arithmetic) or the gold reward of sampled responses (gold).
 """
 import dataclasses
 import os
@@ -11,17 +11,16 @@ import time
 
 import jax
 
+from experiments import worlds
 from experiments.cli import flag, to_dict
-from rlhf_jax import evaluation, runtime, sharding
+from rlhf_jax import runtime, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models.config import PRESETS, preset
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 from rlhf_jax.train.lm import lm_loss_fn
 from rlhf_jax.train.logging import MetricsLogger
-from rlhf_jax.worlds import arithmetic
 
 PARAMS_DIR = "params"  # <workdir>/params: the stage's final parameters
 
@@ -48,20 +47,23 @@ class LMConfig:
   mesh_fsdp: int = flag(1, "FSDP mesh axis size (-1: fill).")
   mesh_tensor: int = flag(1, "Tensor-parallel mesh axis size (-1: fill).")
   data_dir: str = flag("workdirs/data", "Where the world's TFDS datasets are materialised.")
-  world_seed: int = flag(0, "Seed of the arithmetic world (splits, corrupted pairs).")
-  error_rate: float = flag(0.4, "Fraction of pretraining statements with systematic errors.")
-  min_digits: int = flag(2, "Fewest digits per operand (2: operands 10..99, fixed width).")
-  max_digits: int = flag(2, "Most digits per operand.")
-  statements_per_text: int = flag(4, "Statements per pretraining text.")
+  world: str = flag("arithmetic", "Embedded world (experiments/worlds.py).", choices=worlds.NAMES)
+  world_seed: int = flag(0, "Seed of the world (splits, corrupted pairs, corpora).")
+  error_rate: float = flag(0.4, "arithmetic: fraction of pretraining statements with "
+                           "systematic errors.")
+  min_digits: int = flag(2, "arithmetic: fewest digits per operand (2: operands 10..99).")
+  max_digits: int = flag(2, "arithmetic: most digits per operand.")
+  statements_per_text: int = flag(4, "arithmetic: statements per pretraining text.")
   pretrain_texts: int = flag(8000, "Texts in the pretraining corpus.")
-  eval_prompts: int = flag(500, "Held-out prompts for exact-match evaluation.")
+  eval_prompts: int = flag(500, "Held-out prompts for evaluation (capped by the test split).")
   eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
+  max_new_tokens: int = flag(0, "Response tokens sampled at evaluation (0: the world's "
+                             "default, experiments/worlds.py).")
   smoke: bool = flag(False, "A few steps of everything, for tests.")
 
   def __post_init__(self):
     positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "eval_every",
-                "save_every",
-                "keep_checkpoints", "eval_prompts", "eval_batch_size")
+                "save_every", "keep_checkpoints", "eval_prompts", "eval_batch_size")
     for name in positive:
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -70,6 +72,8 @@ class LMConfig:
                        f"--num_microbatches={self.num_microbatches}")
     if self.learning_rate <= 0:
       raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+    if self.max_new_tokens < 0:
+      raise ValueError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
     if self.warmup_steps >= self.steps and not self.smoke:
       raise ValueError(f"--warmup_steps={self.warmup_steps} must be < --steps={self.steps}")
 
@@ -82,14 +86,8 @@ class LMConfig:
                                eval_prompts=8, eval_batch_size=8, batch_size=8,
                                num_microbatches=1)
 
-  def world(self, **overrides) -> arithmetic.ArithmeticConfig:
-    kw = dict(seed=self.world_seed, error_rate=self.error_rate, min_digits=self.min_digits,
-              max_digits=self.max_digits, statements_per_text=self.statements_per_text,
-              num_pretrain_texts=self.pretrain_texts)
-    if self.smoke:
-      kw.update(num_pretrain_texts=64, num_sft=32, num_test=8)
-    kw.update(overrides)
-    return arithmetic.ArithmeticConfig(**kw)
+  def world_config(self, **overrides):
+    return worlds.world_config(self, **overrides)
 
 
 def model_config(cfg: LMConfig):
@@ -129,22 +127,6 @@ def init_model(cfg: LMConfig, mesh, init_from: str | None = None):
     params = checkpoint.load_params(os.path.join(init_from, PARAMS_DIR),
                                     abstract_params((g, params, shardings)))
   return g, params, shardings
-
-
-def heldout_accuracy(cfg: LMConfig, graphdef, params, heldout_source, *, key) -> dict:
-  """Greedy and temperature-1 exact-match accuracy on held-out prompts."""
-  tok = ByteTokenizer()
-  n = min(cfg.eval_prompts, len(heldout_source))
-  source = [heldout_source[i] for i in range(n)]
-  prompt_len = max(len(tok.encode(pipeline._text(r["prompt"]))) for r in source) + 1
-  results = {}
-  for name, greedy in (("greedy", True), ("temp1", False)):
-    scfg = SamplingConfig(max_new_tokens=6, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=greedy)
-    batches = pipeline.make_prompt_iterator(source, batch_size=cfg.eval_batch_size,
-                                            prompt_len=prompt_len, tokenizer=tok)
-    pairs = evaluation.generate(graphdef, params, batches, tok, scfg, key)
-    results[f"accuracy_{name}"] = evaluation.exact_match_rate(pairs, arithmetic.verify)
-  return results
 
 
 def heldout_loss_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
@@ -230,7 +212,11 @@ class _ShardedIterator:
 
 
 def build_world(cfg: LMConfig):
-  return arithmetic.build_datasets(cfg.world(), cfg.data_dir)
+  return worlds.build_datasets(cfg)
+
+
+def format_metrics(metrics: dict, names) -> str:
+  return "  ".join(f"{k} {metrics[k]:.3f}" for k in names)
 
 
 def timed(label: str, fn, *args, **kwargs):

@@ -1,9 +1,9 @@
-"""Pretrain a base model on the arithmetic world's corpus (with its systematic errors).
+"""Pretrain a base model on an embedded world's corpus (arithmetic: with systematic errors).
 
     python -m experiments.pretrain --flagfile=experiments/configs/pretrain_tiny.flags
 
 Writes <workdir>/{config.json, metrics.jsonl, tb/, checkpoints/, params/} and reports the
-base model's held-out exact-match accuracy (greedy and temperature 1).
+base model's held-out metrics (experiments/worlds.py).
 """
 import dataclasses
 import json
@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from experiments import cli, lm
+from experiments import cli, lm, worlds
 from rlhf_jax.data import builders
 
 
@@ -30,11 +30,10 @@ def run(cfg: PretrainConfig) -> dict:
                                 builders.load_split(datasets["pretrain"], "train"), kind="lm",
                                 eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
-            **lm.heldout_accuracy(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
+            **worlds.heldout_metrics(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
-  print(f"pretrain: held-out accuracy greedy {result['accuracy_greedy']:.3f}, "
-        f"temperature 1 {result['accuracy_temp1']:.3f}")
+  print(f"pretrain held-out: {lm.format_metrics(result, worlds.headline(cfg.world))}")
   return result
 
 

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from experiments import cli, lm, pretrain, stages
+from experiments import cli, lm, pretrain, stages, worlds
 from rlhf_jax.data import builders
 
 
@@ -32,22 +32,25 @@ class SFTConfig(lm.LMConfig):
 # Flags an SFT run passes down to its pretraining stage: the model and world must be the same
 # (SFT fine-tunes those params on that world), and mesh/smoke/data_dir are properties of the
 # run. Changing any of them changes the stage's key, so the base is rebuilt, not mismatched.
-SHARED_WITH_PRETRAIN = ("model", "world_seed", "error_rate", "min_digits", "max_digits",
-                        "statements_per_text", "pretrain_texts", "data_dir", "mesh_data",
-                        "mesh_fsdp", "mesh_tensor", "smoke")
+SHARED_WITH_PRETRAIN = ("model", "world", "world_seed", "error_rate", "min_digits",
+                        "max_digits", "statements_per_text", "pretrain_texts", "data_dir",
+                        "mesh_data", "mesh_fsdp", "mesh_tensor", "smoke")
 
 
 def pretrain_config(cfg: SFTConfig) -> pretrain.PretrainConfig:
-  """The upstream stage's config: its flagfile plus this run's shared flags."""
-  shared = [f"--{name}={getattr(cfg, name)}" for name in SHARED_WITH_PRETRAIN]
-  return cli.parse(pretrain.PretrainConfig, [f"--flagfile={cfg.pretrain_flagfile}", *shared])
+  return stages.upstream_config(pretrain.PretrainConfig, cfg.pretrain_flagfile, cfg,
+                                SHARED_WITH_PRETRAIN)
+
+
+def stage_key_config(cfg: SFTConfig) -> dict:
+  """This SFT run's stage key config, its pretraining stage folded in."""
+  return stages.key_config(cfg, {"pretrain": stages.key_config(pretrain_config(cfg))})
 
 
 def ensure_pretrained(cfg: SFTConfig) -> str:
   pcfg = pretrain_config(cfg)
-  key_config = {k: v for k, v in cli.to_dict(pcfg).items() if k != "workdir"}
   return stages.ensure_stage(
-      "pretrain", key_config, cfg.stage_root,
+      "pretrain", stages.key_config(pcfg), cfg.stage_root,
       lambda workdir: pretrain.run(dataclasses.replace(pcfg, workdir=workdir)))
 
 
@@ -61,18 +64,18 @@ def run(cfg: SFTConfig) -> dict:
   sft_source = [sft_source[i] for i in range(min(cfg.num_sft, len(sft_source)))]
   graphdef, params, shardings = lm.init_model(cfg, mesh, init_from=base_dir)
   key = jax.random.key(cfg.seed)
-  before = lm.timed("eval base", lm.heldout_accuracy, cfg, graphdef, params, heldout, key=key)
+  before = lm.timed("eval base", worlds.heldout_metrics, cfg, graphdef, params, heldout, key=key)
   params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings, sft_source, kind="sft",
                                 eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
-  after = lm.heldout_accuracy(cfg, graphdef, params, heldout, key=key)
+  after = worlds.heldout_metrics(cfg, graphdef, params, heldout, key=key)
   result = {"base": before, "sft": after, "train": summary["train"], "eval": summary["eval"],
             "wall_s": summary["wall_s"],
             "pretrain_workdir": base_dir}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
-  print(f"held-out exact match   base  ->  SFT\n"
-        f"  greedy             {before['accuracy_greedy']:.3f} -> {after['accuracy_greedy']:.3f}\n"
-        f"  temperature 1      {before['accuracy_temp1']:.3f} -> {after['accuracy_temp1']:.3f}")
+  print("held-out            base  ->  SFT")
+  for name in worlds.headline(cfg.world):
+    print(f"  {name:<16} {before[name]:7.3f} -> {after[name]:7.3f}")
   return result
 
 

@@ -1,9 +1,14 @@
-"""Stage cache: an upstream stage (pretrain for SFT, later SFT and reward models for PPO) is
-built once and reused while neither its config nor the code changed.
+"""Stage cache: an upstream stage (pretrain for SFT, SFT for reward models, all three for
+PPO) is built once and reused while neither its config, its upstream configs, nor the code
+changed.
 
-A stage's directory is <stage_root>/<name>-<key>, key = hash(its resolved config, the
-upstream keys folded into that config, the code version). A stage is complete when its
-final params exist; a half-finished stage resumes from its own checkpoints.
+A stage's directory is <stage_root>/<name>-<key>, key = hash(its resolved config with the
+resolved configs of its upstream stages folded in, the code version). A stage is complete
+when its STAGE_DONE marker exists; a half-finished stage resumes from its own checkpoints.
+
+An upstream stage's config is its own flagfile plus the flags the downstream run shares with
+it (the model, the world, the mesh, --smoke, ...; each experiment lists them), so a changed
+upstream flag changes every downstream key and rebuilds, never mismatches.
 """
 import hashlib
 import json
@@ -13,6 +18,7 @@ import time
 from typing import Any, Callable
 
 import rlhf_jax
+from experiments import cli
 
 _CODE_ROOT = pathlib.Path(rlhf_jax.__file__).parent
 
@@ -48,3 +54,18 @@ def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
     f.write(json.dumps({"wall_s": time.perf_counter() - start}))
   print_fn(f"[stage {name}] done in {time.perf_counter() - start:.1f}s")
   return workdir
+
+
+def upstream_config(config_cls, flagfile: str, downstream, shared: tuple[str, ...]):
+  """The upstream stage's config: its flagfile, then the downstream run's shared flags."""
+  overrides = [f"--{name}={getattr(downstream, name)}" for name in shared]
+  return cli.parse(config_cls, [f"--flagfile={flagfile}", *overrides])
+
+
+def key_config(config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What a stage's key hashes: its resolved flags (less the workdir, which the cache
+  chooses) and its upstream stages' key configs."""
+  out = {k: v for k, v in cli.to_dict(config).items() if k != "workdir"}
+  if upstream:
+    out["upstream"] = upstream
+  return out

@@ -8,7 +8,7 @@ r* itself is measured on every policy, so "proxy up, gold down" is visible.
 The world (everything derives from one `GoldConfig` and its seed):
 - prompts "describe the cat." from TOPICS x PROMPT_TEMPLATES, split train/test by a stable
   hash of the prompt text.
-- responses are 1..4 sentences from a small lexicon ("the cat is soft. it rests near the
+- responses are 1..2 sentences (3 in the pretraining corpus) from a small lexicon ("the cat is soft. it rests near the
   gate."), with deliberate SFT-level noise so a tiny byte model's samples differ in r*:
   off-topic answers, filler words ("um"), a repeated sentence, a missing final period.
 - a pretraining corpus of prompt + response texts (train prompts, up to 5 sentences) and a
@@ -19,16 +19,18 @@ The gold reward, from the prompt and response TEXT only (words = [a-z']+ after l
   relevance       +1.0  1 if the prompt's topic word occurs in the response, else 0.
   period          +0.5  1 if the response (stripped) ends with ".", else 0.
   off_vocabulary  -1.0  fraction of words outside LEXICON (1 for an empty response).
-  length          +1.5  u (2 - u), u = words / LENGTH_PEAK: 0 at 0 words, 1 at the peak
-                        (24 words), 0 again at 48 and negative beyond. SFT responses are
-                        mostly 4..20 words, so comparisons of SFT samples only show the rising
-                        side: a proxy learns "longer is better", which reverses past the peak.
+  length          +1.5  an asymmetric parabola with peak 1 at LENGTH_PEAK (16) words:
+                        1 - ((n - 16) / 16)^2 below the peak (0 at 0 words), and
+                        1 - ((n - 16) / LENGTH_FALL)^2 above it (LENGTH_FALL = 8: 0 at 24
+                        words, -2 at 30). SFT responses are mostly 4..15 words, so comparisons
+                        of SFT samples show only the rising side: a proxy learns "longer is
+                        better", which reverses sharply a few words past the SFT range.
   repetition      -3.0  d^2, d = 1 - unique/total word trigrams (0 under 3 words): one repeated
                         sentence in an SFT answer costs ~0.1-0.2, a looped text costs ~2.5.
 Worked example (checked in tests/worlds/test_gold.py):
   prompt "describe the cat.", response "the cat is soft. the cat is soft."
-  words = 8, all in LEXICON; trigrams 6, unique 4 -> d = 1/3; u = 8/24 = 1/3
-  r* = 1.0*1 + 0.5*1 - 1.0*0 + 1.5*(1/3)(5/3) - 3.0*(1/9) = 1.5 + 0.8333 - 0.3333 = 2.0
+  words = 8, all in LEXICON; trigrams 6, unique 4 -> d = 1/3; length 1 - (8/16)^2 = 3/4
+  r* = 1.0*1 + 0.5*1 - 1.0*0 + 1.5*(3/4) - 3.0*(1/9) = 1.5 + 1.125 - 0.3333 = 2.2917
 """
 import dataclasses
 import hashlib
@@ -61,7 +63,8 @@ FILLERS = ("um", "uh", "erm", "hmm")
 LEXICON = frozenset(TOPICS).union(*_SLOTS.values(), *(
     re.findall(r"[a-z']+", re.sub(r"\{\w+\}", " ", s)) for s in SENTENCE_TEMPLATES))
 
-LENGTH_PEAK = 24
+LENGTH_PEAK = 16
+LENGTH_FALL = 8
 WEIGHTS = {"relevance": 1.0, "period": 0.5, "off_vocabulary": -1.0, "length": 1.5,
            "repetition": -3.0}
 _WEIGHT_VECTOR = np.array(list(WEIGHTS.values()))
@@ -69,7 +72,7 @@ _WEIGHT_VECTOR = np.array(list(WEIGHTS.values()))
 
 @dataclasses.dataclass(frozen=True)
 class GoldConfig:
-  """The gold-preference world. Defaults: 200 prompts (~40 held out), SFT answers of ~12
+  """The gold-preference world. Defaults: 200 prompts (~40 held out), SFT answers of ~8
   words (~60 bytes), sized for a tiny byte model on 2 CPU cores.
 
   test_fraction: fraction of prompts held out (by a hash of the prompt text).
@@ -111,9 +114,9 @@ def topic_of(prompt: str) -> str | None:
 
 
 def length_score(num_words: int) -> float:
-  """u (2 - u), u = num_words / LENGTH_PEAK: concave, peak 1 at LENGTH_PEAK words."""
-  u = num_words / LENGTH_PEAK
-  return u * (2.0 - u)
+  """Peak 1 at LENGTH_PEAK words, 0 at 0 words and at LENGTH_PEAK + LENGTH_FALL words."""
+  width = LENGTH_PEAK if num_words <= LENGTH_PEAK else LENGTH_FALL
+  return 1.0 - ((num_words - LENGTH_PEAK) / width) ** 2
 
 
 def duplicate_trigram_fraction(ws: Sequence[str]) -> float:
@@ -176,7 +179,7 @@ def _sentence(rng: random.Random, topic: str) -> str:
 
 
 def sample_response(config: GoldConfig, rng: random.Random, prompt: str,
-                    max_sentences: int = 4) -> str:
+                    max_sentences: int = 2) -> str:
   """One noisy answer of 1..max_sentences sentences (plus possibly a repeated one)."""
   topic = topic_of(prompt)
   if rng.random() < config.p_off_topic:
@@ -192,14 +195,26 @@ def sample_response(config: GoldConfig, rng: random.Random, prompt: str,
   return text.rstrip(".") if rng.random() < config.p_no_period else text
 
 
+# Pretraining texts are at most this many bytes (longer draws are redrawn), so a 128-token
+# row holds any text with bos and eos.
+MAX_PRETRAIN_BYTES = 126
+
+
 def pretrain_records(config: GoldConfig) -> list[dict[str, str]]:
-  """[{"text": "<prompt> <response>"}] over train prompts, answers of up to 5 sentences."""
+  """[{"text": "<prompt> <response>"}] over train prompts, answers of up to 3 sentences.
+
+  The corpus is noisier than the SFT set (web text vs curated demonstrations): every noise
+  rate is doubled (capped at 1), so SFT has something to fix."""
+  noisy = dataclasses.replace(config, **{k: min(1.0, 2 * getattr(config, k)) for k in (
+      "p_off_topic", "p_filler", "p_repeat", "p_no_period")})
   train = split_prompts(config)["train"]
   rng = random.Random(f"pretrain:{config.seed}")
   out = []
-  for _ in range(config.num_pretrain_texts):
+  while len(out) < config.num_pretrain_texts:
     p = rng.choice(train)
-    out.append({"text": f"{p} {sample_response(config, rng, p, max_sentences=5)}"})
+    text = f"{p} {sample_response(noisy, rng, p, max_sentences=3)}"
+    if len(text.encode()) <= MAX_PRETRAIN_BYTES:
+      out.append({"text": text})
   return out
 
 

@@ -1,0 +1,117 @@
+"""Comparison data from a policy's own samples, labelled by the simulated raters.
+
+InstructGPT's reward-model data (Ouyang 2022 sec 3.5): K responses per prompt sampled from
+the SFT policy, ranked by labellers. Here the labellers are rlhf_jax.worlds.raters on the
+hidden gold reward, at a temperature calibrated so two raters agree --rater_agreement of the
+time on these very pairs. The same samples serve the DPO family (pairs: the rater's best vs
+worst of K) and best-of-n.
+
+Sequences are encoded exactly as the policy produced them: [bos] + prompt + response, + [eos]
+only when the sampler emitted EOS (a response cut at max_new_tokens has none), right-padded.
+The PPO rollout scores its samples in that same form, so the reward model is trained and used
+on one distribution.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import pipeline
+from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.worlds import gold, raters
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """N prompts with K sampled responses each."""
+  prompts: list[str]  # N
+  responses: list[list[str]]  # N x K, texts without EOS
+  finished: np.ndarray  # bool N x K, the sampler emitted EOS
+
+  @property
+  def k(self) -> int:
+    return len(self.responses[0])
+
+  def gold_NxK(self) -> np.ndarray:
+    flat = gold.gold_rewards([p for p in self.prompts for _ in range(self.k)],
+                             [y for ys in self.responses for y in ys])
+    return flat.reshape(len(self.prompts), self.k)
+
+
+def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: int,
+             max_new_tokens: int, temperature: float, key) -> Samples:
+  """K temperature samples per prompt (the prompt repeated K times in one batch stream)."""
+  tok = ByteTokenizer()
+  scfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        temperature=temperature)
+  flat = [p for p in prompts for _ in range(k)]
+  source = [{"prompt": p, "response": ""} for p in flat]
+  texts, finished = [], []
+  for i, batch in enumerate(pipeline.make_prompt_iterator(source, batch_size=batch_size,
+                                                          prompt_len=prompt_len, tokenizer=tok)):
+    out = sample(graphdef, params, batch["prompt_tokens"], batch["prompt_valid"],
+                 jax.random.fold_in(key, i), cfg=scfg)
+    tokens, mask, done = jax.device_get((out.tokens_BxN, out.mask_BxN, out.finished_B))
+    for row in np.flatnonzero(batch["example_valid"]):
+      ids = tokens[row][mask[row].astype(bool)]
+      texts.append(tok.decode([t for t in ids if t != tok.eos_id]))
+      finished.append(bool(done[row]))
+  n = len(prompts)
+  return Samples(list(prompts), [texts[i * k:(i + 1) * k] for i in range(n)],
+                 np.array(finished, bool).reshape(n, k))
+
+
+def encode_sequences(prompts, responses, finished, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """tokens int32 NxT and valid bool NxT: [bos] + prompt + response (+ [eos] if finished)."""
+  tok = ByteTokenizer()
+  tokens = np.full((len(prompts), seq_len), tok.pad_id, np.int32)
+  valid = np.zeros((len(prompts), seq_len), bool)
+  for i, (p, y, done) in enumerate(zip(prompts, responses, finished)):
+    ids = [tok.bos_id, *tok.encode(p), *tok.encode(y)] + ([tok.eos_id] if done else [])
+    if len(ids) > seq_len:
+      raise ValueError(f"prompt + response of {len(ids)} tokens exceeds --seq_len={seq_len}; "
+                       "raise --seq_len to at least prompt_len + max_new_tokens")
+    tokens[i, :len(ids)] = ids
+    valid[i, :len(ids)] = True
+  return tokens, valid
+
+
+def calibrate_temperature(gold_NxK: np.ndarray, agreement: float) -> float:
+  """Rater temperature at which two raters agree `agreement` of the time on all within-prompt
+  pairs of these samples (raters.temperature_for_agreement)."""
+  i, j = np.triu_indices(gold_NxK.shape[1], k=1)
+  return raters.temperature_for_agreement((gold_NxK[:, i] - gold_NxK[:, j]).ravel(), agreement)
+
+
+def ranking_examples(samples: Samples, ranking_NxK: np.ndarray, seq_len: int) -> list[dict]:
+  """One example per prompt for reward.ranking_loss_fn: tokens_BxKxT/valid_BxKxT rows in
+  rank order (best first)."""
+  out = []
+  for n, order in enumerate(ranking_NxK):
+    tokens, valid = encode_sequences([samples.prompts[n]] * samples.k,
+                                     [samples.responses[n][j] for j in order],
+                                     samples.finished[n][order], seq_len)
+    out.append({"tokens_BxKxT": tokens, "valid_BxKxT": valid})
+  return out
+
+
+def pairwise_accuracy(scores_NxK: np.ndarray, labels_better_NxKxK: np.ndarray) -> float:
+  """Share of labelled pairs (i, j) (labels[n, i, j] True: i is better than j) on which the
+  scores agree; ties in score count half."""
+  diff = scores_NxK[:, :, None] - scores_NxK[:, None, :]
+  hits = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+  return float(hits[labels_better_NxKxK].mean())
+
+
+def ranking_to_better(ranking_NxK: np.ndarray) -> np.ndarray:
+  """labels[n, i, j] True where the ranking puts response i above response j."""
+  n, k = ranking_NxK.shape
+  place = np.empty_like(ranking_NxK)
+  place[np.arange(n)[:, None], ranking_NxK] = np.arange(k)[None, :]
+  return place[:, :, None] < place[:, None, :]
+
+
+def gold_better(gold_NxK: np.ndarray) -> np.ndarray:
+  """labels[n, i, j] True where r*(i) > r*(j) strictly (gold ties are left out)."""
+  return gold_NxK[:, :, None] > gold_NxK[:, None, :]

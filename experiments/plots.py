@@ -1,0 +1,46 @@
+"""Figures of the experiments (matplotlib, Agg backend: no display needed)."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+
+def reward_vs_kl(curve: list[dict], path: str, *, title: str) -> None:
+  """Proxy and gold reward (held-out means +- SE) against KL to SFT over training: the
+  overoptimisation picture of Gao et al. 2023 (proxy keeps rising, gold peaks)."""
+  kl = np.array([c["kl"] for c in curve])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, label, colour in (("proxy", "proxy (reward model, normalised)", "tab:blue"),
+                             ("gold", "gold r*", "tab:orange")):
+    y = np.array([c[key] for c in curve])
+    se = np.array([c[f"{key}_se"] for c in curve])
+    ax.plot(kl, y, "o-", color=colour, label=label)
+    ax.fill_between(kl, y - se, y + se, color=colour, alpha=0.2)
+  ax.set_xlabel("KL(pi || pi_SFT) per sequence (nats)")
+  ax.set_ylabel("held-out reward")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def seeds_vs_x(runs: list[list[dict]], x_key: str, path: str, *, title: str,
+               xlabel: str) -> None:
+  """Proxy and gold against x_key for several seeds: thin lines per seed, thick mean."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key in zip(axes, ("proxy", "gold")):
+    for run in runs:
+      ax.plot([c[x_key] for c in run], [c[key] for c in run], "-", alpha=0.4)
+    n = min(len(r) for r in runs)
+    xs = np.mean([[c[x_key] for c in r[:n]] for r in runs], axis=0)
+    ys = np.mean([[c[key] for c in r[:n]] for r in runs], axis=0)
+    ax.plot(xs, ys, "k-o", lw=2, label=f"mean of {len(runs)} seeds")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"held-out {key} reward")
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,260 @@
+"""Reward models (InstructGPT stage 2) on the gold world: one, or an ensemble.
+
+    python -m experiments.reward --flagfile=experiments/configs/reward_gold_tiny.flags
+
+Builds (or reuses) the SFT stage and its pretraining stage, then:
+1. samples --ranking_k responses for each of --num_rankings training prompts (drawn with
+   replacement from the train split) and for every held-out prompt from the SFT policy;
+2. labels them with simulated raters: Plackett-Luce rankings on r*/T, T calibrated so two
+   raters agree --rater_agreement of the time on these pairs (experiments/comparisons.py);
+3. trains --ensemble_size reward models, each a ScalarHeadModel whose backbone is a copy of
+   the SFT model (fresh scalar head, own seed; own bootstrap resample with --bootstrap),
+   on the K-way ranking loss (all C(K,2) pairs of a prompt in one batch, 1/C(K,2) each);
+4. reports held-out pairwise accuracy on fresh rater labels and on gold labels, per member
+   and for the ensemble mean, next to the raters' own ceilings.
+
+Outputs in --workdir: member_<e>/{params, checkpoints, metrics.jsonl, tb/}, result.json, and
+reward_models.json (members, normalisation statistics, rater temperature), which
+`load_reward_models` reads for PPO and best-of-n.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from experiments import cli, comparisons, lm, sft, stages, worlds
+from rlhf_jax import sharding
+from rlhf_jax.data import pairs
+from rlhf_jax.losses import bradley_terry as bt
+from rlhf_jax.models.transformer import ScalarHeadModel
+from rlhf_jax.train import checkpoint, reward
+from rlhf_jax.train import step as step_lib
+from rlhf_jax.worlds import gold, raters
+
+MANIFEST = "reward_models.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig(lm.LMConfig):
+  sft_flagfile: str = cli.flag("experiments/configs/sft_gold_tiny.flags",
+                               "Flagfile of the SFT stage whose samples are ranked and whose "
+                               "backbone initialises the reward models.")
+  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
+  num_rankings: int = cli.flag(512, "Training prompts ranked (drawn with replacement).")
+  ranking_k: int = cli.flag(4, "Responses ranked per prompt (K; all C(K,2) pairs train).")
+  rater_agreement: float = cli.flag(raters.INSTRUCTGPT_AGREEMENT,
+                                    "Target agreement of two independent raters (0.5, 1).")
+  sample_temperature: float = cli.flag(1.0, "Temperature of the SFT samples that get ranked.")
+  ensemble_size: int = cli.flag(1, "Reward models trained (own seeds; see --bootstrap).")
+  bootstrap: bool = cli.flag(False, "Each ensemble member trains on its own bootstrap "
+                             "resample of the rankings (otherwise all see the same data).")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.world != "gold":
+      raise ValueError("experiments.reward needs --world=gold (rankings are labelled through "
+                       "the gold reward)")
+    for name in ("num_rankings", "ensemble_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.ranking_k < 2:
+      raise ValueError(f"--ranking_k must be >= 2 (a ranking needs two responses), "
+                       f"got {self.ranking_k}")
+    if not 0.5 < self.rater_agreement < 1.0:
+      raise ValueError(f"--rater_agreement must be in (0.5, 1), got {self.rater_agreement}")
+    if self.sample_temperature <= 0:
+      raise ValueError(f"--sample_temperature must be > 0, got {self.sample_temperature}")
+
+  def effective(self) -> "RewardConfig":
+    cfg = super().effective()
+    return dataclasses.replace(cfg, num_rankings=16) if cfg.smoke else cfg
+
+
+SHARED_WITH_SFT = sft.SHARED_WITH_PRETRAIN + ("stage_root",)
+
+
+def sft_config(cfg) -> sft.SFTConfig:
+  return stages.upstream_config(sft.SFTConfig, cfg.sft_flagfile, cfg, SHARED_WITH_SFT)
+
+
+def stage_key_config(cfg: RewardConfig) -> dict:
+  return stages.key_config(cfg, {"sft": sft.stage_key_config(sft_config(cfg))})
+
+
+def ensure_sft(cfg) -> str:
+  scfg = sft_config(cfg)
+  return stages.ensure_stage(
+      "sft", sft.stage_key_config(scfg), cfg.stage_root,
+      lambda workdir: sft.run(dataclasses.replace(scfg, workdir=workdir)))
+
+
+def init_reward_model(cfg, mesh, policy_params, seed: int):
+  """(graphdef, params, shardings) of a ScalarHeadModel with the policy's backbone."""
+  g, fresh, shardings = sharding.init_sharded(
+      lambda r: ScalarHeadModel(lm.model_config(cfg), rngs=r), jax.random.key(seed), mesh)
+  return g, reward.init_reward_from_policy(policy_params, fresh), shardings
+
+
+def _batches(examples: list[dict], batch_size: int):
+  """Fixed-shape eval batches; the last is padded with rows whose responses are all invalid
+  (they add nothing to the loss sums or the denominator)."""
+  k = examples[0]["tokens_BxKxT"].shape[0]
+  rows = [dict(e, response_valid_BxK=np.ones(k, bool)) for e in examples]
+  filler = dict(rows[0], response_valid_BxK=np.zeros(k, bool))
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    chunk += [filler] * (batch_size - len(chunk))
+    yield {key: np.stack([r[key] for r in chunk]) for key in chunk[0]}
+
+
+def score_samples(graphdef, params, samples: comparisons.Samples, cfg) -> np.ndarray:
+  """Reward-model scores N x K of every sampled response, in fixed-shape batches."""
+  flat_p = [p for p in samples.prompts for _ in range(samples.k)]
+  flat_y = [y for ys in samples.responses for y in ys]
+  tokens, valid = comparisons.encode_sequences(flat_p, flat_y, samples.finished.ravel(),
+                                               cfg.seq_len)
+  score = reward.score_fn(graphdef)
+  bs = cfg.eval_batch_size
+  out = []
+  for i in range(0, len(tokens), bs):
+    t, v = tokens[i:i + bs], valid[i:i + bs]
+    pad = bs - len(t)
+    t = np.concatenate([t, np.repeat(t[:1], pad, 0)]) if pad else t
+    v = np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v
+    out.append(np.asarray(score(params, t, v))[:bs - pad])
+  return np.concatenate(out).reshape(len(samples.prompts), samples.k)
+
+
+def run(cfg: RewardConfig) -> dict:
+  cfg = cfg.effective()
+  sft_dir = ensure_sft(cfg)
+  mesh = lm.setup(cfg)
+  world = cfg.world_config()
+  split = gold.split_prompts(world)
+  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
+  graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
+  prompt_len = worlds.prompt_len(gold.all_prompts())
+  rng = np.random.default_rng(cfg.seed)
+  train_prompts = list(rng.choice(split["train"], cfg.num_rankings))
+  sample = lambda prompts, key: comparisons.sample_k(
+      graphdef, policy_params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
+      prompt_len=prompt_len, max_new_tokens=worlds.max_new_tokens(cfg),
+      temperature=cfg.sample_temperature, key=key)
+  train_s = lm.timed("sample rankings data", sample, train_prompts, jax.random.key(cfg.seed))
+  test_s = sample(test_prompts, jax.random.key(cfg.seed + 10_000))
+  train_gold, test_gold = train_s.gold_NxK(), test_s.gold_NxK()
+  temperature = comparisons.calibrate_temperature(train_gold, cfg.rater_agreement)
+  train_rank = raters.sample_rankings(train_gold, temperature, rng)
+  test_rank = raters.sample_rankings(test_gold, temperature, rng)
+  examples = comparisons.ranking_examples(train_s, train_rank, cfg.seq_len)
+  test_examples = comparisons.ranking_examples(test_s, test_rank, cfg.seq_len)
+
+  member_dirs, member_scores, train_scores = [], [], []
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("tokens_BxKxT", "valid_BxKxT")}
+  for e in range(cfg.ensemble_size):
+    mcfg = dataclasses.replace(cfg, workdir=os.path.join(cfg.workdir, f"member_{e}"),
+                               seed=cfg.seed + e)
+    source = examples
+    if cfg.bootstrap:
+      idx = np.random.default_rng((cfg.seed, e)).integers(0, len(examples), len(examples))
+      source = [examples[i] for i in idx]
+    rm_graphdef, params, shardings = init_reward_model(cfg, mesh, policy_params, mcfg.seed)
+    loss_fn = reward.ranking_loss_fn(rm_graphdef)
+    eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn))
+    eval_fn = lambda p: step_lib.evaluate(eval_step, p, _batches(test_examples, cfg.batch_size))
+    it = _ranking_iterator(source, cfg.batch_size, mcfg.seed)
+    final, _ = lm.run_training(mcfg, mesh, loss_fn, params, shardings, batch_shardings, it,
+                               eval_fn=eval_fn,
+                               tokens_per_batch=cfg.batch_size * cfg.ranking_k * cfg.seq_len)
+    member_dirs.append(os.path.relpath(mcfg.workdir, cfg.workdir))
+    member_scores.append(score_samples(rm_graphdef, final.params, test_s, cfg))
+    train_scores.append(score_samples(rm_graphdef, final.params, train_s, cfg))
+
+  # Normalisation statistics of each member on the SFT samples (Coste 2024): members of an
+  # ensemble live on arbitrary scales; PPO and best-of-n aggregate normalised scores.
+  norm_mean, norm_std = bt.fit_reward_normalization(
+      np.stack([s.ravel() for s in train_scores]))
+  result = evaluate(member_scores, np.asarray(norm_mean), np.asarray(norm_std), test_rank,
+                    test_gold, temperature)
+  result.update(rater_temperature=temperature, rater_agreement_target=cfg.rater_agreement,
+                sft_workdir=sft_dir, train_prompts=cfg.num_rankings, ranking_k=cfg.ranking_k,
+                sft_train_gold=float(train_gold.mean()))
+  manifest = {"members": member_dirs, "norm_mean": np.asarray(norm_mean).tolist(),
+              "norm_std": np.asarray(norm_std).tolist(), "rater_temperature": temperature,
+              "sft_workdir": sft_dir}
+  with open(os.path.join(cfg.workdir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(format_result(result))
+  return result
+
+
+def _ranking_iterator(examples, batch_size: int, seed: int):
+  """grain's seeded, resumable shuffle-repeat-batch over the in-memory examples."""
+  return pairs.make_pair_train_iterator(examples, batch_size=batch_size, seed=seed,
+                                        encode=lambda r: r)
+
+
+def evaluate(member_scores, norm_mean, norm_std, test_rank, test_gold, temperature) -> dict:
+  """Held-out pairwise accuracy on a fresh rater's labels and on gold labels (strict gold
+  order), per member and for the normalised ensemble mean; the ceilings are the raters':
+  a rater agrees with another rater `rater_vs_rater` and with gold `rater_vs_gold` of the time.
+  """
+  rater_labels = comparisons.ranking_to_better(test_rank)
+  gold_labels = comparisons.gold_better(test_gold)
+  i, j = np.triu_indices(test_gold.shape[1], k=1)
+  diffs = (test_gold[:, i] - test_gold[:, j]).ravel()
+  p = raters.preference_probability(np.abs(diffs[diffs != 0]), temperature)
+  out = {"members": [], "rater_vs_rater": raters.agreement(diffs, temperature),
+         "rater_vs_gold": float(p.mean()),
+         "test_pairs": int(rater_labels.sum()), "test_gold_pairs": int(gold_labels.sum())}
+  for s in member_scores:
+    out["members"].append({"accuracy_rater": comparisons.pairwise_accuracy(s, rater_labels),
+                           "accuracy_gold": comparisons.pairwise_accuracy(s, gold_labels)})
+  normalised = np.stack([(s - m) / sd for s, m, sd in zip(member_scores, norm_mean, norm_std)])
+  ens = normalised.mean(0)
+  out["ensemble"] = {"accuracy_rater": comparisons.pairwise_accuracy(ens, rater_labels),
+                     "accuracy_gold": comparisons.pairwise_accuracy(ens, gold_labels)}
+  return out
+
+
+def format_result(result: dict) -> str:
+  lines = ["held-out pairwise accuracy     rater labels   gold labels"]
+  for e, m in enumerate(result["members"]):
+    lines.append(f"  member {e:<22} {m['accuracy_rater']:.3f}          {m['accuracy_gold']:.3f}")
+  if len(result["members"]) > 1:
+    m = result["ensemble"]
+    lines.append(f"  ensemble mean          {m['accuracy_rater']:.3f}          "
+                 f"{m['accuracy_gold']:.3f}")
+  lines.append(f"  raters' ceiling        {result['rater_vs_rater']:.3f}          "
+               f"{result['rater_vs_gold']:.3f}")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModels:
+  """Trained reward models as PPO and best-of-n use them."""
+  graphdef: object
+  params: list
+  norm_mean: np.ndarray
+  norm_std: np.ndarray
+
+
+def load_reward_models(cfg, mesh, workdir: str, policy_params) -> RewardModels:
+  """The members listed in <workdir>/reward_models.json, restored into this run's model
+  shape (a checkpoint of another shape fails naming the tensor)."""
+  with open(os.path.join(workdir, MANIFEST)) as f:
+    manifest = json.load(f)
+  graphdef, params, shardings = init_reward_model(cfg, mesh, policy_params, cfg.seed)
+  abstract = lm.abstract_params((graphdef, params, shardings))
+  members = [checkpoint.load_params(os.path.join(workdir, d, lm.PARAMS_DIR), abstract)
+             for d in manifest["members"]]
+  return RewardModels(graphdef, members, np.asarray(manifest["norm_mean"], np.float32),
+                      np.asarray(manifest["norm_std"], np.float32))
+
+
+if __name__ == "__main__":
+  cli.main(RewardConfig, run)
