@@ -82,9 +82,9 @@ class LMConfig:
     if not self.smoke:
       return self
     return dataclasses.replace(self, steps=3, warmup_steps=1, log_every=1, save_every=2,
-                               eval_every=3,
-                               eval_prompts=8, eval_batch_size=8, batch_size=8,
-                               num_microbatches=1)
+                               eval_every=3, eval_prompts=8, eval_batch_size=8, batch_size=8,
+                               num_microbatches=1,
+                               max_new_tokens=min(worlds.max_new_tokens(self), 16))
 
   def world_config(self, **overrides):
     return worlds.world_config(self, **overrides)

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import cli, lm, plots, reward as reward_exp, sft, stages, worlds
+from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
 from rlhf_jax import sharding
+from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.losses import ppo as ppo_losses
@@ -96,26 +97,12 @@ class PPOConfig(lm.LMConfig):
   def effective(self) -> "PPOConfig":
     if not self.smoke:
       return self
-    return dataclasses.replace(super().effective(), steps=2, eval_every=2, save_every=1,
-                               eval_batch_size=8)
+    return dataclasses.replace(super().effective(), steps=3, eval_every=3, save_every=2,
+                               batch_size=16, eval_batch_size=16)
 
   @property
   def updates(self) -> int:
     return self.steps * self.ppo_epochs * self.num_minibatches
-
-
-SHARED_WITH_REWARD = reward_exp.SHARED_WITH_SFT
-
-
-def reward_config(cfg: PPOConfig) -> reward_exp.RewardConfig:
-  return stages.upstream_config(reward_exp.RewardConfig, cfg.reward_flagfile, cfg,
-                                SHARED_WITH_REWARD)
-
-
-def ensure_reward(cfg: PPOConfig, rcfg) -> str:
-  return stages.ensure_stage(
-      "reward", reward_exp.stage_key_config(rcfg), cfg.stage_root,
-      lambda workdir: reward_exp.run(dataclasses.replace(rcfg, workdir=workdir)))
 
 
 def check_ensemble(cfg: PPOConfig, rcfg) -> None:
@@ -200,15 +187,20 @@ class Evaluator:
 
 def run(cfg: PPOConfig) -> dict:
   cfg = cfg.effective()
-  rcfg = reward_config(cfg)
+  rcfg = reward_exp.reward_config(cfg)
   check_ensemble(cfg, rcfg)
   wall = {}
   t0 = time.perf_counter()
-  rm_dir = ensure_reward(cfg, rcfg)
+  rm_dir = reward_exp.ensure_reward(cfg, rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
   scfg = reward_exp.sft_config(rcfg)
   sft_dir, base_dir = reward_exp.ensure_sft(rcfg), sft.ensure_pretrained(scfg)
   mesh = lm.setup(cfg)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
+    raise ValueError(f"a PPO microbatch (--batch_size / --num_minibatches / "
+                     f"--num_microbatches) must be divisible by the data-parallel size "
+                     f"{data_parallel}")
   world = cfg.world_config()
   split = gold.split_prompts(world)
   test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
@@ -276,49 +268,52 @@ def run(cfg: PPOConfig) -> dict:
     logger.log(0, curve[-1], split="eval")
 
   t_loop = time.perf_counter()
-  for it in range(start, cfg.steps):
-    it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
-    prompts = list(it_rng.choice(split["train"], cfg.batch_size))
-    toks, valid = prompt_batch(prompts, prompt_len)
-    ro = rollout_fn(state.params["policy"], sft_params, state.params["value"], toks, valid,
-                    jax.random.fold_in(jax.random.key(cfg.seed), it))
-    rewards = reward_fn(ro.tokens_BxT, ro.valid_BxT)
-    batch, stats = advantages_fn(ro, rewards, kl_coef=kl_coef)
-    batch = {k: batch[k] for k in batch_keys if not k.startswith("ptx")}
-    mb = cfg.batch_size // cfg.num_minibatches
-    for _ in range(cfg.ppo_epochs):
-      perm = it_rng.permutation(cfg.batch_size)
-      for j in range(cfg.num_minibatches):
-        idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-        minibatch = {k: v[idx] for k, v in batch.items()}
+  with CompileCounter() as counter:
+    for it in range(start, cfg.steps):
+      counter.reset()  # compiles per iteration are logged: after the first there should be none
+      it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
+      prompts = list(it_rng.choice(split["train"], cfg.batch_size))
+      toks, valid = prompt_batch(prompts, prompt_len)
+      ro = rollout_fn(state.params["policy"], sft_params, state.params["value"], toks, valid,
+                      jax.random.fold_in(jax.random.key(cfg.seed), it))
+      rewards = reward_fn(ro.tokens_BxT, ro.valid_BxT)
+      batch, stats = advantages_fn(ro, rewards, kl_coef=kl_coef)
+      batch = {k: batch[k] for k in batch_keys if not k.startswith("ptx")}
+      mb = cfg.batch_size // cfg.num_minibatches
+      for _ in range(cfg.ppo_epochs):
+        perm = it_rng.permutation(cfg.batch_size)
+        for j in range(cfg.num_minibatches):
+          idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
+          minibatch = {k: v[idx] for k, v in batch.items()}
+          if ptx_iter is not None:
+            lm_batch = next(ptx_iter)
+            minibatch.update(ptx_tokens=lm_batch["tokens"], ptx_valid=lm_batch["valid"],
+                             ptx_loss_mask=lm_batch["loss_mask"])
+          state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
+      values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
+                **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+      ys = responses_of(ro, prompt_len)
+      values.update({f"rollout_{k}": v for k, v in worlds.gold_summary(prompts, ys, "").items()})
+      values["compiles"] = float(counter.count)
+      if cfg.adaptive_kl:
+        kl_coef = float(ppo_losses.adaptive_kl_update_horizon(
+            kl_coef, values["kl"], kl_target=cfg.kl_target, n_steps=cfg.batch_size,
+            horizon=cfg.kl_horizon))
+      done = it + 1
+      logger.log(done, values)
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
+        print(format_progress(done, cfg.steps, values["loss"], rate, None)
+              + f" | score {values['score']:+.2f} | gold {values['rollout_gold']:.2f}"
+              f" | kl {values['kl']:.2f} | kl_coef {kl_coef:.3f}")
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        curve.append({"iteration": done, **evaluator(state.params["policy"])})
+        logger.log(done, curve[-1], split="eval")
+      if manager.should_save(done) or done == cfg.steps:
+        data = {"kl_coef": kl_coef, "curve": curve}
         if ptx_iter is not None:
-          lm_batch = next(ptx_iter)
-          minibatch.update(ptx_tokens=lm_batch["tokens"], ptx_valid=lm_batch["valid"],
-                           ptx_loss_mask=lm_batch["loss_mask"])
-        state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
-    values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
-              **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-    ys = responses_of(ro, prompt_len)
-    values.update({f"rollout_{k}": v for k, v in worlds.gold_summary(prompts, ys, "").items()})
-    if cfg.adaptive_kl:
-      kl_coef = float(ppo_losses.adaptive_kl_update_horizon(
-          kl_coef, values["kl"], kl_target=cfg.kl_target, n_steps=cfg.batch_size,
-          horizon=cfg.kl_horizon))
-    done = it + 1
-    logger.log(done, values)
-    if done % cfg.log_every == 0 or done == cfg.steps:
-      rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
-      print(format_progress(done, cfg.steps, values["loss"], rate, None)
-            + f" | score {values['score']:+.2f} | gold {values['rollout_gold']:.2f}"
-            f" | kl {values['kl']:.2f} | kl_coef {kl_coef:.3f}")
-    if done % cfg.eval_every == 0 or done == cfg.steps:
-      curve.append({"iteration": done, **evaluator(state.params["policy"])})
-      logger.log(done, curve[-1], split="eval")
-    if manager.should_save(done) or done == cfg.steps:
-      data = {"kl_coef": kl_coef, "curve": curve}
-      if ptx_iter is not None:
-        data["ptx"] = ptx_iter.get_state()
-      checkpoint.save(manager, done, state, data, force=done == cfg.steps)
+          data["ptx"] = ptx_iter.get_state()
+        checkpoint.save(manager, done, state, data, force=done == cfg.steps)
   manager.wait_until_finished()
   logger.close()
   wall["ppo_s"] = time.perf_counter() - t_loop
@@ -326,7 +321,9 @@ def run(cfg: PPOConfig) -> dict:
   table = {"base": evaluator(base_params), "sft": curve[0],
            "ppo": curve[-1]}
   if cfg.matched_sft:
-    table["sft_matched"] = evaluator(matched_sft(cfg, scfg, mesh, g, sft_params, pol_shardings))
+    table["sft_matched"] = evaluator(sft.continued_sft(
+        scfg, os.path.join(cfg.workdir, "matched_sft"), cfg.updates, mesh, g, sft_params,
+        pol_shardings))
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params["policy"])
   manager.close()
   result = {"table": table, "curve": curve, "final_kl_coef": kl_coef, "wall": wall,
@@ -337,20 +334,6 @@ def run(cfg: PPOConfig) -> dict:
                      title=f"PPO, kl_coef {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}")
   print(format_table(table))
   return result
-
-
-def matched_sft(cfg: PPOConfig, scfg, mesh, graphdef, sft_params, shardings):
-  """SFT continued from the SFT params for cfg.updates more steps (SFT's batch and lr): what
-  the same number of optimizer steps buys without a reward signal."""
-  mcfg = dataclasses.replace(scfg.effective(), workdir=os.path.join(cfg.workdir, "matched_sft"),
-                             steps=cfg.updates, warmup_steps=min(scfg.warmup_steps,
-                                                                 cfg.updates - 1),
-                             eval_every=cfg.updates, save_every=cfg.updates)
-  source = builders.load_split(lm.build_world(mcfg)["sft"], "train")
-  params, _ = lm.train_lm(mcfg, mesh, graphdef, jax.tree.map(jnp.copy, sft_params), shardings,
-                          [source[i] for i in range(min(scfg.num_sft, len(source)))],
-                          kind="sft")
-  return params
 
 
 def format_table(table: dict) -> str:

@@ -90,6 +90,18 @@ def ensure_sft(cfg) -> str:
       lambda workdir: sft.run(dataclasses.replace(scfg, workdir=workdir)))
 
 
+def reward_config(cfg) -> RewardConfig:
+  """The reward stage of a downstream run (any config with --reward_flagfile)."""
+  return stages.upstream_config(RewardConfig, cfg.reward_flagfile, cfg, SHARED_WITH_SFT)
+
+
+def ensure_reward(cfg, rcfg: RewardConfig) -> str:
+  """The reward stage's workdir (built first unless cached), for a downstream run `cfg`."""
+  return stages.ensure_stage(
+      "reward", stage_key_config(rcfg), cfg.stage_root,
+      lambda workdir: run(dataclasses.replace(rcfg, workdir=workdir)))
+
+
 def init_reward_model(cfg, mesh, policy_params, seed: int):
   """(graphdef, params, shardings) of a ScalarHeadModel with the policy's backbone."""
   g, fresh, shardings = sharding.init_sharded(

@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
 from experiments import cli, lm, pretrain, stages, worlds
 from rlhf_jax.data import builders
@@ -77,6 +78,20 @@ def run(cfg: SFTConfig) -> dict:
   for name in worlds.headline(cfg.world):
     print(f"  {name:<16} {before[name]:7.3f} -> {after[name]:7.3f}")
   return result
+
+
+def continued_sft(scfg: SFTConfig, workdir: str, steps: int, mesh, graphdef, sft_params,
+                  shardings):
+  """SFT continued from sft_params for `steps` more steps with SFT's own batch, data and
+  learning rate: the matched-compute baseline of an RLHF stage taking as many optimizer
+  steps (what those steps buy without a reward signal). Returns the params."""
+  cfg = dataclasses.replace(scfg.effective(), workdir=workdir, steps=steps,
+                            warmup_steps=min(scfg.warmup_steps, steps - 1), eval_every=steps,
+                            save_every=steps)
+  source = builders.load_split(lm.build_world(cfg)["sft"], "train")
+  params, _ = lm.train_lm(cfg, mesh, graphdef, jax.tree.map(jnp.copy, sft_params), shardings,
+                          [source[i] for i in range(min(cfg.num_sft, len(source)))], kind="sft")
+  return params
 
 
 if __name__ == "__main__":
