@@ -115,3 +115,21 @@ def ranking_to_better(ranking_NxK: np.ndarray) -> np.ndarray:
 def gold_better(gold_NxK: np.ndarray) -> np.ndarray:
   """labels[n, i, j] True where r*(i) > r*(j) strictly (gold ties are left out)."""
   return gold_NxK[:, :, None] > gold_NxK[:, None, :]
+
+
+def sampled_pairs(prompts, chosen, rejected, chosen_finished, rejected_finished,
+                  seq_len: int) -> dict[str, np.ndarray]:
+  """Pairs of a policy's own samples in rlhf_jax/data/pairs.py's batch layout (chosen_*,
+  rejected_*, example_valid), each side encoded as it was sampled (encode_sequences: EOS
+  only when the sampler emitted it). pairs.pair_example would append EOS to every response,
+  so a response cut at max_new_tokens would be scored with a token the policy never produced.
+  """
+  tok = ByteTokenizer()
+  head = np.array([1 + len(tok.encode(p)) for p in prompts])[:, None]
+  out = {"example_valid": np.ones(len(prompts), bool)}
+  for side, ys, done in (("chosen", chosen, chosen_finished),
+                         ("rejected", rejected, rejected_finished)):
+    tokens, valid = encode_sequences(prompts, ys, done, seq_len)
+    out[f"{side}_tokens"], out[f"{side}_valid"] = tokens, valid
+    out[f"{side}_mask"] = (valid & (np.arange(seq_len)[None, :] >= head)).astype(np.float32)
+  return out

@@ -44,3 +44,24 @@ def seeds_vs_x(runs: list[list[dict]], x_key: str, path: str, *, title: str,
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def curve_with_se(curve: list[dict], x_key: str, key: str, path: str, *, title: str,
+                  xlabel: str, ylabel: str, baselines: dict[str, float] | None = None) -> None:
+  """One metric (mean +- SE band, from `key` and `key`_se) against x_key, with optional
+  horizontal lines for baselines ({label: value}) that the curve should be compared to."""
+  x = np.array([c[x_key] for c in curve])
+  y = np.array([c[key] for c in curve])
+  se = np.array([c[f"{key}_se"] for c in curve])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(x, y, "o-", color="tab:orange", label=key)
+  ax.fill_between(x, y - se, y + se, color="tab:orange", alpha=0.2)
+  for (label, value), style in zip((baselines or {}).items(), ("--", ":", "-.")):
+    ax.axhline(value, color="k", ls=style, lw=1, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -105,13 +105,6 @@ class PPOConfig(lm.LMConfig):
     return self.steps * self.ppo_epochs * self.num_minibatches
 
 
-def check_ensemble(cfg: PPOConfig, rcfg) -> None:
-  if cfg.aggregate != "mean" and rcfg.ensemble_size < 2:
-    raise ValueError(f"--aggregate={cfg.aggregate}: {reward.SINGLE_MEMBER_REFUSAL} in the "
-                     f"reward stage ({cfg.reward_flagfile}); pass --aggregate=mean or an "
-                     "ensemble flagfile")
-
-
 def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
   tok = ByteTokenizer()
   rows = [pipeline.prompt_example(p, "", tok, prompt_len) for p in prompts]
@@ -188,7 +181,7 @@ class Evaluator:
 def run(cfg: PPOConfig) -> dict:
   cfg = cfg.effective()
   rcfg = reward_exp.reward_config(cfg)
-  check_ensemble(cfg, rcfg)
+  reward_exp.check_ensemble(cfg, rcfg)
   wall = {}
   t0 = time.perf_counter()
   rm_dir = reward_exp.ensure_reward(cfg, rcfg)

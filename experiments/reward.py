@@ -102,6 +102,15 @@ def ensure_reward(cfg, rcfg: RewardConfig) -> str:
       lambda workdir: run(dataclasses.replace(rcfg, workdir=workdir)))
 
 
+def check_ensemble(cfg, rcfg: RewardConfig) -> None:
+  """Refuses an ensemble aggregator (--aggregate of a downstream run `cfg`: PPO, best-of-n)
+  over a single-model reward stage, from the flags alone, before anything is built."""
+  if cfg.aggregate != "mean" and rcfg.ensemble_size < 2:
+    raise ValueError(f"--aggregate={cfg.aggregate}: {reward.SINGLE_MEMBER_REFUSAL} in the "
+                     f"reward stage ({cfg.reward_flagfile}); pass --aggregate=mean or an "
+                     "ensemble flagfile")
+
+
 def init_reward_model(cfg, mesh, policy_params, seed: int):
   """(graphdef, params, shardings) of a ScalarHeadModel with the policy's backbone."""
   g, fresh, shardings = sharding.init_sharded(

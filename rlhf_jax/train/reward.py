@@ -96,22 +96,23 @@ def score_fn(graphdef):
   return score
 
 
-def ensemble_scores(graphdef, params_list, tokens_BxT, valid_BxT, *, aggregate: str = "mean",
-                    uwo_coef: float = 0.0, norm_stats=None):
-  """rewards_B of an ensemble of E reward models sharing one graphdef (Coste 2024).
-
-  Member scores are stacked to rewards_ExB, optionally normalised with norm_stats =
-  (mean_E, std_E) from bradley_terry.fit_reward_normalization (members are otherwise on
-  arbitrary scales), then aggregated: mean; wco = min_e; uwo = mean - uwo_coef * var_e.
-  """
+def _check_aggregate(aggregate: str, num_members: int) -> None:
   if aggregate not in AGGREGATES:
     raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-  if len(params_list) < 1:
-    raise ValueError("ensemble_scores needs at least one member's params")
-  if aggregate != "mean" and len(params_list) == 1:
+  if num_members < 1:
+    raise ValueError("an ensemble needs at least one member's scores")
+  if aggregate != "mean" and num_members == 1:
     raise ValueError(f"aggregate={aggregate!r} with a single reward model: {SINGLE_MEMBER_REFUSAL}")
-  score = score_fn(graphdef)
-  rewards_ExB = jnp.stack([score(p, tokens_BxT, valid_BxT) for p in params_list])
+
+
+def aggregate_scores(rewards_ExB, *, aggregate: str = "mean", uwo_coef: float = 0.0,
+                     norm_stats=None):
+  """rewards_B from member scores rewards_ExB (Coste 2024), optionally normalised first with
+  norm_stats = (mean_E, std_E) from bradley_terry.fit_reward_normalization (members are
+  otherwise on arbitrary scales), then aggregated: mean; wco = min_e; uwo = mean -
+  uwo_coef * var_e. Separate from the scoring so scores computed elsewhere (best-of-n scores
+  a whole sample set per member) aggregate exactly as PPO's rewards do."""
+  _check_aggregate(aggregate, rewards_ExB.shape[0])
   if norm_stats is not None:
     rewards_ExB = bt.normalize_rewards(rewards_ExB, *norm_stats)
   if aggregate == "mean":
@@ -120,3 +121,13 @@ def ensemble_scores(graphdef, params_list, tokens_BxT, valid_BxT, *, aggregate: 
     return bt.ensemble_wco(rewards_ExB)
   return bt.ensemble_uwo(rewards_ExB, uwo_coef=uwo_coef)
 
+
+def ensemble_scores(graphdef, params_list, tokens_BxT, valid_BxT, *, aggregate: str = "mean",
+                    uwo_coef: float = 0.0, norm_stats=None):
+  """rewards_B of an ensemble of E reward models sharing one graphdef: the member scores
+  stacked to rewards_ExB, then aggregate_scores (checked before any member is scored)."""
+  _check_aggregate(aggregate, len(params_list))
+  score = score_fn(graphdef)
+  rewards_ExB = jnp.stack([score(p, tokens_BxT, valid_BxT) for p in params_list])
+  return aggregate_scores(rewards_ExB, aggregate=aggregate, uwo_coef=uwo_coef,
+                          norm_stats=norm_stats)

@@ -192,6 +192,12 @@ def test_ensemble_aggregation(rm):
   z_ExB = (r_ExB - mean_E[:, None]) / (std_E[:, None] + 1e-6)
   np.testing.assert_allclose(agg(aggregate="wco", norm_stats=(mean_E, std_E)), z_ExB.min(0),
                              rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      reward.aggregate_scores(jnp.asarray(r_ExB, jnp.float32), aggregate="uwo", uwo_coef=2.0,
+                              norm_stats=(mean_E, std_E)),
+      z_ExB.mean(0) - 2.0 * z_ExB.var(0), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r"ensemble_size > 1"):
+    reward.aggregate_scores(jnp.asarray(r_ExB[:1]), aggregate="wco")
   single = reward.ensemble_scores(graphdef, members[:1], tokens, valid, aggregate="mean")
   np.testing.assert_allclose(single, r_ExB[0], rtol=1e-5, atol=1e-6)
   for a in ("wco", "uwo"):

@@ -24,31 +24,34 @@ def sft_rewards(default_records):
 def test_worked_example_from_the_docstring():
   f = g.facets("describe the cat.", "the cat is soft. the cat is soft.")
   # 8 words; trigrams: the-cat-is, cat-is-soft, is-soft-the, soft-the-cat, the-cat-is,
-  # cat-is-soft -> 6 total, 4 unique, d = 1/3; u = 8/24 = 1/3 -> length (1/3)(5/3) = 5/9.
+  # cat-is-soft -> 6 total, 4 unique, d = 1/3; 8 words below the 16-word peak ->
+  # length 1 - ((8 - 16)/16)^2 = 3/4.
   assert f == pytest.approx({"relevance": 1.0, "period": 1.0, "off_vocabulary": 0.0,
-                             "length": 5 / 9, "repetition": 1 / 9, "words": 8.0})
-  # 1.0 + 0.5 + 1.5 * 5/9 - 3.0 * 1/9 = 1.5 + 0.8333 - 0.3333 = 2.0
-  assert g.gold_reward("describe the cat.", "the cat is soft. the cat is soft.") == pytest.approx(2.0)
+                             "length": 3 / 4, "repetition": 1 / 9, "words": 8.0})
+  # 1.0 + 0.5 + 1.5 * 3/4 - 3.0 * 1/9 = 1.5 + 1.125 - 0.3333 = 2.2917
+  assert g.gold_reward("describe the cat.", "the cat is soft. the cat is soft.") == pytest.approx(
+      1.5 + 1.125 - 1 / 3)
 
 
 @pytest.mark.parametrize("prompt,response,expected", [
     # Empty: no topic, no period, off_vocabulary 1 by definition -> -1.0.
     ("describe the cat.", "", -1.0),
-    # Off topic, no period, 4 distinct words: u = 1/6, length 11/36; 1.5 * 11/36 = 0.458333.
-    ("describe the cat.", "the dog is soft", 1.5 * 11 / 36),
-    # 5 words, "um" off-vocabulary (1/5): u = 5/24, length 215/576;
-    # 1 + 0.5 - 0.2 + 1.5 * 215/576 = 1.3 + 0.559896 = 1.859896.
-    ("what is the owl like?", "um the owl is big.", 1.3 + 1.5 * 215 / 576),
+    # Off topic, no period, 4 distinct words: length 1 - (12/16)^2 = 7/16; 1.5 * 7/16.
+    ("describe the cat.", "the dog is soft", 1.5 * 7 / 16),
+    # 5 words, "um" off-vocabulary (1/5): length 1 - (11/16)^2 = 135/256;
+    # 1 + 0.5 - 0.2 + 1.5 * 135/256 = 1.3 + 0.791016 = 2.091016.
+    ("what is the owl like?", "um the owl is big.", 1.3 + 1.5 * 135 / 256),
     # "category" is not the word "cat" (relevance 0) and is off-vocabulary (1/4 of 4 words):
-    # 0.5 - 0.25 + 1.5 * 11/36 = 0.708333.
-    ("describe the cat.", "the category is big.", 0.25 + 1.5 * 11 / 36),
+    # 0.5 - 0.25 + 1.5 * 7/16 = 0.90625.
+    ("describe the cat.", "the category is big.", 0.25 + 1.5 * 7 / 16),
 ])
 def test_hand_checked_rewards(prompt, response, expected):
   assert g.gold_reward(prompt, response) == pytest.approx(expected)
 
 
 def test_length_facet_rises_then_falls():
-  assert [g.length_score(n) for n in (0, 12, 24, 36, 48, 60)] == pytest.approx(
+  # Slow rise (width 16 below the peak), fast fall (width 8 above it).
+  assert [g.length_score(n) for n in (0, 8, 16, 20, 24, 28)] == pytest.approx(
       [0.0, 0.75, 1.0, 0.75, 0.0, -1.25])
   # Texts of distinct in-lexicon words (no repeated trigram): only length changes with n.
   filler = sorted(g.LEXICON - {"the", "cat"})
@@ -191,3 +194,16 @@ def test_build_datasets_materialises_the_records(tmp_path):
   assert sorted(r["prompt"].decode() for r in test) == sorted(
       r["prompt"] for r in g.heldout_records(tiny))
   assert len(builders.load_split(built["pretrain"], "train")) == 20
+
+
+def test_pretraining_corpus_is_noisier_and_fits_a_128_token_row(default_records):
+  pretrain = [r["text"] for r in default_records["pretrain"]["train"]]
+  assert len(pretrain) == DEFAULT.num_pretrain_texts
+  assert max(len(t.encode()) for t in pretrain) <= g.MAX_PRETRAIN_BYTES == 128 - 2
+  sft = default_records["sft"]["train"]
+  # Doubled noise rates: more fillers ("um", ...) and missing periods than the SFT set.
+  rate = lambda texts, pred: np.mean([pred(t) for t in texts])
+  has_filler = lambda t: any(w in g.FILLERS for w in g.words(t))
+  assert rate(pretrain, has_filler) > 1.5 * rate([r["response"] for r in sft], has_filler)
+  no_period = lambda t: not t.strip().endswith(".")
+  assert rate(pretrain, no_period) > 1.5 * rate([r["response"] for r in sft], no_period)
