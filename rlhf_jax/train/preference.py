@@ -17,13 +17,20 @@ Both give identical losses (a test checks it).
 
 Rows with example_valid False (padding of the last eval batch) weigh 0: each pair's loss and
 metrics are computed per row (vmap over the (B,) loss) and summed with that weight.
+
+KTO (`kto_loss_fn`) trains on unpaired labelled examples and rides in the same pair layout,
+so the encoders, iterators and reference precompute above serve it unchanged: row b's
+"chosen" side is the labelled example (x_b, y_b) (batch["desirable"] its label) and its
+"rejected" side is the MISMATCHED (x_b, y'_b), y' a response to another prompt, whose
+log-ratio estimates KL(pi || pi_ref) for KTO's reference point z_0 (Ethayarajh 2024; TRL
+pairs each prompt with another example's completion the same way).
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.logprobs import sequence_logps, shifted_logps
-from rlhf_jax.losses import dpo
+from rlhf_jax.losses import diagnostics, dpo
 
 LOSSES = ("dpo", "cdpo", "ipo", "kto")
 PAIR_LOSSES = ("dpo", "cdpo", "ipo")
@@ -50,11 +57,12 @@ def reference_logps_fn(graphdef, *, average: bool = False):
   return fn
 
 
-def check_loss(loss: str) -> None:
-  """Validates the --loss name; KTO is refused because pairs carry no per-example labels."""
+def check_loss(loss: str, *, unpaired_labels: bool = False) -> None:
+  """Validates the --loss name; KTO is refused unless the data carries per-example
+  desirable/undesirable labels (pairs alone do not)."""
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-  if loss == "kto":
+  if loss == "kto" and not unpaired_labels:
     raise ValueError(KTO_REFUSAL)
 
 
@@ -65,6 +73,19 @@ def _pair_objective(loss: str, *, beta: float, label_smoothing: float, ipo_tau: 
     return lambda *a: dpo.ipo_loss(*a, ipo_tau=ipo_tau)
   eps = label_smoothing if loss == "cdpo" else 0.0
   return lambda *a: dpo.dpo_loss(*a, beta=beta, label_smoothing=eps)
+
+
+def _reference_logps(graphdef, ref_params, batch, average: bool):
+  """The reference's (chosen_B, rejected_B) log-probs: precomputed in the batch, else a
+  forward of the closed-over ref_params; f32, no gradient."""
+  if "ref_chosen_logps" in batch:
+    ref = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+  elif ref_params is not None:
+    ref = pair_logps(graphdef, ref_params, batch, average=average)
+  else:
+    raise ValueError("no reference log-probs: the batch has no ref_chosen_logps/"
+                     "ref_rejected_logps and no ref_params were given")
+  return jax.lax.stop_gradient(tuple(x.astype(jnp.float32) for x in ref))
 
 
 def preference_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1,
@@ -85,15 +106,7 @@ def preference_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1,
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward
     policy_chosen, policy_rejected = pair_logps(graphdef, params, batch, average=average_logps)
-    if "ref_chosen_logps" in batch:
-      ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    elif ref_params is not None:
-      ref_chosen, ref_rejected = pair_logps(graphdef, ref_params, batch, average=average_logps)
-    else:
-      raise ValueError("no reference log-probs: the batch has no ref_chosen_logps/"
-                       "ref_rejected_logps and no ref_params were given")
-    ref_chosen, ref_rejected = jax.lax.stop_gradient((ref_chosen.astype(jnp.float32),
-                                                      ref_rejected.astype(jnp.float32)))
+    ref_chosen, ref_rejected = _reference_logps(graphdef, ref_params, batch, average_logps)
     sums = jax.vmap(per_pair)(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     weight_B = batch["example_valid"].astype(jnp.float32)
     total = {k: jnp.sum(weight_B * v) for k, v in sums.items()}
@@ -103,3 +116,59 @@ def preference_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1,
     return total["loss_sum"], aux
 
   return loss_fn
+
+
+def kto_loss_fn(graphdef, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                undesirable_weight: float = 1.0, average_logps: bool = False, ref_params=None):
+  """KTO's loss_fn (rlhf_jax.losses.dpo.kto_loss) on the pair layout of the module docstring:
+  chosen_* = the labelled example, rejected_* = its mismatched KL pair, desirable bool B.
+
+  z_0 is the clamped mean of the valid rows' KL log-ratios over this microbatch (padding rows
+  are filled with that mean, so they move neither z_0 nor anything else). Metrics are sums
+  over examples, so the step reports them per example: loss, kl (mean mismatched log-ratio),
+  chosen_fraction (share of desirable rows), rewards/chosen and logps/chosen (summed over
+  desirable rows; their class mean is the value / chosen_fraction), rewards/rejected and
+  logps/rejected likewise over undesirable rows."""
+  def per_row(p, r, d, kl_M):
+    _, sums = dpo.kto_loss(p[None], r[None], d[None], kl_M, beta=beta,
+                           desirable_weight=desirable_weight,
+                           undesirable_weight=undesirable_weight)
+    return sums
+
+  def loss_fn(params, batch, rng):
+    del rng  # deterministic forward
+    policy, policy_kl = pair_logps(graphdef, params, batch, average=average_logps)
+    ref, ref_kl = _reference_logps(graphdef, ref_params, batch, average_logps)
+    weight_B = batch["example_valid"].astype(jnp.float32)
+    count = jnp.sum(weight_B)
+    kl_B = jax.lax.stop_gradient(policy_kl) - ref_kl
+    kl_mean = jnp.sum(weight_B * kl_B) / jnp.maximum(count, 1.0)
+    kl_M = jnp.where(batch["example_valid"], kl_B, kl_mean)
+    sums = jax.vmap(per_row, in_axes=(0, 0, 0, None))(policy, ref, batch["desirable"], kl_M)
+    good_B = batch["desirable"].astype(jnp.float32) * weight_B
+    bad_B = (1.0 - batch["desirable"].astype(jnp.float32)) * weight_B
+    logps = jax.lax.stop_gradient(policy)
+    aux = {"rewards/chosen": jnp.sum(weight_B * sums["rewards/chosen_sum"]),
+           "rewards/rejected": jnp.sum(weight_B * sums["rewards/rejected_sum"]),
+           "logps/chosen": jnp.sum(good_B * logps), "logps/rejected": jnp.sum(bad_B * logps),
+           "chosen_fraction": jnp.sum(good_B), "kl": jnp.sum(weight_B * kl_B),
+           "denominator": count}
+    return jnp.sum(weight_B * sums["loss_sum"]), aux
+
+  return loss_fn
+
+
+def ches_fn(graphdef):
+  """(params, pair batch) -> CHES_B of every pair (rlhf_jax.losses.diagnostics.ches_score)
+  from the last-layer hidden states: the state at position t predicts token t + 1, so the
+  response tokens' mask shifted left by one selects the states that predict them."""
+  def fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    hidden, shifted = [], []
+    for side in ("chosen", "rejected"):
+      h, _ = model.hidden(batch[f"{side}_tokens"], valid_BxT=batch[f"{side}_valid"])
+      mask = batch[f"{side}_mask"]
+      hidden.append(h.astype(jnp.float32))
+      shifted.append(jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1))
+    return diagnostics.ches_score(hidden[0], shifted[0], hidden[1], shifted[1])
+  return fn
