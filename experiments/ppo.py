@@ -140,9 +140,9 @@ def with_ptx(loss_fn, graphdef, ptx_coef: float):
     loss_sum, aux = loss_fn(params, batch, rng)
     logits = nnx.merge(graphdef, params["policy"])(batch["ptx_tokens"],
                                                    valid_BxT=batch["ptx_valid"]).logits_BxTxV
-    nll, _ = ptx_loss(shifted_logps(logits.astype(jnp.float32), batch["ptx_tokens"]),
-                      batch["ptx_loss_mask"], ptx_coef=ptx_coef)
-    return loss_sum + nll * aux["denominator"], {**aux, "ptx": nll * aux["denominator"]}
+    term, _ = ptx_loss(shifted_logps(logits.astype(jnp.float32), batch["ptx_tokens"]),
+                       batch["ptx_loss_mask"], ptx_coef=ptx_coef)  # ptx_coef * mean NLL
+    return loss_sum + term * aux["denominator"], {**aux, "ptx": term * aux["denominator"]}
   return loss
 
 

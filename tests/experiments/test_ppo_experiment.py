@@ -69,3 +69,19 @@ def test_finished_run_resumes_without_training_again(ppo_run, gold_stages, capsy
 def test_invalid_combinations_fail_before_compiling(gold_stages, tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):
     ppo.run(_config(gold_stages, tmp_path / "bad", *extra))
+
+
+def test_ptx_and_adaptive_kl(gold_stages, tmp_path):
+  cfg = _config(gold_stages, tmp_path / "ptx", "--ptx_coef=0.5", "--adaptive_kl",
+                "--kl_target=1000", "--nomatched_sft")
+  result = ppo.run(cfg)
+  train = read_metrics(str(cfg.workdir), split="train")
+  # ptx_coef x the pretraining NLL of a byte model: positive.
+  assert all(r["metrics"]["ptx"] > 0 for r in train)
+  # KL far below the target lowers the coefficient by the clipped factor 1 - 0.2 n / horizon
+  # per iteration (proportional controller, Ziegler 2019).
+  kl_coefs = [r["metrics"]["kl_coef"] for r in train] + [result["final_kl_coef"]]
+  assert kl_coefs[0] == pytest.approx(cfg.kl_coef)
+  factor = 1 - 0.2 * cfg.effective().batch_size / cfg.kl_horizon
+  assert kl_coefs[1:] == pytest.approx([cfg.kl_coef * factor ** i for i in range(1, 4)])
+  assert "sft_matched" not in result["table"]

@@ -29,7 +29,7 @@ def _edited_copy(directory, name, old, new):
 def test_an_upstream_flagfile_edit_changes_the_reward_key(tmp_path):
   base = _reward_key()
   assert _reward_key() == base  # deterministic
-  sft_edit = _edited_copy(tmp_path / "a", "sft_gold_tiny.flags", "--steps=80", "--steps=81")
+  sft_edit = _edited_copy(tmp_path / "a", "sft_gold_tiny.flags", "--steps=150", "--steps=151")
   assert _reward_key(sft_flagfile=sft_edit) != base
   pre_edit = _edited_copy(tmp_path / "b", "pretrain_gold_tiny.flags", "--steps=250",
                           "--steps=251")
