@@ -272,17 +272,7 @@ def run(cfg: PPOConfig) -> dict:
       rewards = reward_fn(ro.tokens_BxT, ro.valid_BxT)
       batch, stats = advantages_fn(ro, rewards, kl_coef=kl_coef)
       batch = {k: batch[k] for k in batch_keys if not k.startswith("ptx")}
-      mb = cfg.batch_size // cfg.num_minibatches
-      for _ in range(cfg.ppo_epochs):
-        perm = it_rng.permutation(cfg.batch_size)
-        for j in range(cfg.num_minibatches):
-          idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-          minibatch = {k: v[idx] for k, v in batch.items()}
-          if ptx_iter is not None:
-            lm_batch = next(ptx_iter)
-            minibatch.update(ptx_tokens=lm_batch["tokens"], ptx_valid=lm_batch["valid"],
-                             ptx_loss_mask=lm_batch["loss_mask"])
-          state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
+      state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch, it_rng, ptx_iter)
       values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
                 **{k: float(v) for k, v in jax.device_get(metrics).items()}}
       ys = responses_of(ro, prompt_len)
@@ -311,8 +301,7 @@ def run(cfg: PPOConfig) -> dict:
   logger.close()
   wall["ppo_s"] = time.perf_counter() - t_loop
 
-  table = {"base": evaluator(base_params), "sft": curve[0],
-           "ppo": curve[-1]}
+  table = {"base": evaluator(base_params), "sft": curve[0], "ppo": curve[-1]}
   if cfg.matched_sft:
     table["sft_matched"] = evaluator(sft.continued_sft(
         scfg, os.path.join(cfg.workdir, "matched_sft"), cfg.updates, mesh, g, sft_params,
@@ -327,6 +316,23 @@ def run(cfg: PPOConfig) -> dict:
                      title=f"PPO, kl_coef {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}")
   print(format_table(table))
   return result
+
+
+def train_on_rollout(cfg: PPOConfig, mesh, train_step, state, batch, rng, ptx_iter):
+  """--ppo_epochs passes over the rollout, each in --num_minibatches shuffled minibatches
+  (plus a pretraining batch per update for PPO-ptx). Returns (state, last step's metrics)."""
+  mb = cfg.batch_size // cfg.num_minibatches
+  for _ in range(cfg.ppo_epochs):
+    perm = rng.permutation(cfg.batch_size)
+    for j in range(cfg.num_minibatches):
+      idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
+      minibatch = {k: v[idx] for k, v in batch.items()}
+      if ptx_iter is not None:
+        lm_batch = next(ptx_iter)
+        minibatch.update(ptx_tokens=lm_batch["tokens"], ptx_valid=lm_batch["valid"],
+                         ptx_loss_mask=lm_batch["loss_mask"])
+      state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
+  return state, metrics
 
 
 def format_table(table: dict) -> str:

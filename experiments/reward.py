@@ -31,6 +31,7 @@ from rlhf_jax.losses import bradley_terry as bt
 from rlhf_jax.models.transformer import ScalarHeadModel
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.train import step as step_lib
+from rlhf_jax.train.logging import write_config
 from rlhf_jax.worlds import gold, raters
 
 MANIFEST = "reward_models.json"
@@ -152,6 +153,7 @@ def run(cfg: RewardConfig) -> dict:
   cfg = cfg.effective()
   sft_dir = ensure_sft(cfg)
   mesh = lm.setup(cfg)
+  write_config(cfg.workdir, cli.to_dict(cfg))
   world = cfg.world_config()
   split = gold.split_prompts(world)
   test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, reward
+from experiments import cli, lm, reward
 from rlhf_jax.train.logging import read_metrics
 
 from conftest import FLAGS_DIR
@@ -62,3 +62,12 @@ def test_evaluate_against_hand_labels():
 def test_invalid_flags_are_refused(gold_stages, tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):
     _config(gold_stages, tmp_path / "bad", *extra)
+
+
+def test_loading_a_reward_stage_of_another_model_size_names_the_tensor(gold_stages, tmp_path):
+  # The session's reward stage holds `nano` models; a `tiny` run must not load them.
+  cfg = _config(gold_stages, tmp_path / "tiny", "--model=tiny")
+  mesh = lm.setup(cfg)
+  _, tiny_params, _ = lm.init_model(cfg, mesh)
+  with pytest.raises(ValueError, match=r"tensor .* has shape .* another model size"):
+    reward.load_reward_models(cfg, mesh, gold_stages["reward_dir"], tiny_params)
