@@ -154,7 +154,9 @@ def run(cfg: BestOfNConfig) -> dict:
   wall = {}
   t0 = time.perf_counter()
   rm_dir = reward_exp.ensure_reward(cfg, rcfg)
-  sft_dir = reward_exp.ensure_sft(rcfg)
+  # The SFT the reward models were trained on, as the stage recorded it: looking it up again
+  # by key would rebuild it if the code changed while the reward stage was being built.
+  sft_dir = reward_exp.read_manifest(rm_dir)["sft_workdir"]
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
   world = cfg.world_config()

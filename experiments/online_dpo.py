@@ -207,8 +207,12 @@ def run(cfg: OnlineDPOConfig) -> dict:
   t0 = time.perf_counter()
   rm_dir = reward_exp.ensure_reward(cfg, rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
+  with open(os.path.join(rm_dir, reward_exp.MANIFEST)) as f:
+    manifest = json.load(f)
+  # The SFT stage the reward models were trained on, from their manifest: recomputing its
+  # key here would rebuild it if any code changed while the reward stage was being built.
+  sft_dir, rater_temperature = manifest["sft_workdir"], manifest["rater_temperature"]
   scfg = reward_exp.sft_config(rcfg)
-  sft_dir = reward_exp.ensure_sft(rcfg)
   mesh = lm.setup(cfg)
   world = cfg.world_config()
   split = gold.split_prompts(world)
@@ -216,8 +220,6 @@ def run(cfg: OnlineDPOConfig) -> dict:
 
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   rms = reward_exp.load_reward_models(rcfg, mesh, rm_dir, sft_params)
-  with open(os.path.join(rm_dir, reward_exp.MANIFEST)) as f:
-    rater_temperature = json.load(f)["rater_temperature"]
 
   # Reference log-probs are precomputed once per round (not in-step with ref_params): each
   # pair is visited steps_per_round * batch_size / prompts_per_round times, so the reference

@@ -89,6 +89,10 @@ class PPOConfig(lm.LMConfig):
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if self.kl_target <= 0 or self.clip_eps <= 0 or self.temperature <= 0:
       raise ValueError("--kl_target, --clip_eps and --temperature must be > 0")
+    if self.ptx_coef and self.seq_len < gold.MAX_PRETRAIN_BYTES + 2:
+      raise ValueError(f"--ptx_coef > 0 trains on pretraining texts of up to "
+                       f"{gold.MAX_PRETRAIN_BYTES} bytes: --seq_len={self.seq_len} must be >= "
+                       f"{gold.MAX_PRETRAIN_BYTES + 2}")
     if self.batch_size % (self.num_minibatches * self.num_microbatches):
       raise ValueError(f"--batch_size={self.batch_size} (prompts per rollout) must be "
                        f"divisible by --num_minibatches * --num_microbatches = "
@@ -187,7 +191,11 @@ def run(cfg: PPOConfig) -> dict:
   rm_dir = reward_exp.ensure_reward(cfg, rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
   scfg = reward_exp.sft_config(rcfg)
-  sft_dir, base_dir = reward_exp.ensure_sft(rcfg), sft.ensure_pretrained(scfg)
+  # The SFT and base models the reward stage was built from, as it recorded them (looking
+  # them up again would rebuild them if the code changed while this run was going).
+  sft_dir = reward_exp.read_manifest(rm_dir)["sft_workdir"]
+  with open(os.path.join(sft_dir, "result.json")) as f:
+    base_dir = json.load(f)["pretrain_workdir"]
   mesh = lm.setup(cfg)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:

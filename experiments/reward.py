@@ -266,11 +266,17 @@ class RewardModels:
   norm_std: np.ndarray
 
 
+def read_manifest(workdir: str) -> dict:
+  """<workdir>/reward_models.json: members, normalisation statistics, rater temperature and
+  the SFT stage the reward models were trained from (downstream runs load that very one)."""
+  with open(os.path.join(workdir, MANIFEST)) as f:
+    return json.load(f)
+
+
 def load_reward_models(cfg, mesh, workdir: str, policy_params) -> RewardModels:
   """The members listed in <workdir>/reward_models.json, restored into this run's model
   shape (a checkpoint of another shape fails naming the tensor)."""
-  with open(os.path.join(workdir, MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = read_manifest(workdir)
   graphdef, params, shardings = init_reward_model(cfg, mesh, policy_params, cfg.seed)
   abstract = lm.abstract_params((graphdef, params, shardings))
   members = [checkpoint.load_params(os.path.join(workdir, d, lm.PARAMS_DIR), abstract)

@@ -105,11 +105,20 @@ def load_split(builder: WorldRecords, split: str) -> Sequence[dict[str, bytes]]:
   return builder.as_data_source(split=split)
 
 
+def _source_digest(config) -> str:
+  """Hash of the source file defining the world's config class: the generators live there,
+  so editing the world rebuilds its datasets instead of reusing stale ones."""
+  path = inspect.getsourcefile(type(config))
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def build_world_datasets(world: str, config, datasets: Mapping[str, tuple], data_dir: str) -> dict:
   """Materialises a world's datasets ({name: (fields, config -> {split: records})}) as
   array_record TFDS datasets named "<world>_<name>" under data_dir, reusing any built before
-  for this exact config (a frozen dataclass). Returns {name: builder}."""
-  config_dict = dataclasses.asdict(config)
+  for this exact config (a frozen dataclass) and this version of the world's source file.
+  Returns {name: builder}."""
+  config_dict = {**dataclasses.asdict(config), "world_source": _source_digest(config)}
   return {name: build_records(name=f"{world}_{name}", config=config_dict, fields=fields,
                               data_dir=data_dir, records_fn=lambda make=make: make(config))
           for name, (fields, make) in datasets.items()}

@@ -85,3 +85,8 @@ def test_ptx_and_adaptive_kl(gold_stages, tmp_path):
   factor = 1 - 0.2 * cfg.effective().batch_size / cfg.kl_horizon
   assert kl_coefs[1:] == pytest.approx([cfg.kl_coef * factor ** i for i in range(1, 4)])
   assert "sft_matched" not in result["table"]
+
+
+def test_ptx_rows_must_hold_a_pretraining_text(gold_stages, tmp_path):
+  with pytest.raises(ValueError, match="--seq_len=48 must be >= 128"):
+    _config(gold_stages, tmp_path / "bad", "--ptx_coef=0.5", "--seq_len=48")
