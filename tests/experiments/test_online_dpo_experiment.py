@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from experiments import cli, lm, online_dpo
+from experiments import cli, online_dpo
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
@@ -16,12 +16,9 @@ from conftest import FLAGS_DIR
 
 
 def _config(gold_stages, workdir, *extra):
-  # The shared chain is PPO's, with the default corpus size (--smoke shrinks the corpus
-  # anyway); the flagfile's own --pretrain_texts would key a second chain.
   return cli.parse(online_dpo.OnlineDPOConfig,
                    [f"--flagfile={FLAGS_DIR}/online_dpo_tiny.flags", *gold_stages["args"],
-                    f"--pretrain_texts={lm.LMConfig.pretrain_texts}", f"--workdir={workdir}",
-                    *extra])
+                    f"--workdir={workdir}", *extra])
 
 
 @pytest.fixture(scope="module")
