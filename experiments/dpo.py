@@ -37,14 +37,13 @@ import math
 import os
 import pathlib
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import cli, comparisons, lm, reward, sft, worlds
+from experiments import cli, lm
 from rlhf_jax import memory, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
@@ -55,7 +54,7 @@ from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.worlds import gold, raters
+from rlhf_jax.worlds import raters
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
@@ -254,7 +253,8 @@ def run(cfg: DPOConfig) -> dict:
   cfg = cfg.effective()
   mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
   if cfg.gold and not cfg.dry_run:
-    return run_gold(cfg)
+    from experiments import dpo_gold  # it builds on this module's helpers (import cycle)
+    return dpo_gold.run_gold(cfg)
   mesh = _mesh(cfg)
   if cfg.dry_run:
     return dry_run(cfg, mcfg, mesh)
@@ -281,18 +281,11 @@ def run(cfg: DPOConfig) -> dict:
       graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
       ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
-  eval_fn = None
-  if test_src is not None:
-    eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,
-                                           batch_shardings)
+  eval_fn = None if test_src is None else _pair_eval_fn(
+      step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
+      test_src, cfg, encode, mesh)
 
-    def eval_fn(params):
-      batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
-                                              encode=encode)
-      return step_lib.evaluate(eval_step, params,
-                               (sharding.shard_batch(b, mesh) for b in batches))
-
-  final, summary = _train(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+  final, summary = train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
                           encode, eval_fn)
   if cfg.export_hf:
     base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
@@ -312,167 +305,21 @@ def run(cfg: DPOConfig) -> dict:
   return result
 
 
-def _train(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+def _pair_eval_fn(eval_step, test_src, cfg: DPOConfig, encode, mesh):
+  """eval_fn(params): the loss and metrics over the held-out pairs."""
+  def eval_fn(params):
+    batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
+                                            encode=encode)
+    return step_lib.evaluate(eval_step, params, (sharding.shard_batch(b, mesh) for b in batches))
+  return eval_fn
+
+
+def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
            encode, eval_fn):
   it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
                                       encode=encode)
   return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                          eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
-
-
-
-def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
-  """KTO examples (comparisons.kto_examples) -> the pair layout preference.kto_loss_fn reads:
-  chosen_* = (prompt, response), rejected_* = (prompt, kl_response), desirable."""
-  def enc(r):
-    pair = {"prompt": r["prompt"], "prompt_kind": r["prompt_kind"], "chosen": r["response"],
-            "rejected": r["kl_response"], **{k: r[k] for k in pairs.REF_KEYS if k in r}}
-    return {**encode(pair), "desirable": np.bool_(r["desirable"])}
-  return enc
-
-
-def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[dict], dict]:
-  """(pair records, label statistics): --num_pairs prompts drawn with replacement, each with
-  --ranking_k SFT samples ranked by a simulated rater (temperature calibrated on these
-  samples to --rater_agreement); the pair is the rater's first vs last. The gold reward
-  enters only through the raters and the statistics."""
-  rng = np.random.default_rng(cfg.seed)
-  prompts = list(rng.choice(train_prompts, cfg.num_pairs))
-  samples = comparisons.sample_k(
-      graphdef, params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
-      prompt_len=worlds.prompt_len(gold.all_prompts()), max_new_tokens=worlds.max_new_tokens(cfg),
-      temperature=1.0, key=jax.random.key(cfg.seed))
-  gold_NxK = samples.gold_NxK()
-  temperature = comparisons.calibrate_temperature(gold_NxK, cfg.rater_agreement)
-  ranking = raters.sample_rankings(gold_NxK, temperature, rng)
-  rows = np.arange(len(ranking))
-  margin = gold_NxK[rows, ranking[:, 0]] - gold_NxK[rows, ranking[:, -1]]
-  stats = {"rater_temperature": temperature, "pair_gold_margin": float(margin.mean()),
-           "pair_gold_agreement": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
-           "sample_gold": float(gold_NxK.mean())}
-  return comparisons.best_worst_pairs(samples, ranking), stats
-
-
-def gold_eval(cfg: DPOConfig, graphdef, params, prompts, key) -> tuple[dict, np.ndarray]:
-  """(summary, gold rewards) of GOLD_EVAL_SAMPLES temperature-1 samples per prompt; the same
-  key for every policy, so rows line up prompt by prompt for the win rate."""
-  ps = list(prompts) * worlds.GOLD_EVAL_SAMPLES
-  ys = worlds.sample_responses(graphdef, params, ps, batch_size=cfg.eval_batch_size,
-                               max_new=worlds.max_new_tokens(cfg), key=key)
-  return worlds.gold_summary(ps, ys, ""), gold.gold_rewards(ps, ys)
-
-
-def displacement(records, ches, sft_logps, policy_logps) -> tuple[list[dict], dict]:
-  """Per-pair CHES and log-prob changes (policy - reference), and their summary: mean CHES,
-  the share of pairs whose chosen log-prob fell, and corr(CHES, chosen change) (Razin 2024:
-  high-CHES pairs are the ones whose chosen likelihood training lowers)."""
-  d_chosen = policy_logps[0] - sft_logps[0]
-  d_rejected = policy_logps[1] - sft_logps[1]
-  lines = [{"prompt": r["prompt"], "ches": float(c), "chosen_logp_change": float(dc),
-            "rejected_logp_change": float(dr), "ref_chosen_logp": float(sc),
-            "ref_rejected_logp": float(sr)}
-           for r, c, dc, dr, sc, sr in zip(records, ches, d_chosen, d_rejected, *sft_logps)]
-  corr = (float(np.corrcoef(ches, d_chosen)[0, 1])
-          if len(ches) > 1 and np.std(ches) > 0 and np.std(d_chosen) > 0 else float("nan"))
-  summary = {"pairs": len(lines), "mean_ches": float(np.mean(ches)),
-             "chosen_decreased_fraction": float(np.mean(d_chosen < 0)),
-             "rejected_decreased_fraction": float(np.mean(d_rejected < 0)),
-             "mean_chosen_logp_change": float(np.mean(d_chosen)),
-             "mean_rejected_logp_change": float(np.mean(d_rejected)),
-             "corr_ches_chosen_change": corr}
-  return lines, summary
-
-
-def run_gold(cfg: DPOConfig) -> dict:
-  """Gold mode (module docstring): SFT stage -> rater pairs -> DPO-family training -> report."""
-  wall = {}
-  t0 = time.perf_counter()
-  sft_dir = reward.ensure_sft(cfg)
-  wall["upstream_stages_s"] = time.perf_counter() - t0
-  mesh = lm.setup(cfg)
-  world = cfg.world_config()
-  split = gold.split_prompts(world)
-  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
-  graphdef, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
-  t0 = time.perf_counter()
-  records, labels = lm.timed("sample and rank pairs", rater_pairs, cfg, graphdef, sft_params,
-                             split["train"])
-  encode = pairs.make_encoder(ByteTokenizer(), cfg.seq_len, "pairs")
-  keys = list(encode(records[0]))
-  # The report's log-probs are sums over response tokens (MATH.md), whatever the loss uses.
-  logps_fn = jit_pair_fn(preference.reference_logps_fn(graphdef), shardings, mesh, keys)
-  ches_fn = jit_pair_fn(lambda p, b: {"ches": preference.ches_fn(graphdef)(p, b)}, shardings,
-                        mesh, keys)
-  ches = map_pairs(ches_fn, sft_params, records, cfg, encode, mesh)["ches"]
-  sft_logps = precompute_reference(logps_fn, sft_params, records, cfg, encode, mesh)
-
-  if cfg.loss == "kto":
-    train_src, train_encode = comparisons.kto_examples(records), kto_encoder(encode)
-  else:
-    train_src, train_encode = records, encode
-  ref_params = None
-  if cfg.precompute_ref:
-    train_src = with_reference(cfg, graphdef, sft_params, shardings, mesh, train_src,
-                               train_encode)
-  else:
-    ref_params = sft_params  # training gets a copy: its buffers are donated
-  if cfg.loss == "kto":
-    loss_fn = preference.kto_loss_fn(graphdef, beta=cfg.beta, average_logps=cfg.average_logps,
-                                     ref_params=ref_params)
-  else:
-    loss_fn = preference.preference_loss_fn(
-        graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-        ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
-  wall["pairs_s"] = time.perf_counter() - t0
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in train_encode(train_src[0])}
-  copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
-  final, summary = _train(cfg, mesh, loss_fn, copy(sft_params), shardings, batch_shardings,
-                          train_src, train_encode, None)
-  wall["train_s"] = summary["wall_s"]
-
-  t0 = time.perf_counter()
-  policy_logps = precompute_reference(logps_fn, final.params, records, cfg, encode, mesh)
-  lines, ches_summary = displacement(records, ches, sft_logps, policy_logps)
-  with open(os.path.join(cfg.workdir, "ches.jsonl"), "w") as f:
-    f.writelines(json.dumps(line) + "\n" for line in lines)
-  key = jax.random.key(cfg.seed + 1)
-  sft_row, sft_gold = gold_eval(cfg, graphdef, sft_params, test_prompts, key)
-  table = {"sft": sft_row}
-  policies = {"policy": final.params}
-  if cfg.matched_sft:
-    policies["sft_matched"] = sft.continued_sft(
-        reward.sft_config(cfg), os.path.join(cfg.workdir, "matched_sft"), cfg.steps, mesh,
-        graphdef, sft_params, shardings)
-  rng = np.random.default_rng(cfg.seed)
-  for name, params in policies.items():
-    row, g = gold_eval(cfg, graphdef, params, test_prompts, key)
-    table[name] = {**row, **worlds.win_rate(g, sft_gold, rng)}
-  wall["report_s"] = time.perf_counter() - t0
-  result = {"loss": cfg.loss, "table": table, "ches": ches_summary, "labels": labels,
-            "train": summary["train"], "wall": wall, "sft_workdir": sft_dir,
-            "data": {"pairs": len(records), "train_examples": len(train_src),
-                     "test_prompts": len(test_prompts)}}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  print(format_gold(result))
-  return result
-
-
-def format_gold(result: dict) -> str:
-  lines = [f"held-out (test prompts x {worlds.GOLD_EVAL_SAMPLES} samples)   gold             "
-           "win rate vs SFT [95% CI]   words"]
-  for name, m in result["table"].items():
-    win = (f"{m['win_rate']:.3f} [{m['win_rate_lo']:.3f}, {m['win_rate_hi']:.3f}]"
-           if "win_rate" in m else " " * 21)
-    label = result["loss"] if name == "policy" else name
-    lines.append(f"  {label:<12} {m['gold']:+.3f} +- {m['gold_se']:.3f}   {win}     "
-                 f"{m['words']:5.1f}")
-  c = result["ches"]
-  lines.append(f"CHES over {c['pairs']} training pairs: mean {c['mean_ches']:.1f}; chosen "
-               f"log-prob fell on {c['chosen_decreased_fraction']:.0%} of pairs (mean change "
-               f"{c['mean_chosen_logp_change']:+.2f}); corr(CHES, chosen change) "
-               f"{c['corr_ches_chosen_change']:+.3f}")
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":
