@@ -70,6 +70,13 @@ def aggregate(summaries: list[dict]) -> dict:
   return out
 
 
+def figure(out: dict, path: str) -> None:
+  """The sweep's figure from its JSON summary (so committed results can be redrawn)."""
+  plots.seeds_over_training(list(out["curves"].values()), path,
+                            title=f"PPO against a learned reward, {len(out['seeds'])} seeds "
+                            f"({out['ppo_flagfile']})")
+
+
 def run(cfg: OveroptimisationConfig) -> dict:
   curves, summaries = {}, []
   for seed in cfg.seed_list:
@@ -86,9 +93,7 @@ def run(cfg: OveroptimisationConfig) -> dict:
   os.makedirs(cfg.out_dir, exist_ok=True)
   with open(os.path.join(cfg.out_dir, "overoptimisation.json"), "w") as f:
     json.dump(out, f, indent=1)
-  plots.seeds_vs_x(list(curves.values()), "kl", os.path.join(cfg.out_dir, "overoptimisation.png"),
-                   title="PPO against a learned reward: proxy vs gold (held-out)",
-                   xlabel="KL(pi || pi_SFT) per sequence (nats)")
+  figure(out, os.path.join(cfg.out_dir, "overoptimisation.png"))
   ms = out["mean_std"]
   print(f"over {len(summaries)} seeds (mean +- std): gold SFT {ms['gold_sft']['mean']:.3f} -> "
         f"peak {ms['gold_peak']['mean']:.3f} +- {ms['gold_peak']['std']:.3f} at KL "

@@ -26,19 +26,22 @@ def reward_vs_kl(curve: list[dict], path: str, *, title: str) -> None:
   plt.close(fig)
 
 
-def seeds_vs_x(runs: list[list[dict]], x_key: str, path: str, *, title: str,
-               xlabel: str) -> None:
-  """Proxy and gold against x_key for several seeds: thin lines per seed, thick mean."""
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key in zip(axes, ("proxy", "gold")):
+def seeds_over_training(runs: list[list[dict]], path: str, *, title: str) -> None:
+  """Held-out proxy, gold and KL to SFT against iteration for several seeds: thin lines per
+  seed, the thick line their mean. Against iteration rather than KL because a weakly
+  regularised run's KL is not monotone in time."""
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  labels = {"proxy": "held-out proxy reward (normalised)", "gold": "held-out gold reward r*",
+            "kl": "KL(pi || pi_SFT) per sequence (nats)"}
+  for ax, key in zip(axes, labels):
     for run in runs:
-      ax.plot([c[x_key] for c in run], [c[key] for c in run], "-", alpha=0.4)
+      ax.plot([c["iteration"] for c in run], [c[key] for c in run], "-", alpha=0.4)
     n = min(len(r) for r in runs)
-    xs = np.mean([[c[x_key] for c in r[:n]] for r in runs], axis=0)
-    ys = np.mean([[c[key] for c in r[:n]] for r in runs], axis=0)
-    ax.plot(xs, ys, "k-o", lw=2, label=f"mean of {len(runs)} seeds")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"held-out {key} reward")
+    ax.plot([c["iteration"] for c in runs[0][:n]],
+            np.mean([[c[key] for c in r[:n]] for r in runs], axis=0), "k-o", lw=2,
+            label=f"mean of {len(runs)} seeds")
+    ax.set_xlabel("PPO iteration")
+    ax.set_ylabel(labels[key])
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
