@@ -71,7 +71,7 @@ def test_finished_run_resumes_without_training_again(dpo_run, capsys):
 
 def test_interrupted_run_resumes_at_the_next_round_with_the_same_result(gold_stages, tmp_path,
                                                                       capsys):
-  cfg = _config(gold_stages, tmp_path / "run", "--labeler=raters", "--nomatched_sft")
+  cfg = _config(gold_stages, tmp_path / "run", "--labeler=reward_model", "--nomatched_sft")
   first = online_dpo.run(cfg)
   shutil.rmtree(os.path.join(cfg.workdir, "checkpoints", "2"))  # as if killed in round 2
   capsys.readouterr()
@@ -79,7 +79,7 @@ def test_interrupted_run_resumes_at_the_next_round_with_the_same_result(gold_sta
   assert "resumed from round 1" in capsys.readouterr().out
   assert again["curve"] == first["curve"]
   assert again["table"] == first["table"]
-  assert first["labeler"] == "raters" and set(first["table"]) == {"sft", "online_dpo"}
+  assert first["labeler"] == "reward_model" and set(first["table"]) == {"sft", "online_dpo"}
 
 
 @pytest.mark.parametrize("extra, message", [
