@@ -42,7 +42,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, comparisons, lm, plots, reward as reward_exp, worlds
@@ -95,16 +94,6 @@ class BestOfNConfig(lm.LMConfig):
       return tuple(sorted({int(n) for n in self.ns.split(",")}))
     except ValueError:
       raise ValueError(f"--ns must be comma-separated integers, got {self.ns!r}") from None
-
-
-def proxy_scores(rms: reward_exp.RewardModels, samples: comparisons.Samples, cfg) -> np.ndarray:
-  """Normalised, aggregated proxy reward N x K of every sample: each member scores all of
-  them in fixed-shape batches (one compile), then the members are aggregated as PPO's."""
-  members_ExNK = np.stack([reward_exp.score_samples(rms.graphdef, p, samples, cfg).ravel()
-                           for p in rms.params])
-  proxy = reward.aggregate_scores(jnp.asarray(members_ExNK), aggregate=cfg.aggregate,
-                                  uwo_coef=cfg.uwo_coef, norm_stats=(rms.norm_mean, rms.norm_std))
-  return np.asarray(proxy, np.float64).reshape(len(samples.prompts), samples.k)
 
 
 def best_in_groups(proxy_NxK: np.ndarray, n: int) -> np.ndarray:
@@ -171,7 +160,7 @@ def run(cfg: BestOfNConfig) -> dict:
       key=jax.random.key(cfg.seed + SAMPLE_STREAM))
   wall["sampling_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  proxy = proxy_scores(rms, samples, cfg)
+  proxy = reward_exp.proxy_scores(rms, samples, cfg)
   wall["scoring_s"] = time.perf_counter() - t0
   gold_NxK = samples.gold_NxK()
   words = np.array([[gold.facets(p, y)["words"] for y in ys]

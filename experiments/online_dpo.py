@@ -134,22 +134,6 @@ class Evaluator:
     return worlds.gold_summary(ps, ys, ""), s.gold_NxK().ravel().tolist()
 
 
-def proxy_scores(rms: reward_exp.RewardModels, cfg: OnlineDPOConfig,
-                 samples: comparisons.Samples) -> np.ndarray:
-  """Normalised, --aggregate'd reward-model scores N x K, in fixed-shape batches."""
-  flat_p = [p for p in samples.prompts for _ in range(samples.k)]
-  flat_y = [y for ys in samples.responses for y in ys]
-  tokens, valid = comparisons.encode_sequences(flat_p, flat_y, samples.finished.ravel(),
-                                               cfg.seq_len)
-  n, bs = len(tokens), cfg.eval_batch_size
-  tokens, valid = (np.concatenate([x, np.repeat(x[:1], -n % bs, 0)]) for x in (tokens, valid))
-  out = [np.asarray(reward.ensemble_scores(
-      rms.graphdef, rms.params, tokens[i:i + bs], valid[i:i + bs], aggregate=cfg.aggregate,
-      uwo_coef=cfg.uwo_coef, norm_stats=(rms.norm_mean, rms.norm_std)))
-      for i in range(0, len(tokens), bs)]
-  return np.concatenate(out)[:n].reshape(len(samples.prompts), samples.k)
-
-
 def choose(cfg: OnlineDPOConfig, proxy_Nx2: np.ndarray, gold_Nx2: np.ndarray,
            rater_temperature: float, rng: np.random.Generator) -> np.ndarray:
   """Index (0 or 1) of the chosen response of each pair, by --labeler."""
@@ -301,7 +285,7 @@ def train_round(cfg: OnlineDPOConfig, r: int, state, sampler: Sampler, rms, rate
   prompts = list(rng.choice(train_prompts, cfg.prompts_per_round))
   samples = sampler(state.params, prompts, k=2, temperature=cfg.sample_temperature,
                     key=jax.random.fold_in(jax.random.key(cfg.seed), r))
-  gold_Nx2, proxy_Nx2 = samples.gold_NxK(), proxy_scores(rms, cfg, samples)
+  gold_Nx2, proxy_Nx2 = samples.gold_NxK(), reward_exp.proxy_scores(rms, samples, cfg)
   chosen = choose(cfg, proxy_Nx2, gold_Nx2, rater_temperature, rng)
   batch = pair_batch(samples, chosen, cfg.seq_len)
   batch.update(reference_logps(ref_fn, ref_params, batch, cfg.batch_size, mesh))

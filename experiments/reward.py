@@ -22,6 +22,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, comparisons, lm, sft, stages, worlds
@@ -147,6 +148,17 @@ def score_samples(graphdef, params, samples: comparisons.Samples, cfg) -> np.nda
     v = np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v
     out.append(np.asarray(score(params, t, v))[:bs - pad])
   return np.concatenate(out).reshape(len(samples.prompts), samples.k)
+
+
+def proxy_scores(rms: "RewardModels", samples: comparisons.Samples, cfg) -> np.ndarray:
+  """Normalised, --aggregate'd proxy reward N x K of every sample (as PPO scores rollouts):
+  each member scores all samples in fixed-shape batches (one compile), then the members'
+  normalised scores are aggregated."""
+  members_ExNK = np.stack([score_samples(rms.graphdef, p, samples, cfg).ravel()
+                           for p in rms.params])
+  proxy = reward.aggregate_scores(jnp.asarray(members_ExNK), aggregate=cfg.aggregate,
+                                  uwo_coef=cfg.uwo_coef, norm_stats=(rms.norm_mean, rms.norm_std))
+  return np.asarray(proxy, np.float64).reshape(len(samples.prompts), samples.k)
 
 
 def run(cfg: RewardConfig) -> dict:
