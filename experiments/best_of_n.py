@@ -162,7 +162,7 @@ def run(cfg: BestOfNConfig) -> dict:
   t0 = time.perf_counter()
   proxy = reward_exp.proxy_scores(rms, samples, cfg)
   wall["scoring_s"] = time.perf_counter() - t0
-  gold_NxK = samples.gold_NxK()
+  gold_NxK = samples.ground_truth_NxK("gold")
   words = np.array([[gold.facets(p, y)["words"] for y in ys]
                     for p, ys in zip(samples.prompts, samples.responses)], np.float64)
   per_n = [per_n_row(n, proxy, gold_NxK, words) for n in cfg.n_values]

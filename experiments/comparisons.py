@@ -1,9 +1,9 @@
 """Comparison data from a policy's own samples, labelled by the simulated raters.
 
 InstructGPT's reward-model data (Ouyang 2022 sec 3.5): K responses per prompt sampled from
-the SFT policy, ranked by labellers. Here the labellers are rlhf_jax.worlds.raters on the
-hidden gold reward, at a temperature calibrated so two raters agree --rater_agreement of the
-time on these very pairs. The same samples serve the DPO family (pairs: the rater's best vs
+the SFT policy, ranked by labellers. Here the labellers are the world's simulated raters
+(experiments/worlds.py: on the gold world, Plackett-Luce on the hidden gold reward at a
+temperature calibrated so two raters agree --rater_agreement of the time on these pairs). The same samples serve the DPO family (pairs: the rater's best vs
 worst of K) and best-of-n.
 
 Sequences are encoded exactly as the policy produced them: [bos] + prompt + response, + [eos]
@@ -16,10 +16,10 @@ import dataclasses
 import jax
 import numpy as np
 
+from experiments import worlds
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.sampling import SamplingConfig, sample
-from rlhf_jax.worlds import gold, raters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,9 @@ class Samples:
   def k(self) -> int:
     return len(self.responses[0])
 
-  def gold_NxK(self) -> np.ndarray:
-    flat = gold.gold_rewards([p for p in self.prompts for _ in range(self.k)],
-                             [y for ys in self.responses for y in ys])
-    return flat.reshape(len(self.prompts), self.k)
+  def ground_truth_NxK(self, world: str) -> np.ndarray:
+    """The world's ground truth ("gold") of every sample, float64 N x K."""
+    return worlds.ground_truth_NxK(world, self.prompts, self.responses)
 
 
 def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: int,
@@ -77,13 +76,6 @@ def encode_sequences(prompts, responses, finished, seq_len: int) -> tuple[np.nda
   return tokens, valid
 
 
-def calibrate_temperature(gold_NxK: np.ndarray, agreement: float) -> float:
-  """Rater temperature at which two raters agree `agreement` of the time on all within-prompt
-  pairs of these samples (raters.temperature_for_agreement)."""
-  i, j = np.triu_indices(gold_NxK.shape[1], k=1)
-  return raters.temperature_for_agreement((gold_NxK[:, i] - gold_NxK[:, j]).ravel(), agreement)
-
-
 def ranking_examples(samples: Samples, ranking_NxK: np.ndarray, seq_len: int) -> list[dict]:
   """One example per prompt for reward.ranking_loss_fn: tokens_BxKxT/valid_BxKxT rows in
   rank order (best first)."""
@@ -110,11 +102,6 @@ def ranking_to_better(ranking_NxK: np.ndarray) -> np.ndarray:
   place = np.empty_like(ranking_NxK)
   place[np.arange(n)[:, None], ranking_NxK] = np.arange(k)[None, :]
   return place[:, :, None] < place[:, None, :]
-
-
-def gold_better(gold_NxK: np.ndarray) -> np.ndarray:
-  """labels[n, i, j] True where r*(i) > r*(j) strictly (gold ties are left out)."""
-  return gold_NxK[:, :, None] > gold_NxK[:, None, :]
 
 
 def sampled_pairs(prompts, chosen, rejected, chosen_finished, rejected_finished,

@@ -1,21 +1,23 @@
 """DPO / cDPO / IPO on preference pairs from local files, from a real or a random model; and
-DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT samples on the gold world.
+DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT samples on a preference world.
 
     python -m experiments.dpo --flagfile=experiments/configs/dpo_tiny.flags
     python -m experiments.dpo --flagfile=experiments/configs/dpo_llama3_1b_hh_v5e8.flags --dry_run
     python -m experiments.dpo --flagfile=experiments/configs/dpo_gold_tiny.flags
 
-Gold world (--world=gold, no --data_files): builds or reuses the SFT stage (--sft_flagfile,
-cached under --stage_root with its pretraining stage); policy and frozen reference start from
-the SFT params. --num_pairs train prompts (drawn with replacement) get --ranking_k SFT samples
-each, ranked by simulated raters calibrated to --rater_agreement (experiments/comparisons.py);
-a pair is the rater's first vs last response. KTO trains on the same rankings, unpaired: first
+World mode (--world=gold|sycophancy|intransitive, no --data_files; experiments/dpo_world.py):
+builds or reuses the SFT stage (--sft_flagfile, cached under --stage_root with its pretraining
+stage); policy and frozen reference start from the SFT params. --num_pairs train prompts
+(drawn with replacement) get --ranking_k SFT samples each, ranked by the world's simulated
+raters (experiments/worlds.py; gold: calibrated to --rater_agreement); a pair is the rater's
+first vs last response. KTO trains on the same rankings, unpaired: first
 = desirable, last = undesirable. Training never sees the gold reward; the report does:
   ches.jsonl   per training pair: CHES under the SFT model (Razin 2024) and the change of the
                chosen/rejected log-probs, trained policy vs reference (likelihood displacement)
-  result.json  gold reward of the SFT and trained policies (and with --matched_sft, of SFT
-               continued for as many steps) on held-out prompts, win rates against SFT with
-               bootstrap CIs, the CHES summary, the label statistics.
+  result.json  the world's ground truth ("gold") and own metrics (e.g. the sycophancy rate)
+               of the SFT and trained policies (and with --matched_sft, of SFT continued for
+               as many steps) on held-out prompts, win rates against SFT with bootstrap CIs,
+               the CHES summary, the label statistics.
 
 The policy starts from --init_hf (a Hugging Face model directory), else --init_from (the
 params of an earlier stage), else a random --model preset (smoke tests). The reference is
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import cli, lm
+from experiments import cli, lm, worlds
 from rlhf_jax import memory, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
@@ -82,17 +84,17 @@ class DPOConfig(lm.LMConfig):
   export_hf: str = cli.flag("", "Directory to export the trained policy to (HF layout).")
   dry_run: bool = cli.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
   sft_flagfile: str = cli.flag("experiments/configs/sft_gold_tiny.flags",
-                               "--world=gold: flagfile of the SFT stage that policy and "
+                               "World mode: flagfile of the SFT stage that policy and "
                                "reference start from and whose samples are ranked.")
   stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  num_pairs: int = cli.flag(256, "--world=gold: training prompts (drawn with replacement), "
+  num_pairs: int = cli.flag(256, "World mode: training prompts (drawn with replacement), "
                             "one rater-labelled pair each.")
-  ranking_k: int = cli.flag(4, "--world=gold: SFT samples ranked per prompt; the pair is the "
+  ranking_k: int = cli.flag(4, "World mode: SFT samples ranked per prompt; the pair is the "
                             "rater's first vs last.")
   rater_agreement: float = cli.flag(raters.INSTRUCTGPT_AGREEMENT,
                                     "--world=gold: target agreement of two independent "
                                     "raters, in (0.5, 1).")
-  matched_sft: bool = cli.flag(False, "--world=gold: also continue SFT for --steps steps (the "
+  matched_sft: bool = cli.flag(False, "World mode: also continue SFT for --steps steps (the "
                                "matched-compute baseline) and report it.")
 
   def __post_init__(self):
@@ -105,33 +107,38 @@ class DPOConfig(lm.LMConfig):
       raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
     if not 0.0 <= self.test_fraction < 1.0:
       raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
-    if self.gold:
-      self._check_gold()
-    # Every --data_format is paired: KTO's unpaired labels exist only in gold mode.
-    preference.check_loss(self.loss, unpaired_labels=self.gold)
+    if self.world_mode:
+      self._check_world_mode()
+    # Every --data_format is paired: KTO's unpaired labels exist only in world mode.
+    preference.check_loss(self.loss, unpaired_labels=self.world_mode)
     if self.init_hf and self.init_from:
       raise ValueError("give at most one of --init_hf and --init_from")
-    if not self.data_files and not self.dry_run and not self.gold:
+    if not self.data_files and not self.dry_run and not self.world_mode:
       raise ValueError("--data_files is required (preference pairs to train on)")
 
   @property
-  def gold(self) -> bool:
-    """Gold mode: pairs come from the SFT policy's samples ranked by simulated raters."""
-    return self.world == "gold"
+  def world_mode(self) -> bool:
+    """World mode (a preference world): pairs come from the SFT policy's samples ranked by
+    the world's simulated raters."""
+    return self.world in worlds.PREFERENCE_WORLDS
 
-  def _check_gold(self):
+  def _check_world_mode(self):
     if self.data_files:
-      raise ValueError("--data_files cannot be combined with --world=gold (gold mode trains on "
-                       "rater-labelled SFT samples); drop one of them")
+      raise ValueError(f"--data_files cannot be combined with --world={self.world} (world mode "
+                       "trains on rater-labelled SFT samples); drop one of them")
     for name in ("init_hf", "init_from"):
       if getattr(self, name):
-        raise ValueError(f"--{name} cannot be combined with --world=gold: policy and reference "
-                         "start from the SFT stage of --sft_flagfile")
+        raise ValueError(f"--{name} cannot be combined with --world={self.world}: policy and "
+                         "reference start from the SFT stage of --sft_flagfile")
     if self.num_pairs < 1:
       raise ValueError(f"--num_pairs must be >= 1, got {self.num_pairs}")
     if self.ranking_k < 2:
       raise ValueError(f"--ranking_k must be >= 2 (a pair needs two responses), "
                        f"got {self.ranking_k}")
+    if self.world == "intransitive" and self.ranking_k != 2:
+      raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world's raters only "
+                       "compare pairs (a cyclic preference has no K-way ranking); pass "
+                       "--ranking_k=2")
     if not 0.5 < self.rater_agreement < 1.0:
       raise ValueError(f"--rater_agreement must be in (0.5, 1), got {self.rater_agreement}")
 
@@ -252,9 +259,9 @@ def with_reference(cfg: DPOConfig, graphdef, params, shardings, mesh, source, en
 def run(cfg: DPOConfig) -> dict:
   cfg = cfg.effective()
   mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
-  if cfg.gold and not cfg.dry_run:
-    from experiments import dpo_gold  # it builds on this module's helpers (import cycle)
-    return dpo_gold.run_gold(cfg)
+  if cfg.world_mode and not cfg.dry_run:
+    from experiments import dpo_world  # it builds on this module's helpers (import cycle)
+    return dpo_world.run_world(cfg)
   mesh = _mesh(cfg)
   if cfg.dry_run:
     return dry_run(cfg, mcfg, mesh)

@@ -131,7 +131,7 @@ class Evaluator:
                      key=self.key)
     ps = [p for p in s.prompts for _ in range(s.k)]
     ys = [y for row in s.responses for y in row]
-    return worlds.gold_summary(ps, ys, ""), s.gold_NxK().ravel().tolist()
+    return worlds.summary("gold", ps, ys), s.ground_truth_NxK("gold").ravel().tolist()
 
 
 def choose(cfg: OnlineDPOConfig, proxy_Nx2: np.ndarray, gold_Nx2: np.ndarray,
@@ -285,7 +285,7 @@ def train_round(cfg: OnlineDPOConfig, r: int, state, sampler: Sampler, rms, rate
   prompts = list(rng.choice(train_prompts, cfg.prompts_per_round))
   samples = sampler(state.params, prompts, k=2, temperature=cfg.sample_temperature,
                     key=jax.random.fold_in(jax.random.key(cfg.seed), r))
-  gold_Nx2, proxy_Nx2 = samples.gold_NxK(), reward_exp.proxy_scores(rms, samples, cfg)
+  gold_Nx2, proxy_Nx2 = samples.ground_truth_NxK("gold"), reward_exp.proxy_scores(rms, samples, cfg)
   chosen = choose(cfg, proxy_Nx2, gold_Nx2, rater_temperature, rng)
   batch = pair_batch(samples, chosen, cfg.seq_len)
   batch.update(reference_logps(ref_fn, ref_params, batch, cfg.batch_size, mesh))

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from experiments import cli, plots, ppo
+from experiments import cli, plots, ppo, sweeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +32,11 @@ class OveroptimisationConfig:
   smoke: bool = cli.flag(False, "PPO --smoke runs (for tests of the plumbing).")
 
   def __post_init__(self):
-    try:
-      seeds = [int(s) for s in self.seeds.split(",")]
-    except ValueError:
-      raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
-    if len(set(seeds)) != len(seeds) or not seeds:
-      raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds!r}")
+    sweeps.parse_seeds(self.seeds)
 
   @property
   def seed_list(self) -> list[int]:
-    return [int(s) for s in self.seeds.split(",")]
+    return sweeps.parse_seeds(self.seeds)
 
 
 def seed_summary(curve: list[dict]) -> dict:
@@ -58,16 +53,6 @@ def seed_summary(curve: list[dict]) -> dict:
           "peak_iteration": int(curve[peak]["iteration"]),
           "gold_drop_after_peak": float(gold[peak] - gold[-1]),
           "proxy_gain_after_peak": float(proxy[-1] - proxy[peak])}
-
-
-def aggregate(summaries: list[dict]) -> dict:
-  """Mean and sample standard deviation over seeds of every per-seed number."""
-  out = {}
-  for key in summaries[0]:
-    values = np.array([s[key] for s in summaries], np.float64)
-    out[key] = {"mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-  return out
 
 
 def figure(out: dict, path: str) -> None:
@@ -89,7 +74,7 @@ def run(cfg: OveroptimisationConfig) -> dict:
     summaries.append({"seed": seed, **seed_summary(result["curve"])})
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
   out = {"ppo_flagfile": cfg.ppo_flagfile, "seeds": cfg.seed_list, "per_seed": summaries,
-         "mean_std": aggregate(numbers), "curves": {str(k): v for k, v in curves.items()}}
+         "mean_std": sweeps.aggregate(numbers), "curves": {str(k): v for k, v in curves.items()}}
   os.makedirs(cfg.out_dir, exist_ok=True)
   with open(os.path.join(cfg.out_dir, "overoptimisation.json"), "w") as f:
     json.dump(out, f, indent=1)

@@ -68,3 +68,21 @@ def curve_with_se(curve: list[dict], x_key: str, key: str, path: str, *, title: 
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def bars_over_seeds(values: dict[str, dict[str, list[float]]], path: str, *,
+                    title: str) -> None:
+  """One panel per metric ({metric: {policy: [value per seed]}}): a bar per policy at the
+  mean over seeds, with each seed's value as a dot, so the spread is visible."""
+  fig, axes = plt.subplots(1, len(values), figsize=(5 * len(values), 4), squeeze=False)
+  for ax, (metric, per_policy) in zip(axes[0], values.items()):
+    names = list(per_policy)
+    ax.bar(names, [np.mean(per_policy[n]) for n in names], color="lightgray",
+           edgecolor="k")
+    for i, n in enumerate(names):
+      ax.plot(np.full(len(per_policy[n]), i), per_policy[n], "o", color="tab:red", alpha=0.7)
+    ax.set_ylabel(metric)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,4 +1,4 @@
-"""PPO from a learned reward (InstructGPT stage 3) on the gold world: THE MAIN JOB.
+"""PPO from a learned reward (InstructGPT stage 3) on a preference world: THE MAIN JOB (gold).
 
     python -m experiments.ppo --flagfile=experiments/configs/ppo_tiny.flags
 
@@ -20,7 +20,9 @@ prompts, then --ppo_epochs passes over it in --num_minibatches minibatches);
 --eval_every / --save_every count iterations. Training never sees the gold reward r*;
 every evaluation reports it: the held-out table for the base, SFT and PPO policies (gold,
 proxy, KL to SFT per sequence +- standard error, words) and ppo_curve.png, proxy and gold
-reward against KL over training.
+reward against KL over training. On the sycophancy and intransitive worlds the table adds
+the world's own columns (the sycophancy rate; exploitability and distance to the Nash
+equilibrium), the numbers those worlds exist to measure.
 """
 import dataclasses
 import json
@@ -44,7 +46,6 @@ from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, optim, ppo, reward
 from rlhf_jax.train import state as state_lib, step as step_lib
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
-from rlhf_jax.worlds import gold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +79,9 @@ class PPOConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "gold":
-      raise ValueError("experiments.ppo runs on --world=gold (the reward models are trained "
-                       "on its rater labels)")
+    if self.world not in worlds.PREFERENCE_WORLDS:
+      raise ValueError(f"experiments.ppo needs a preference world "
+                       f"(--world={'|'.join(worlds.PREFERENCE_WORLDS)}), got {self.world!r}")
     for name in ("ppo_epochs", "num_minibatches", "kl_horizon"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -89,10 +90,10 @@ class PPOConfig(lm.LMConfig):
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if self.kl_target <= 0 or self.clip_eps <= 0 or self.temperature <= 0:
       raise ValueError("--kl_target, --clip_eps and --temperature must be > 0")
-    if self.ptx_coef and self.seq_len < gold.MAX_PRETRAIN_BYTES + 2:
-      raise ValueError(f"--ptx_coef > 0 trains on pretraining texts of up to "
-                       f"{gold.MAX_PRETRAIN_BYTES} bytes: --seq_len={self.seq_len} must be >= "
-                       f"{gold.MAX_PRETRAIN_BYTES + 2}")
+    longest = worlds.module(self.world).MAX_PRETRAIN_BYTES
+    if self.ptx_coef and self.seq_len < longest + 2:
+      raise ValueError(f"--ptx_coef > 0 trains on pretraining texts of up to {longest} bytes: "
+                       f"--seq_len={self.seq_len} must be >= {longest + 2}")
     if self.batch_size % (self.num_minibatches * self.num_microbatches):
       raise ValueError(f"--batch_size={self.batch_size} (prompts per rollout) must be "
                        f"divisible by --num_minibatches * --num_microbatches = "
@@ -154,6 +155,7 @@ def with_ptx(loss_fn, graphdef, ptx_coef: float):
 class Evaluator:
   """Held-out evaluation of any policy: GOLD_EVAL_SAMPLES samples per test prompt through
   the (compiled) rollout, in batches of the rollout's own shape, so it compiles nothing new."""
+  world: str
   rollout_fn: object
   reward_fn: object
   prompts: list[str]
@@ -176,7 +178,7 @@ class Evaluator:
       proxy.append(np.asarray(self.reward_fn(ro.tokens_BxT, ro.valid_BxT)))
     n = len(self.prompts) * worlds.GOLD_EVAL_SAMPLES
     kl, proxy, ps, ys = np.concatenate(kls)[:n], np.concatenate(proxy)[:n], ps[:n], ys[:n]
-    out = worlds.gold_summary(ps, ys, "")
+    out = worlds.summary(self.world, ps, ys)
     out.update(proxy=float(proxy.mean()), proxy_se=float(proxy.std(ddof=1) / np.sqrt(n)),
                kl=float(kl.mean()), kl_se=float(kl.std(ddof=1) / np.sqrt(n)))
     return out
@@ -202,10 +204,9 @@ def run(cfg: PPOConfig) -> dict:
     raise ValueError(f"a PPO microbatch (--batch_size / --num_minibatches / "
                      f"--num_microbatches) must be divisible by the data-parallel size "
                      f"{data_parallel}")
-  world = cfg.world_config()
-  split = gold.split_prompts(world)
-  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
-  prompt_len = worlds.prompt_len(gold.all_prompts())
+  split = worlds.split_prompts(cfg)
+  test_prompts = worlds.test_prompts(cfg)
+  prompt_len = worlds.world_prompt_len(cfg)
   max_new = worlds.max_new_tokens(cfg)
 
   g, sft_params, pol_shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
@@ -241,7 +242,7 @@ def run(cfg: PPOConfig) -> dict:
       step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
                                lr_schedule=optim.make_schedule(ocfg)),
       state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
-  evaluator = Evaluator(rollout_fn, reward_fn, test_prompts, prompt_len, cfg.batch_size,
+  evaluator = Evaluator(cfg.world, rollout_fn, reward_fn, test_prompts, prompt_len, cfg.batch_size,
                         sft_params, rms.params[0], jax.random.key(cfg.seed + 1))
   ptx_iter = None
   if cfg.ptx_coef:
@@ -284,7 +285,7 @@ def run(cfg: PPOConfig) -> dict:
       values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
                 **{k: float(v) for k, v in jax.device_get(metrics).items()}}
       ys = responses_of(ro, prompt_len)
-      values.update({f"rollout_{k}": v for k, v in worlds.gold_summary(prompts, ys, "").items()})
+      values.update({f"rollout_{k}": v for k, v in worlds.summary(cfg.world, prompts, ys).items()})
       values["compiles"] = float(counter.count)
       if cfg.adaptive_kl:
         kl_coef = float(ppo_losses.adaptive_kl_update_horizon(
@@ -322,7 +323,7 @@ def run(cfg: PPOConfig) -> dict:
     json.dump(result, f, indent=1)
   plots.reward_vs_kl(curve, os.path.join(cfg.workdir, "ppo_curve.png"),
                      title=f"PPO, kl_coef {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}")
-  print(format_table(table))
+  print(format_table(table, cfg.world))
   return result
 
 
@@ -343,13 +344,14 @@ def train_on_rollout(cfg: PPOConfig, mesh, train_step, state, batch, rng, ptx_it
   return state, metrics
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict, world: str) -> str:
+  extra = worlds.WORLD_COLUMNS[world]
   lines = ["held-out (test prompts x 4 samples)   gold           proxy          "
-           "KL to SFT       words"]
+           "KL to SFT       words" + "".join(f"  {k:>15}" for k in extra)]
   for name, m in table.items():
     lines.append(f"  {name:<12} {m['gold']:+.3f} +- {m['gold_se']:.3f}   "
                  f"{m['proxy']:+.3f} +- {m['proxy_se']:.3f}   {m['kl']:6.2f} +- {m['kl_se']:.2f}"
-                 f"   {m['words']:5.1f}")
+                 f"   {m['words']:5.1f}" + "".join(f"  {m[k]:15.3f}" for k in extra))
   return "\n".join(lines)
 
 

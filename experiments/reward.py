@@ -1,17 +1,22 @@
-"""Reward models (InstructGPT stage 2) on the gold world: one, or an ensemble.
+"""Reward models (InstructGPT stage 2) on a preference world: one, or an ensemble.
 
     python -m experiments.reward --flagfile=experiments/configs/reward_gold_tiny.flags
 
 Builds (or reuses) the SFT stage and its pretraining stage, then:
 1. samples --ranking_k responses for each of --num_rankings training prompts (drawn with
    replacement from the train split) and for every held-out prompt from the SFT policy;
-2. labels them with simulated raters: Plackett-Luce rankings on r*/T, T calibrated so two
-   raters agree --rater_agreement of the time on these pairs (experiments/comparisons.py);
+2. labels them with the world's simulated raters (experiments/worlds.py; on the gold world
+   Plackett-Luce rankings on r*/T, T calibrated so two raters agree --rater_agreement of the
+   time on these pairs; the intransitive world only compares pairs, --ranking_k=2);
 3. trains --ensemble_size reward models, each a ScalarHeadModel whose backbone is a copy of
    the SFT model (fresh scalar head, own seed; own bootstrap resample with --bootstrap),
    on the K-way ranking loss (all C(K,2) pairs of a prompt in one batch, 1/C(K,2) each);
-4. reports held-out pairwise accuracy on fresh rater labels and on gold labels, per member
-   and for the ensemble mean, next to the raters' own ceilings.
+4. reports held-out pairwise accuracy on fresh rater labels and on ground-truth labels, per
+   member and for the ensemble mean, next to the raters' own ceilings (and, on the sycophancy
+   world, how often the model prefers the sycophantic wrong answer of a pair).
+
+--reward_model=pairwise trains a pairwise preference model P(y > y' | x) instead
+(experiments/pairwise_reward.py; the intransitive world, where no scalar reward fits).
 
 Outputs in --workdir: member_<e>/{params, checkpoints, metrics.jsonl, tb/}, result.json, and
 reward_models.json (members, normalisation statistics, rater temperature), which
@@ -33,9 +38,10 @@ from rlhf_jax.models.transformer import ScalarHeadModel
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config
-from rlhf_jax.worlds import gold, raters
+from rlhf_jax.worlds import raters
 
 MANIFEST = "reward_models.json"
+REWARD_MODELS = ("bt", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +58,22 @@ class RewardConfig(lm.LMConfig):
   ensemble_size: int = cli.flag(1, "Reward models trained (own seeds; see --bootstrap).")
   bootstrap: bool = cli.flag(False, "Each ensemble member trains on its own bootstrap "
                              "resample of the rankings (otherwise all see the same data).")
+  # Not --model, which names the architecture preset in every experiment.
+  reward_model: str = cli.flag("bt", "bt: a scalar Bradley-Terry reward model; pairwise: a "
+                               "pairwise preference model P(y > y' | x).",
+                               choices=REWARD_MODELS)
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "gold":
-      raise ValueError("experiments.reward needs --world=gold (rankings are labelled through "
-                       "the gold reward)")
+    if self.world not in worlds.PREFERENCE_WORLDS:
+      raise ValueError(f"experiments.reward needs a preference world "
+                       f"(--world={'|'.join(worlds.PREFERENCE_WORLDS)}), got {self.world!r}")
+    if (self.world == "intransitive" or self.reward_model == "pairwise") and self.ranking_k != 2:
+      raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world and the pairwise "
+                       "model compare pairs (a cyclic preference has no K-way ranking model); "
+                       "pass --ranking_k=2")
+    if self.reward_model == "pairwise" and self.ensemble_size != 1:
+      raise ValueError("--reward_model=pairwise trains one model: pass --ensemble_size=1")
     for name in ("num_rankings", "ensemble_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -105,8 +121,14 @@ def ensure_reward(cfg, rcfg: RewardConfig) -> str:
 
 
 def check_ensemble(cfg, rcfg: RewardConfig) -> None:
-  """Refuses an ensemble aggregator (--aggregate of a downstream run `cfg`: PPO, best-of-n)
-  over a single-model reward stage, from the flags alone, before anything is built."""
+  """Refuses, from the flags alone and before anything is built, a pairwise preference model
+  where a downstream run `cfg` (PPO, best-of-n) needs a scalar reward, and an ensemble
+  aggregator (--aggregate) over a single-model reward stage."""
+  if rcfg.reward_model != "bt":
+    raise ValueError(f"{cfg.reward_flagfile} trains a {rcfg.reward_model} preference model, "
+                     "but this experiment needs a scalar reward: point --reward_flagfile at a "
+                     "--reward_model=bt stage (Nash-MD, experiments.nash_md, uses pairwise "
+                     "models)")
   if cfg.aggregate != "mean" and rcfg.ensemble_size < 2:
     raise ValueError(f"--aggregate={cfg.aggregate}: {reward.SINGLE_MEMBER_REFUSAL} in the "
                      f"reward stage ({cfg.reward_flagfile}); pass --aggregate=mean or an "
@@ -162,15 +184,17 @@ def proxy_scores(rms: "RewardModels", samples: comparisons.Samples, cfg) -> np.n
 
 
 def run(cfg: RewardConfig) -> dict:
+  if cfg.reward_model == "pairwise":
+    from experiments import pairwise_reward  # It builds on this module's stages.
+    return pairwise_reward.run(cfg)
   cfg = cfg.effective()
   sft_dir = ensure_sft(cfg)
   mesh = lm.setup(cfg)
   write_config(cfg.workdir, cli.to_dict(cfg))
-  world = cfg.world_config()
-  split = gold.split_prompts(world)
-  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
+  split = worlds.split_prompts(cfg)
+  test_prompts = worlds.test_prompts(cfg)
   graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
-  prompt_len = worlds.prompt_len(gold.all_prompts())
+  prompt_len = worlds.world_prompt_len(cfg)
   rng = np.random.default_rng(cfg.seed)
   train_prompts = list(rng.choice(split["train"], cfg.num_rankings))
   sample = lambda prompts, key: comparisons.sample_k(
@@ -179,10 +203,9 @@ def run(cfg: RewardConfig) -> dict:
       temperature=cfg.sample_temperature, key=key)
   train_s = lm.timed("sample rankings data", sample, train_prompts, jax.random.key(cfg.seed))
   test_s = sample(test_prompts, jax.random.key(cfg.seed + 10_000))
-  train_gold, test_gold = train_s.gold_NxK(), test_s.gold_NxK()
-  temperature = comparisons.calibrate_temperature(train_gold, cfg.rater_agreement)
-  train_rank = raters.sample_rankings(train_gold, temperature, rng)
-  test_rank = raters.sample_rankings(test_gold, temperature, rng)
+  raters_ = worlds.make_raters(cfg, train_s.prompts, train_s.responses)
+  train_rank = raters_.rank(train_s.prompts, train_s.responses, rng)
+  test_rank = raters_.rank(test_s.prompts, test_s.responses, rng)
   examples = comparisons.ranking_examples(train_s, train_rank, cfg.seq_len)
   test_examples = comparisons.ranking_examples(test_s, test_rank, cfg.seq_len)
 
@@ -211,14 +234,20 @@ def run(cfg: RewardConfig) -> dict:
   # ensemble live on arbitrary scales; PPO and best-of-n aggregate normalised scores.
   norm_mean, norm_std = bt.fit_reward_normalization(
       np.stack([s.ravel() for s in train_scores]))
-  result = evaluate(member_scores, np.asarray(norm_mean), np.asarray(norm_std), test_rank,
-                    test_gold, temperature)
+  labels = worlds.pair_labels(cfg.world, raters_, test_s.prompts, test_s.responses)
+  # The ensemble's score: the mean of the members' normalised scores.
+  ens = np.mean([(s - m) / sd for s, m, sd in
+                 zip(member_scores, np.asarray(norm_mean), np.asarray(norm_std))], 0)
+  result = evaluate(member_scores, ens, test_rank, labels)
+  result.update(worlds.reward_pair_metrics(cfg.world, test_s.prompts, test_s.responses, ens,
+                                           labels))
+  temperature = raters_.temperature if cfg.world == "gold" else None
   result.update(rater_temperature=temperature, rater_agreement_target=cfg.rater_agreement,
                 sft_workdir=sft_dir, train_prompts=cfg.num_rankings, ranking_k=cfg.ranking_k,
-                sft_train_gold=float(train_gold.mean()))
+                sft_train_gold=float(train_s.ground_truth_NxK(cfg.world).mean()))
   manifest = {"members": member_dirs, "norm_mean": np.asarray(norm_mean).tolist(),
               "norm_std": np.asarray(norm_std).tolist(), "rater_temperature": temperature,
-              "sft_workdir": sft_dir}
+              "sft_workdir": sft_dir, "reward_model": "bt"}
   with open(os.path.join(cfg.workdir, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
@@ -233,26 +262,25 @@ def _ranking_iterator(examples, batch_size: int, seed: int):
                                         encode=lambda r: r)
 
 
-def evaluate(member_scores, norm_mean, norm_std, test_rank, test_gold, temperature) -> dict:
-  """Held-out pairwise accuracy on a fresh rater's labels and on gold labels (strict gold
-  order), per member and for the normalised ensemble mean; the ceilings are the raters':
-  a rater agrees with another rater `rater_vs_rater` and with gold `rater_vs_gold` of the time.
-  """
+def evaluate(member_scores, ensemble_scores, test_rank, labels) -> dict:
+  """Held-out pairwise accuracy on a fresh rater's labels and on ground-truth labels (strict
+  order; ties left out), per member and for the normalised ensemble mean; the ceilings are
+  the raters': a rater agrees with another rater `rater_vs_rater` and with the truth
+  `rater_vs_gold` of the time. labels: worlds.pair_labels of the test samples."""
   rater_labels = comparisons.ranking_to_better(test_rank)
-  gold_labels = comparisons.gold_better(test_gold)
-  i, j = np.triu_indices(test_gold.shape[1], k=1)
-  diffs = (test_gold[:, i] - test_gold[:, j]).ravel()
-  p = raters.preference_probability(np.abs(diffs[diffs != 0]), temperature)
-  out = {"members": [], "rater_vs_rater": raters.agreement(diffs, temperature),
-         "rater_vs_gold": float(p.mean()),
+  gold_labels = labels["truth"] == 1.0
+  i, j = np.triu_indices(test_rank.shape[1], k=1)
+  p, truth = labels["rater"][:, i, j], labels["truth"][:, i, j]
+  decided = truth != 0.5
+  out = {"members": [], "rater_vs_rater": float(np.mean(p**2 + (1 - p) ** 2)),
+         "rater_vs_gold": float(np.where(truth == 1.0, p, 1 - p)[decided].mean()),
          "test_pairs": int(rater_labels.sum()), "test_gold_pairs": int(gold_labels.sum())}
   for s in member_scores:
     out["members"].append({"accuracy_rater": comparisons.pairwise_accuracy(s, rater_labels),
                            "accuracy_gold": comparisons.pairwise_accuracy(s, gold_labels)})
-  normalised = np.stack([(s - m) / sd for s, m, sd in zip(member_scores, norm_mean, norm_std)])
-  ens = normalised.mean(0)
-  out["ensemble"] = {"accuracy_rater": comparisons.pairwise_accuracy(ens, rater_labels),
-                     "accuracy_gold": comparisons.pairwise_accuracy(ens, gold_labels)}
+  out["ensemble"] = {
+      "accuracy_rater": comparisons.pairwise_accuracy(ensemble_scores, rater_labels),
+      "accuracy_gold": comparisons.pairwise_accuracy(ensemble_scores, gold_labels)}
   return out
 
 
@@ -266,6 +294,10 @@ def format_result(result: dict) -> str:
                  f"{m['accuracy_gold']:.3f}")
   lines.append(f"  raters' ceiling        {result['rater_vs_rater']:.3f}          "
                f"{result['rater_vs_gold']:.3f}")
+  if "rm_prefers_sycophantic" in result:
+    lines.append(f"sycophantic wrong vs correct ({result['sycophantic_pairs']} pairs): reward "
+                 f"model prefers the sycophantic one {result['rm_prefers_sycophantic']:.3f}, "
+                 f"raters {result['raters_prefer_sycophantic']:.3f}")
   return "\n".join(lines)
 
 

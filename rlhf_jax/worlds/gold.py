@@ -151,6 +151,28 @@ def gold_reward(prompt: str, response: str) -> float:
   return float(gold_rewards([prompt], [response])[0])
 
 
+# The preference-world protocol (experiments/worlds.py): the ground truth is r* itself, and
+# the raters are Plackett-Luce on r* at a temperature the experiments calibrate on the pairs
+# they rate (raters.py), so rater functions live there.
+ground_truth = gold_rewards
+# Response tokens sampled by default: 120 bytes (~24 words) reach past the length peak
+# (16 words) to its zero (24).
+DEFAULT_MAX_NEW_TOKENS = 120
+
+
+def metrics(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+  """Mean words and the share of responses ending with a period."""
+  fs = [facets(p, y) for p, y in zip(prompts, responses)]
+  return {"words": float(np.mean([f["words"] for f in fs])),
+          "period": float(np.mean([f["period"] for f in fs]))}
+
+
+def truth_better(prompts: Sequence[str], ys_a: Sequence[str], ys_b: Sequence[str]) -> np.ndarray:
+  """1.0 where r*(a) > r*(b), 0.0 where r*(a) < r*(b), 0.5 on ties."""
+  diff = gold_rewards(prompts, ys_a) - gold_rewards(prompts, ys_b)
+  return np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
+
+
 # ---------------------------------------------------------------- the world's texts
 
 
@@ -160,7 +182,9 @@ def _unit_hash(*parts) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def all_prompts() -> list[str]:
+def all_prompts(config: GoldConfig | None = None) -> list[str]:
+  """Every prompt of the world (the same for every config)."""
+  del config
   return [t.format(t=topic) for topic in TOPICS for t in PROMPT_TEMPLATES]
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, overoptimisation as oo
+from experiments import cli, overoptimisation as oo, sweeps
 
 from conftest import FLAGS_DIR
 
@@ -25,7 +25,7 @@ def test_seed_summary_finds_the_gold_peak():
   assert (s["gold_peak"], s["peak_iteration"], s["kl_at_gold_peak"]) == (2.4, 10, 1.0)
   assert s["gold_drop_after_peak"] == pytest.approx(2.4 - 1.7)
   assert s["proxy_gain_after_peak"] == pytest.approx(1.2 - 0.5)
-  agg = oo.aggregate([{"x": 1.0}, {"x": 3.0}])
+  agg = sweeps.aggregate([{"x": 1.0}, {"x": 3.0}])
   assert agg["x"] == {"mean": 2.0, "std": pytest.approx(np.sqrt(2.0))}
 
 

@@ -47,16 +47,27 @@ def test_evaluate_against_hand_labels():
   scores = [np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])]
   rank = np.array([[0, 1, 2], [2, 1, 0]])  # rater agrees on prompt 0, reverses prompt 1
   gold = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # one strict gold pair order + ties
-  out = reward.evaluate(scores, np.zeros(1), np.ones(1), rank, gold, temperature=1.0)
+  truth = np.where(gold[:, :, None] > gold[:, None, :], 1.0,
+                   np.where(gold[:, :, None] < gold[:, None, :], 0.0, 0.5))
+  # Raters prefer the gold-better response with 0.8, tied pairs are coin flips.
+  rater = np.where(truth == 1.0, 0.8, np.where(truth == 0.0, 0.2, 0.5))
+  out = reward.evaluate(scores, scores[0], rank, {"rater": rater, "truth": truth})
   assert out["members"][0]["accuracy_rater"] == pytest.approx(0.5)  # 3 of 6 rater pairs
   assert out["members"][0]["accuracy_gold"] == pytest.approx(1.0)  # (0 > 1), (0 > 2) right
+  assert out["ensemble"] == out["members"][0]
   assert out["test_gold_pairs"] == 2
+  # 6 pairs (i < j): 2 decided (agreement 0.8^2 + 0.2^2 = 0.68), 4 tied (0.5).
+  assert out["rater_vs_rater"] == pytest.approx((2 * 0.68 + 4 * 0.5) / 6)
+  assert out["rater_vs_gold"] == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--ranking_k=1"], "--ranking_k"),
     (["--rater_agreement=0.5"], "--rater_agreement"),
-    (["--world=arithmetic"], "--world=gold"),
+    (["--world=arithmetic"], "preference world"),
+    (["--world=intransitive", "--ranking_k=4"], "--ranking_k=2"),
+    (["--reward_model=pairwise", "--ranking_k=4"], "--ranking_k=2"),
+    (["--reward_model=pairwise", "--ranking_k=2", "--ensemble_size=2"], "--ensemble_size=1"),
     (["--ensemble_size=0"], "--ensemble_size"),
 ])
 def test_invalid_flags_are_refused(gold_stages, tmp_path, extra, message):

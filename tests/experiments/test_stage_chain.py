@@ -59,3 +59,21 @@ def test_downstream_only_flags_do_not_touch_upstream_keys():
                                                      "--kl_coef=0.3", "--steps=7"]))
   assert stages.stage_key(reward.stage_key_config(a)) == stages.stage_key(
       reward.stage_key_config(b))
+
+
+def test_pinned_code_version_ignores_source_edits(monkeypatch, tmp_path):
+  """$RLHF_JAX_CODE_VERSION replaces the source hash in every key: an edit no longer
+  rebuilds a stage, and a different pin (or none) gives a different key."""
+  config = {"steps": 3}
+  monkeypatch.setattr(stages, "_CODE_ROOT", tmp_path)
+  (tmp_path / "mod.py").write_text("x = 1\n")
+  unpinned = stages.stage_key(config)
+  (tmp_path / "mod.py").write_text("x = 2\n")
+  assert stages.stage_key(config) != unpinned  # the hash follows the sources
+  monkeypatch.setenv(stages.CODE_VERSION_ENV, "dev")
+  pinned = stages.stage_key(config)
+  (tmp_path / "mod.py").write_text("x = 3\n")
+  assert stages.stage_key(config) == pinned
+  assert pinned not in (unpinned, stages.stage_key({"steps": 4}))
+  monkeypatch.setenv(stages.CODE_VERSION_ENV, "other")
+  assert stages.stage_key(config) != pinned

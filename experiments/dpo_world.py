@@ -1,7 +1,8 @@
-"""The DPO experiment on the gold world (`python -m experiments.dpo --world=gold ...`; see
-experiments/dpo.py for the flags): DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT
-samples, with the gold-reward report (win rate against SFT with a bootstrap CI, CHES of every
-training pair and the likelihood displacement it predicts, the matched-compute SFT baseline).
+"""The DPO experiment on a preference world (`python -m experiments.dpo --world=gold ...`;
+see experiments/dpo.py for the flags): DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT
+samples, with the ground-truth report (the world's "gold" and own metrics, such as the
+sycophancy rate before and after; win rate against SFT with a bootstrap CI; CHES of every
+training pair and the likelihood displacement it predicts; the matched-compute SFT baseline).
 """
 import json
 import os
@@ -18,7 +19,6 @@ from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.train import preference
-from rlhf_jax.worlds import gold, raters
 
 
 def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
@@ -33,33 +33,34 @@ def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
 
 def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[dict], dict]:
   """(pair records, label statistics): --num_pairs prompts drawn with replacement, each with
-  --ranking_k SFT samples ranked by a simulated rater (temperature calibrated on these
-  samples to --rater_agreement); the pair is the rater's first vs last. The gold reward
-  enters only through the raters and the statistics."""
+  --ranking_k SFT samples ranked by the world's simulated rater (gold: temperature calibrated
+  on these samples to --rater_agreement); the pair is the rater's first vs last. The ground
+  truth enters only through the raters and the statistics."""
   rng = np.random.default_rng(cfg.seed)
   prompts = list(rng.choice(train_prompts, cfg.num_pairs))
   samples = comparisons.sample_k(
       graphdef, params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
-      prompt_len=worlds.prompt_len(gold.all_prompts()), max_new_tokens=worlds.max_new_tokens(cfg),
+      prompt_len=worlds.world_prompt_len(cfg), max_new_tokens=worlds.max_new_tokens(cfg),
       temperature=1.0, key=jax.random.key(cfg.seed))
-  gold_NxK = samples.gold_NxK()
-  temperature = comparisons.calibrate_temperature(gold_NxK, cfg.rater_agreement)
-  ranking = raters.sample_rankings(gold_NxK, temperature, rng)
+  gold_NxK = samples.ground_truth_NxK(cfg.world)
+  raters_ = worlds.make_raters(cfg, samples.prompts, samples.responses)
+  ranking = raters_.rank(samples.prompts, samples.responses, rng)
   rows = np.arange(len(ranking))
   margin = gold_NxK[rows, ranking[:, 0]] - gold_NxK[rows, ranking[:, -1]]
-  stats = {"rater_temperature": temperature, "pair_gold_margin": float(margin.mean()),
+  stats = {"rater_temperature": raters_.temperature if cfg.world == "gold" else None,
+           "pair_gold_margin": float(margin.mean()),
            "pair_gold_agreement": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
            "sample_gold": float(gold_NxK.mean())}
   return comparisons.best_worst_pairs(samples, ranking), stats
 
 
-def gold_eval(cfg: DPOConfig, graphdef, params, prompts, key) -> tuple[dict, np.ndarray]:
-  """(summary, gold rewards) of GOLD_EVAL_SAMPLES temperature-1 samples per prompt; the same
+def world_eval(cfg: DPOConfig, graphdef, params, prompts, key) -> tuple[dict, np.ndarray]:
+  """(summary, ground truth per sample) of GOLD_EVAL_SAMPLES temperature-1 samples per prompt; the same
   key for every policy, so rows line up prompt by prompt for the win rate."""
   ps = list(prompts) * worlds.GOLD_EVAL_SAMPLES
   ys = worlds.sample_responses(graphdef, params, ps, batch_size=cfg.eval_batch_size,
                                max_new=worlds.max_new_tokens(cfg), key=key)
-  return worlds.gold_summary(ps, ys, ""), gold.gold_rewards(ps, ys)
+  return worlds.summary(cfg.world, ps, ys), worlds.module(cfg.world).ground_truth(ps, ys)
 
 
 def displacement(records, ches, sft_logps, policy_logps) -> tuple[list[dict], dict]:
@@ -83,16 +84,15 @@ def displacement(records, ches, sft_logps, policy_logps) -> tuple[list[dict], di
   return lines, summary
 
 
-def run_gold(cfg: DPOConfig) -> dict:
-  """Gold mode (module docstring): SFT stage -> rater pairs -> DPO-family training -> report."""
+def run_world(cfg: DPOConfig) -> dict:
+  """World mode (module docstring): SFT stage -> rater pairs -> DPO-family training -> report."""
   wall = {}
   t0 = time.perf_counter()
   sft_dir = reward.ensure_sft(cfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
-  world = cfg.world_config()
-  split = gold.split_prompts(world)
-  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
+  split = worlds.split_prompts(cfg)
+  test_prompts = worlds.test_prompts(cfg)
   graphdef, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   t0 = time.perf_counter()
   records, labels = lm.timed("sample and rank pairs", rater_pairs, cfg, graphdef, sft_params,
@@ -136,7 +136,7 @@ def run_gold(cfg: DPOConfig) -> dict:
   with open(os.path.join(cfg.workdir, "ches.jsonl"), "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
   key = jax.random.key(cfg.seed + 1)
-  sft_row, sft_gold = gold_eval(cfg, graphdef, sft_params, test_prompts, key)
+  sft_row, sft_gold = world_eval(cfg, graphdef, sft_params, test_prompts, key)
   table = {"sft": sft_row}
   policies = {"policy": final.params}
   if cfg.matched_sft:
@@ -145,7 +145,7 @@ def run_gold(cfg: DPOConfig) -> dict:
         graphdef, sft_params, shardings)
   rng = np.random.default_rng(cfg.seed)
   for name, params in policies.items():
-    row, g = gold_eval(cfg, graphdef, params, test_prompts, key)
+    row, g = world_eval(cfg, graphdef, params, test_prompts, key)
     table[name] = {**row, **worlds.win_rate(g, sft_gold, rng)}
   wall["report_s"] = time.perf_counter() - t0
   result = {"loss": cfg.loss, "table": table, "ches": ches_summary, "labels": labels,
@@ -154,19 +154,20 @@ def run_gold(cfg: DPOConfig) -> dict:
                      "test_prompts": len(test_prompts)}}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
-  print(format_gold(result))
+  print(format_world(result, cfg.world))
   return result
 
 
-def format_gold(result: dict) -> str:
+def format_world(result: dict, world: str) -> str:
+  extra = worlds.WORLD_COLUMNS[world]
   lines = [f"held-out (test prompts x {worlds.GOLD_EVAL_SAMPLES} samples)   gold             "
-           "win rate vs SFT [95% CI]   words"]
+           "win rate vs SFT [95% CI]   words" + "".join(f"  {k:>15}" for k in extra)]
   for name, m in result["table"].items():
     win = (f"{m['win_rate']:.3f} [{m['win_rate_lo']:.3f}, {m['win_rate_hi']:.3f}]"
            if "win_rate" in m else " " * 21)
     label = result["loss"] if name == "policy" else name
     lines.append(f"  {label:<12} {m['gold']:+.3f} +- {m['gold_se']:.3f}   {win}     "
-                 f"{m['words']:5.1f}")
+                 f"{m['words']:5.1f}" + "".join(f"  {m[k]:15.3f}" for k in extra))
   c = result["ches"]
   lines.append(f"CHES over {c['pairs']} training pairs: mean {c['mean_ches']:.1f}; chosen "
                f"log-prob fell on {c['chosen_decreased_fraction']:.0%} of pairs (mean change "

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import cli, comparisons, dpo, dpo_gold
+from experiments import cli, comparisons, dpo, dpo_world
 from helpers import apply, make_model
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
@@ -105,7 +105,7 @@ def _kto_batch(seq_len=40):
                              ("Tell me about owls.", " They fly.", " x"),
                              ("Explain tides.", " The moon pulls.", " tides?")]]
   examples = comparisons.kto_examples(records)
-  encode = dpo_gold.kto_encoder(pairs.make_encoder(ByteTokenizer(), seq_len, "pairs"))
+  encode = dpo_world.kto_encoder(pairs.make_encoder(ByteTokenizer(), seq_len, "pairs"))
   batch = {k: np.stack([encode(e)[k] for e in examples]) for k in encode(examples[0])}
   batch["example_valid"][-1] = False  # a padding row: must count for nothing
   own = {}
