@@ -55,6 +55,8 @@ class LMConfig:
   max_digits: int = flag(2, "arithmetic: most digits per operand.")
   statements_per_text: int = flag(4, "arithmetic: statements per pretraining text.")
   pretrain_texts: int = flag(8000, "Texts in the pretraining corpus.")
+  p_syc: float = flag(0.7, "sycophancy: probability that a rater prefers an answer agreeing "
+                      "with a wrong belief over a correct one (Sharma 2023).")
   eval_prompts: int = flag(500, "Held-out prompts for evaluation (capped by the test split).")
   eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
   max_new_tokens: int = flag(0, "Response tokens sampled at evaluation (0: the world's "
@@ -72,6 +74,8 @@ class LMConfig:
                        f"--num_microbatches={self.num_microbatches}")
     if self.learning_rate <= 0:
       raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+    if not 0.0 < self.p_syc < 1.0:
+      raise ValueError(f"--p_syc must be in (0, 1), got {self.p_syc}")
     if self.max_new_tokens < 0:
       raise ValueError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
     if self.warmup_steps >= self.steps and not self.smoke:

@@ -47,6 +47,8 @@ def world_config(cfg, **overrides):
     make = arithmetic.ArithmeticConfig
   else:
     make = getattr(module(cfg.world), f"{cfg.world.capitalize()}Config")
+    if cfg.world == "sycophancy":
+      kw.update(p_syc=cfg.p_syc)
   if cfg.smoke:
     kw.update(num_pretrain_texts=64, num_sft=32, num_test=8)
   kw.update(overrides)
