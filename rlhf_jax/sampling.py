@@ -82,15 +82,46 @@ def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
            cfg: SamplingConfig) -> SampleOutput:
   """Samples up to cfg.max_new_tokens continuations of each prompt with a KV cache."""
   model = nnx.merge(graphdef, params)
+  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
+                                           cfg.max_new_tokens)
+  return _decode(model, cache, logits_BxV, next_pos_B, key, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "group_size"))
+def sample_groups(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+                  cfg: SamplingConfig, group_size: int) -> SampleOutput:
+  """group_size samples of each prompt, prompt-major ((B * group_size) rows: row
+  i * group_size + j is sample j of prompt i), with each prompt's prefix processed ONCE: its
+  KV cache, last logits and next position are replicated group_size times after the prefill.
+  Equal to `sample` on the prompts repeated group_size times (same key: same tokens)."""
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
+  model = nnx.merge(graphdef, params)
+  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
+                                           cfg.max_new_tokens)
+  repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x  # not cache.index
+  return _decode(model, jax.tree.map(repeat, cache), repeat(logits_BxV), repeat(next_pos_B),
+                 key, cfg)
+
+
+def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, max_new_tokens: int):
+  """One forward over the prompts into a fresh cache of P + max_new_tokens slots:
+  (cache, last real token's logits_BxV, next position_B)."""
   b, p = prompt_tokens_BxP.shape
-  n = cfg.max_new_tokens
   prompt_valid = prompt_valid_BxP.astype(bool)
-  cache = init_cache(model.cfg, b, p + n)
+  cache = init_cache(model.cfg, b, p + max_new_tokens)
   out = model(prompt_tokens_BxP, valid_BxT=prompt_valid,
               positions_BxT=positions_from_valid(prompt_valid), cache=cache)
   last = last_valid_index(prompt_valid)
   logits_BxV = jnp.take_along_axis(out.logits_BxTxV, last[:, None, None], axis=1)[:, 0]
-  next_pos_B = jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
+  return out.cache, logits_BxV, jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
+
+
+def _decode(model, cache, logits_BxV, next_pos_B, key, cfg: SamplingConfig) -> SampleOutput:
+  """The token loop (lax.while_loop) from a prefilled cache; step t draws with
+  fold_in(key, t) over the whole batch."""
+  b = logits_BxV.shape[0]
+  n = cfg.max_new_tokens
 
   def cond(carry):
     step, _, _, _, _, _, done, _ = carry
@@ -108,7 +139,7 @@ def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
     out = model(token[:, None], valid_BxT=live[:, None], positions_BxT=pos[:, None], cache=cache)
     return (step + 1, out.cache, out.logits_BxTxV[:, 0], pos + live, tokens, logps, done, mask)
 
-  carry = (jnp.zeros((), jnp.int32), out.cache, logits_BxV, next_pos_B,
+  carry = (jnp.zeros((), jnp.int32), cache, logits_BxV, next_pos_B,
            jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
            jnp.zeros((b,), bool), jnp.zeros((b, n), bool))
   _, _, _, _, tokens, logps, done, mask = jax.lax.while_loop(cond, body, carry)
@@ -141,3 +172,55 @@ def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
   seq, valid, logps, done = jax.lax.fori_loop(
       0, n, body, (seq, valid, jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool)))
   return SampleOutput(seq[:, p:], logps, valid[:, p:], done)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid_BxP, key,
+                   mixture_coef, *, cfg: SamplingConfig) -> SampleOutput:
+  """Samples from the token-level geometric mixture of a policy and a reference sharing one
+  graphdef (Nash-MD-PG's opponent pi_mix, Munos et al. 2024), with a KV cache per model:
+
+    log pi_mix(. | s) = log_softmax((1 - a) log pi(. | s) + a log mu(. | s)),  a = mixture_coef
+
+  where log pi and log mu are each log_softmax(logits / temperature); top-k / top-p then
+  truncate the MIXED distribution, greedy takes its argmax. a = 0 draws what `sample` draws
+  from the policy (same key: same tokens), a = 1 what it draws from the reference.
+  mixture_coef is traced (a schedule does not recompile). Log-probs are under pi_mix."""
+  from rlhf_jax.losses.nash_md import geometric_mixture_logprobs  # losses do not import this
+  policy, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
+  b = prompt_tokens_BxP.shape[0]
+  n = cfg.max_new_tokens
+  cache, logits, pos = _prefill(policy, prompt_tokens_BxP, prompt_valid_BxP, n)
+  ref_cache, ref_logits, _ = _prefill(ref, prompt_tokens_BxP, prompt_valid_BxP, n)
+  mixed_cfg = dataclasses.replace(cfg, temperature=1.0)  # temperature applied before mixing
+  temp = 1.0 if cfg.greedy else cfg.temperature
+
+  def mixed(logits_BxV, ref_logits_BxV):
+    return geometric_mixture_logprobs(logits_BxV.astype(jnp.float32) / temp,
+                                      ref_logits_BxV.astype(jnp.float32) / temp,
+                                      mixture_coef=mixture_coef)
+
+  def cond(carry):
+    return (carry[0] < n) & ~jnp.all(carry[7])
+
+  def body(carry):
+    step, cache, ref_cache, logits, ref_logits, pos, tokens, done, logps, mask = carry
+    token, logp = _choose(mixed(logits, ref_logits), jax.random.fold_in(key, step), mixed_cfg)
+    live = ~done
+    token = jnp.where(live, token, cfg.pad_id)
+    tokens = tokens.at[:, step].set(token)
+    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
+    mask = mask.at[:, step].set(live)
+    done = done | (token == cfg.eos_id)
+    feed = dict(valid_BxT=live[:, None], positions_BxT=pos[:, None])
+    out = policy(token[:, None], cache=cache, **feed)
+    ref_out = ref(token[:, None], cache=ref_cache, **feed)
+    return (step + 1, out.cache, ref_out.cache, out.logits_BxTxV[:, 0],
+            ref_out.logits_BxTxV[:, 0], pos + live, tokens, done, logps, mask)
+
+  # done sits at index 7 of the carry (cond reads it).
+  carry = (jnp.zeros((), jnp.int32), cache, ref_cache, logits, ref_logits, pos,
+           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b,), bool),
+           jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool))
+  _, _, _, _, _, _, tokens, done, logps, mask = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(tokens, logps, mask, done)

@@ -65,6 +65,9 @@ def test_finished_run_resumes_without_training_again(ppo_run, gold_stages, capsy
     (["--kl_coef=-0.1"], "--kl_coef must be >= 0"),
     (["--num_minibatches=3"], "divisible"),
     (["--world=arithmetic"], "--world=gold"),
+    # A pairwise preference model gives no scalar reward to maximise.
+    ([f"--reward_flagfile={FLAGS_DIR}/reward_pairwise_intransitive_tiny.flags",
+      "--world=intransitive"], "needs a scalar reward"),
 ])
 def test_invalid_combinations_fail_before_compiling(gold_stages, tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):

@@ -1,0 +1,346 @@
+"""Nash-MD-PG (Munos et al. 2024) on the intransitive world: the policy is trained towards
+the MIXED Nash equilibrium of a cyclic preference that no scalar reward represents (how near
+it gets is measured: exploitability and distance to the equilibrium over training).
+
+    python -m experiments.nash_md --flagfile=experiments/configs/nash_md_tiny.flags
+
+In an empty workdir this builds what it lacks, each stage cached under --stage_root
+(experiments/stages.py): pretrain -> SFT -> pairwise preference model
+(experiments.reward --reward_model=pairwise, named by --reward_flagfile). Then, per
+iteration, for --batch_size train prompts:
+
+  y  ~ pi_theta                 (temperature sampling)
+  y' ~ pi_mix ∝ pi_theta^(1-a) mu^a, token by token, a = --mixture_coef (eta * tau),
+                                mu = the frozen SFT policy (rlhf_jax.sampling.sample_mixture)
+  p  = P(y > y' | x)            --judge=model: the pairwise preference model;
+                                --judge=raters: the simulated raters' exact probability
+  loss = -(p - 1/2 - b) log pi(y) + nash_tau (sg(kl) log pi(y) + kl)
+         kl = sum_t kl_estimator(log pi, log mu), b = leave-one-out batch mean of p - 1/2
+         (--baseline), one pass over the rollout in --num_minibatches updates
+
+Every --eval_every iterations (and before training) the policy answers every held-out
+prompt --eval_samples times: the style distribution, its exploitability and its TV distance
+to the Nash equilibrium (rlhf_jax/worlds/intransitive.py), the ground truth ("gold":
+P(y beats a draw from the SFT mixture)) and the KL to SFT per sequence. Outputs in --workdir:
+config.json, metrics.jsonl, tb/, checkpoints/ (resumed automatically), params/,
+result.json and nash_md_curve.png.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import cli, lm, pairwise_reward, reward as reward_exp, worlds
+from rlhf_jax import sharding
+from rlhf_jax.compile_count import CompileCounter
+from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.train import checkpoint, nash_md, optim
+from rlhf_jax.train import state as state_lib, step as step_lib
+from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.worlds import intransitive
+
+JUDGES = ("model", "raters")
+KL_ESTIMATORS = {"k1": kl_lib.k1, "k3": kl_lib.k3}
+
+
+@dataclasses.dataclass(frozen=True)
+class NashMDConfig(lm.LMConfig):
+  reward_flagfile: str = cli.flag(
+      "experiments/configs/reward_pairwise_intransitive_tiny.flags",
+      "Flagfile of the pairwise preference-model stage (--reward_model=pairwise); it names the "
+      "SFT stage. With --judge=raters only that SFT stage is built.")
+  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
+  judge: str = cli.flag("model", "Who says P(y > y' | x): the learned pairwise preference "
+                        "model, or the simulated raters (their exact probability).",
+                        choices=JUDGES)
+  nash_tau: float = cli.flag(0.02, "KL(pi || mu) regularisation tau of the game (>= 0).")
+  mixture_coef: float = cli.flag(0.125, "Geometric-mixture coefficient a = eta * tau of the "
+                                 "opponent pi_mix ∝ pi^(1-a) mu^a, in [0, 1].")
+  kl_estimator: str = cli.flag("k1", "Per-token KL estimator of the penalty (both unbiased "
+                               "for KL(pi || mu); the loss is exact for either).",
+                               choices=tuple(KL_ESTIMATORS))
+  baseline: bool = cli.flag(True, "Subtract the leave-one-out batch mean of p - 1/2.")
+  num_minibatches: int = cli.flag(1, "Optimizer updates per rollout (one pass).")
+  temperature: float = cli.flag(1.0, "Sampling temperature of y, y' (and of the training "
+                                "forward).")
+  eval_samples: int = cli.flag(8, "Temperature-1 samples per held-out prompt at evaluation.")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.world != "intransitive":
+      raise ValueError(f"experiments.nash_md runs on --world=intransitive (its report is the "
+                       f"game's exploitability), got {self.world!r}")
+    if self.nash_tau < 0:
+      raise ValueError(f"--nash_tau must be >= 0, got {self.nash_tau}")
+    if not 0.0 <= self.mixture_coef <= 1.0:
+      raise ValueError(f"--mixture_coef must be in [0, 1], got {self.mixture_coef}")
+    for name in ("num_minibatches", "eval_samples"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.temperature <= 0:
+      raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+    if self.batch_size < 2 and self.baseline:
+      raise ValueError("--baseline needs --batch_size >= 2 (a leave-one-out mean)")
+    if self.batch_size % (self.num_minibatches * self.num_microbatches):
+      raise ValueError(f"--batch_size={self.batch_size} (prompts per rollout) must be "
+                       f"divisible by --num_minibatches * --num_microbatches = "
+                       f"{self.num_minibatches * self.num_microbatches}")
+
+  def effective(self) -> "NashMDConfig":
+    if not self.smoke:
+      return self
+    return dataclasses.replace(super().effective(), steps=3, eval_every=3, save_every=2,
+                               batch_size=8, eval_batch_size=8, eval_samples=2)
+
+  @property
+  def updates(self) -> int:
+    return self.steps * self.num_minibatches
+
+
+def preference_config(cfg: NashMDConfig) -> reward_exp.RewardConfig:
+  """The preference stage's config; refuses a scalar (BT) stage where a pairwise model is
+  needed, from the flags alone."""
+  rcfg = reward_exp.reward_config(cfg)
+  if cfg.judge == "model" and rcfg.reward_model != "pairwise":
+    raise ValueError(f"--judge=model needs a pairwise preference model, but "
+                     f"{cfg.reward_flagfile} trains a {rcfg.reward_model!r} (scalar) reward "
+                     "model; pass a --reward_model=pairwise flagfile or --judge=raters")
+  return rcfg
+
+
+def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  from experiments.ppo import prompt_batch as ppo_prompt_batch
+  return ppo_prompt_batch(prompts, prompt_len)
+
+
+def decode(tokens_BxN, mask_BxN) -> list[str]:
+  tok = ByteTokenizer()
+  tokens, mask = jax.device_get((tokens_BxN, mask_BxN))
+  return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
+
+
+def make_judge(cfg: NashMDConfig, world_cfg, model):
+  """(prompts, ys, ys_opp) -> P(y > y' | x) float32 [B]."""
+  if cfg.judge == "raters":
+    return lambda ps, a, b: intransitive.rater_preference(world_cfg, ps, a, b).astype(np.float32)
+  return lambda ps, a, b: model(ps, a, b, batch_size=len(ps)).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """--eval_samples samples per held-out prompt, in batches of the rollout's shape."""
+  sample_fn: object
+  prompts: list[str]
+  prompt_len: int
+  batch_size: int
+  ref_params: object
+  world_cfg: object
+  samples: int
+  key: jax.Array
+
+  def __call__(self, policy_params) -> dict:
+    ps = self.prompts * self.samples
+    n = len(ps)
+    ps += ps[:(-n) % self.batch_size]
+    ys, kls = [], []
+    for i in range(0, len(ps), self.batch_size):
+      toks, valid = prompt_batch(ps[i:i + self.batch_size], self.prompt_len)
+      out = self.sample_fn(policy_params, self.ref_params, toks, valid,
+                           jax.random.fold_in(self.key, i))
+      ys += decode(out.tokens_BxT[:, self.prompt_len:], out.mask_BxT[:, self.prompt_len:])
+      kls.append(np.asarray(jnp.sum(out.logps_BxT - out.ref_logps_BxT, axis=1)))
+    ps, ys, kl = ps[:n], ys[:n], np.concatenate(kls)[:n]
+    g = intransitive.ground_truth(ps, ys, self.world_cfg)
+    out = intransitive.metrics(ps, ys, self.world_cfg)
+    out.update(gold=float(g.mean()), gold_se=float(g.std(ddof=1) / np.sqrt(n)),
+               kl=float(kl.mean()), kl_se=float(kl.std(ddof=1) / np.sqrt(n)), samples=n)
+    return out
+
+
+def run(cfg: NashMDConfig) -> dict:
+  cfg = cfg.effective()
+  rcfg = preference_config(cfg)
+  wall = {}
+  t0 = time.perf_counter()
+  if cfg.judge == "model":
+    pref_dir = reward_exp.ensure_reward(cfg, rcfg)
+    sft_dir = reward_exp.read_manifest(pref_dir)["sft_workdir"]
+  else:
+    pref_dir, sft_dir = None, reward_exp.ensure_sft(rcfg)
+  wall["upstream_stages_s"] = time.perf_counter() - t0
+  mesh = lm.setup(cfg)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
+    raise ValueError(f"a Nash-MD microbatch (--batch_size / --num_minibatches / "
+                     f"--num_microbatches) must be divisible by the data-parallel size "
+                     f"{data_parallel}")
+  world_cfg = cfg.world_config()
+  split = worlds.split_prompts(cfg)
+  test_prompts = worlds.test_prompts(cfg)
+  prompt_len = worlds.world_prompt_len(cfg)
+
+  g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
+  model = (pairwise_reward.load_preference_model(rcfg, mesh, pref_dir, sft_params)
+           if cfg.judge == "model" else None)
+  judge = make_judge(cfg, world_cfg, model)
+  scfg = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=ByteTokenizer.eos_id,
+                        pad_id=ByteTokenizer.pad_id, temperature=cfg.temperature)
+  rollout_fn = nash_md.make_rollout_fn(g, scfg)
+  loss_fn = nash_md.nash_md_loss_fn(g, nash_tau=cfg.nash_tau,
+                                    kl_fn=KL_ESTIMATORS[cfg.kl_estimator],
+                                    temperature=cfg.temperature)
+  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.updates,
+                           warmup_steps=min(cfg.warmup_steps, cfg.updates - 1),
+                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+  optimizer = optim.make_optimizer(ocfg)
+  state = state_lib.init_train_state(jax.tree.map(jnp.copy, sft_params), optimizer,
+                                     jax.random.key(cfg.seed), param_shardings=shardings)
+  batch_keys = ("tokens", "valid", "mask", "ref_logps", "preferences", "baseline")
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+  train_step = step_lib.compile_train_step(
+      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
+                               lr_schedule=optim.make_schedule(ocfg)),
+      state_lib.state_shardings(optimizer, state.params, shardings), batch_shardings)
+  evaluator = Evaluator(nash_md.make_sample_fn(g, scfg), test_prompts, prompt_len,
+                        cfg.batch_size, sft_params, world_cfg, cfg.eval_samples,
+                        jax.random.key(cfg.seed + 1))
+
+  write_config(cfg.workdir, cli.to_dict(cfg))
+  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
+                                    max_to_keep=cfg.keep_checkpoints)
+  logger = MetricsLogger(cfg.workdir)
+  curve, start = [], 0
+  restored = checkpoint.restore_latest(
+      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state))
+  if restored is not None:
+    state, data = restored
+    curve, start = data["curve"], int(manager.latest_step())
+    print(f"resumed from iteration {start}")
+  if start == 0:
+    curve.append({"iteration": 0, **lm.timed("eval SFT", evaluator, sft_params)})
+    logger.log(0, curve[-1], split="eval")
+
+  t_loop = time.perf_counter()
+  coef = jnp.float32(cfg.mixture_coef)
+  with CompileCounter() as counter:
+    for it in range(start, cfg.steps):
+      counter.reset()  # compiles per iteration are logged: after the first there should be none
+      it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
+      prompts = list(it_rng.choice(split["train"], cfg.batch_size))
+      toks, valid = prompt_batch(prompts, prompt_len)
+      ro = rollout_fn(state.params, sft_params, toks, valid,
+                      jax.random.fold_in(jax.random.key(cfg.seed), it), coef)
+      ys = decode(ro.policy.tokens_BxT[:, prompt_len:], ro.policy.mask_BxT[:, prompt_len:])
+      ys_opp = decode(ro.opponent_tokens_BxN, ro.opponent_mask_BxN)
+      prefs = judge(prompts, ys, ys_opp)
+      scores = prefs - 0.5
+      baseline = (nash_md.leave_one_out_baseline(scores) if cfg.baseline
+                  else np.zeros_like(scores))
+      batch = {"tokens": ro.policy.tokens_BxT, "valid": ro.policy.valid_BxT,
+               "mask": ro.policy.mask_BxT, "ref_logps": ro.policy.ref_logps_BxT,
+               "preferences": jnp.asarray(prefs), "baseline": jnp.asarray(baseline)}
+      state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch, it_rng)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values.update({f"rollout_{k}": v for k, v in
+                     intransitive.metrics(prompts, ys, world_cfg).items()})
+      values.update({f"opponent_{k}": v for k, v in
+                     intransitive.metrics(prompts, ys_opp, world_cfg).items()
+                     if k.startswith("share_")})
+      values["preference"] = float(prefs.mean())  # the judge's, over the whole rollout
+      values["rater_preference"] = float(
+          intransitive.rater_preference(world_cfg, prompts, ys, ys_opp).mean())
+      values["compiles"] = float(counter.count)
+      done = it + 1
+      logger.log(done, values)
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
+        print(format_progress(done, cfg.steps, values["loss"], rate, None)
+              + f" | P(y>y') {values['preference']:.3f} | kl {values['kl']:.2f}"
+              f" | styles {_shares(values, 'rollout_')}")
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        curve.append({"iteration": done, **evaluator(state.params)})
+        logger.log(done, curve[-1], split="eval")
+        print(f"  eval: {format_point(curve[-1])}")
+      if manager.should_save(done) or done == cfg.steps:
+        checkpoint.save(manager, done, state, {"curve": curve}, force=done == cfg.steps)
+  manager.wait_until_finished()
+  logger.close()
+  wall["nash_md_s"] = time.perf_counter() - t_loop
+  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
+  manager.close()
+  nash = intransitive.nash_equilibrium(intransitive.preference_matrix(world_cfg))
+  result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
+            "nash": nash.tolist(), "judge": cfg.judge, "preference_workdir": pref_dir,
+            "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
+  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  plot_curves({"Nash-MD": curve}, nash, os.path.join(cfg.workdir, "nash_md_curve.png"),
+              title=f"Nash-MD-PG (judge={cfg.judge}, tau={cfg.nash_tau}, a={cfg.mixture_coef})")
+  print(f"SFT:     {format_point(curve[0])}\nNash-MD: {format_point(curve[-1])}\n"
+        f"Nash equilibrium: {np.round(nash, 3).tolist()}")
+  return result
+
+
+def train_on_rollout(cfg: NashMDConfig, mesh, train_step, state, batch, rng):
+  """One pass over the rollout in --num_minibatches shuffled minibatches."""
+  mb = cfg.batch_size // cfg.num_minibatches
+  perm = rng.permutation(cfg.batch_size)
+  for j in range(cfg.num_minibatches):
+    idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
+    state, metrics = train_step(state, sharding.shard_batch(
+        {k: v[idx] for k, v in batch.items()}, mesh))
+  return state, metrics
+
+
+def _shares(m: dict, prefix: str = "") -> str:
+  return " ".join(f"{name[0].upper()} {m[f'{prefix}share_{name}']:.2f}"
+                  for name in intransitive.STYLES) + f" bad {m[f'{prefix}share_malformed']:.2f}"
+
+
+def format_point(m: dict) -> str:
+  return (f"{_shares(m)} | exploitability {m['exploitability']:.3f} | TV to Nash "
+          f"{m['nash_distance']:.3f} | gold {m['gold']:.3f} | KL {m['kl']:.2f}")
+
+
+def plot_curves(runs: dict[str, list[dict]], nash, path: str, *, title: str) -> None:
+  """Per run (a list of eval points, or several seeds' lists): the share of each style, the
+  exploitability and the TV distance to Nash against iteration; dashed lines: the Nash
+  shares (and 0 for the other two panels)."""
+  from experiments import plots  # noqa: F401  (selects the Agg backend)
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  colours = {"formal": "tab:blue", "casual": "tab:orange", "poetic": "tab:green"}
+  styles = ("-", "--", ":", "-.")
+  for (name, curves), ls in zip(runs.items(), styles):
+    seeds = curves if curves and isinstance(curves[0], list) else [curves]
+    for s, curve in enumerate(seeds):
+      x = [c["iteration"] for c in curve]
+      for style in intransitive.STYLES:
+        axes[0].plot(x, [c[f"share_{style}"] for c in curve], ls, color=colours[style],
+                     alpha=0.8, label=f"{name}: {style}" if s == 0 else None)
+      for ax, key in ((axes[1], "exploitability"), (axes[2], "nash_distance")):
+        ax.plot(x, [c[key] for c in curve], ls, color="k", alpha=0.6,
+                label=name if s == 0 else None)
+  for style, q in zip(intransitive.STYLES, nash):
+    axes[0].axhline(q, color=colours[style], lw=0.8, ls=(0, (1, 3)))
+  axes[0].set_ylabel("share of held-out samples (dotted: Nash)")
+  axes[1].set_ylabel("exploitability max_y P(y > pi) - 1/2")
+  axes[2].set_ylabel("TV distance to the Nash equilibrium")
+  for ax in axes:
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  cli.main(NashMDConfig, run)
