@@ -86,3 +86,29 @@ def bars_over_seeds(values: dict[str, dict[str, list[float]]], path: str, *,
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def metric_over_seeds(runs: list[list[dict]], key: str, path: str, *, title: str,
+                      xlabel: str, ylabel: str, baselines: dict[str, list[float]] | None = None
+                      ) -> None:
+  """One held-out metric against iteration for several seeds (thin lines, the thick line
+  their mean), with baselines ({label: per-seed values}) drawn as their mean (a line) and
+  min-max range (a band)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for run in runs:
+    ax.plot([c["iteration"] for c in run], [c[key] for c in run], "-", alpha=0.4)
+  n = min(len(r) for r in runs)
+  ax.plot([c["iteration"] for c in runs[0][:n]], np.mean([[c[key] for c in r[:n]] for r in runs],
+                                                         axis=0),
+          "k-o", lw=2, label=f"mean of {len(runs)} seeds")
+  for (label, values), colour in zip((baselines or {}).items(), ("tab:blue", "tab:red",
+                                                                 "tab:green")):
+    ax.axhline(float(np.mean(values)), color=colour, ls="--", lw=1, label=label)
+    ax.axhspan(float(np.min(values)), float(np.max(values)), color=colour, alpha=0.1)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -10,8 +10,9 @@ raters, and the held-out evaluation of a policy, one entry per world.
 
 The preference worlds (all but arithmetic) are modules of one protocol: <Name>Config (with
 seed, num_pretrain_texts, num_sft, num_test), build_datasets, split_prompts, all_prompts,
-DEFAULT_MAX_NEW_TOKENS, ground_truth (the scalar reported as "gold"), metrics (the world's
-own aggregates), truth_better, and, except for gold, rater_preference and rater_rankings.
+DEFAULT_MAX_NEW_TOKENS, MAX_PRETRAIN_BYTES (PPO-ptx rows), ground_truth (the scalar reported
+as "gold"), metrics (the world's own aggregates), truth_better, and, except for gold,
+rater_preference and rater_rankings.
 """
 import dataclasses
 import importlib

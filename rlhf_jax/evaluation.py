@@ -38,3 +38,28 @@ def exact_match_rate(pairs: list[tuple[str, str]],
   if not pairs:
     raise ValueError("no prompts to evaluate")
   return float(np.mean([verify(first_field(text), answer) for text, answer in pairs]))
+
+
+def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
+  """The unbiased pass@k estimator per problem (Chen et al. 2021, eq. 1):
+
+    pass@k = 1 - C(n - c, k) / C(n, k),  n samples of which c are correct, k <= n,
+
+  computed stably as 1 - prod_{i = n - c + 1}^{n} (1 - k / i) (their numpy form, no huge
+  binomials); exactly 1 when n - c < k. num_samples, num_correct: ints or int arrays of the
+  same shape (one entry per problem). Returns float64 of that shape; average over problems.
+  """
+  n = np.asarray(num_samples, np.int64)
+  c = np.asarray(num_correct, np.int64)
+  n, c = np.broadcast_arrays(n, c)
+  if k < 1 or np.any(n < k):
+    raise ValueError(f"pass@k needs 1 <= k <= n samples per problem, got k={k}, "
+                     f"n={np.unique(n).tolist()}")
+  if np.any((c < 0) | (c > n)):
+    raise ValueError("num_correct must lie in [0, num_samples]")
+  out = np.ones(n.shape, np.float64)
+  for idx in np.ndindex(n.shape):
+    ni, ci = int(n[idx]), int(c[idx])
+    if ni - ci >= k:
+      out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1, dtype=np.float64))
+  return out

@@ -1,0 +1,120 @@
+"""GRPO against SFT and matched-compute SFT on the arithmetic world, over several seeds.
+
+    python -m experiments.grpo_sweep --flagfile=... (defaults: grpo_tiny.flags, seeds 0,1,2)
+
+Runs experiments.grpo with --matched_sft once per --seeds entry. The upstream stages are shared
+(one pretrained base, one SFT: the world seed and the stages' own flags are fixed; the run
+seed changes GRPO's prompts, samples and minibatches, and the matched-SFT run's prompts,
+which are GRPO's). Writes <out_dir>/grpo.json (per-seed held-out rows for SFT, GRPO and
+matched SFT, GRPO's gains over both, their mean and spread, every curve, wall times and
+compiles) and <out_dir>/grpo.png (held-out temperature-1 accuracy over GRPO iterations, with
+the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the committed
+JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached stages (the
+committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo; its "code_version" field says so).
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from experiments import cli, grpo, plots
+from rlhf_jax.train.logging import read_metrics
+
+POLICIES = ("sft", "grpo", "sft_matched")
+METRICS = ("accuracy_greedy", "accuracy_temp1", "reward_mean", "zero_variance_frac", "kl",
+           "length", "truncated_frac")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSweepConfig:
+  grpo_flagfile: str = cli.flag("experiments/configs/grpo_tiny.flags",
+                                "Flagfile of the GRPO runs.")
+  seeds: str = cli.flag("0,1,2", "Comma-separated GRPO seeds.")
+  workdir: str = cli.flag("workdirs/grpo_sweep", "Root of the per-seed GRPO workdirs.")
+  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
+  data_dir: str = cli.flag("workdirs/data", "Where the world's datasets are materialised.")
+  out_dir: str = cli.flag("experiments/results/grpo", "Where the JSON summary and figure go.")
+  smoke: bool = cli.flag(False, "GRPO --smoke runs (for tests of the plumbing).")
+  model: str = cli.flag("", "Override the flagfile's --model (empty: keep it).")
+
+  def __post_init__(self):
+    try:
+      seeds = [int(s) for s in self.seeds.split(",")]
+    except ValueError:
+      raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+      raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds!r}")
+
+  @property
+  def seed_list(self) -> list[int]:
+    return [int(s) for s in self.seeds.split(",")]
+
+
+def seed_summary(table: dict, ks) -> dict:
+  """One seed's held-out numbers: each policy's metrics and pass@k, and GRPO's gains over
+  SFT and over matched SFT (greedy and temperature-1 accuracy, pass@k)."""
+  keys = METRICS + tuple(f"pass_at_{k}" for k in ks)
+  out = {f"{p}_{m}": float(table[p][m]) for p in POLICIES for m in keys}
+  for m in ("accuracy_greedy", "accuracy_temp1") + tuple(f"pass_at_{k}" for k in ks):
+    out[f"gain_over_sft_{m}"] = out[f"grpo_{m}"] - out[f"sft_{m}"]
+    out[f"gain_over_matched_{m}"] = out[f"grpo_{m}"] - out[f"sft_matched_{m}"]
+  return out
+
+
+def aggregate(summaries: list[dict]) -> dict:
+  """Mean and sample standard deviation over seeds of every per-seed number."""
+  out = {}
+  for key in summaries[0]:
+    values = np.array([s[key] for s in summaries], np.float64)
+    out[key] = {"mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+  return out
+
+
+def figure(out: dict, path: str) -> None:
+  """The sweep's figure from its JSON summary (so committed results can be redrawn)."""
+  per_seed = out["per_seed"]
+  plots.metric_over_seeds(
+      list(out["curves"].values()), "accuracy_temp1", path,
+      title=f"GRPO vs SFT, {len(out['seeds'])} seeds ({os.path.basename(out['grpo_flagfile'])})",
+      xlabel="GRPO iteration", ylabel="held-out temperature-1 accuracy",
+      baselines={"SFT": [s["sft_accuracy_temp1"] for s in per_seed],
+                 "SFT + matched steps": [s["sft_matched_accuracy_temp1"] for s in per_seed]})
+
+
+def run(cfg: GRPOSweepConfig) -> dict:
+  curves, summaries, runs = {}, [], {}
+  ks = None
+  for seed in cfg.seed_list:
+    gcfg = cli.parse(grpo.GRPOConfig, [
+        f"--flagfile={cfg.grpo_flagfile}", f"--seed={seed}", f"--stage_root={cfg.stage_root}",
+        f"--data_dir={cfg.data_dir}", f"--workdir={os.path.join(cfg.workdir, f'seed_{seed}')}",
+        "--matched_sft", *(["--smoke"] if cfg.smoke else []),
+        *([f"--model={cfg.model}"] if cfg.model else [])])
+    ks = gcfg.ks
+    result = grpo.run(gcfg)
+    compiles = [r["metrics"]["compiles"] for r in read_metrics(gcfg.workdir, split="train")]
+    curves[str(seed)] = result["curve"]
+    summaries.append({"seed": seed, **seed_summary(result["table"], ks)})
+    runs[str(seed)] = {"table": result["table"], "wall": result["wall"],
+                       "updates": result["updates"], "compiles_first_iteration": compiles[0],
+                       "compiles_after_first_max": max(compiles[1:], default=0.0)}
+  numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
+  out = {"grpo_flagfile": cfg.grpo_flagfile, "seeds": cfg.seed_list, "pass_k": ks,
+         "code_version": os.environ.get("RLHF_JAX_CODE_VERSION", "sources"),
+         "per_seed": summaries, "mean_std": aggregate(numbers), "runs": runs, "curves": curves}
+  os.makedirs(cfg.out_dir, exist_ok=True)
+  with open(os.path.join(cfg.out_dir, "grpo.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  figure(out, os.path.join(cfg.out_dir, "grpo.png"))
+  ms = out["mean_std"]
+  for m in ("accuracy_greedy", "accuracy_temp1"):
+    print(f"{m} over {len(summaries)} seeds (mean +- std): SFT {ms[f'sft_{m}']['mean']:.3f} "
+          f"-> GRPO {ms[f'grpo_{m}']['mean']:.3f} +- {ms[f'grpo_{m}']['std']:.3f}; matched SFT "
+          f"{ms[f'sft_matched_{m}']['mean']:.3f} +- {ms[f'sft_matched_{m}']['std']:.3f}")
+  return out
+
+
+if __name__ == "__main__":
+  cli.main(GRPOSweepConfig, run)
