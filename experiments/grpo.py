@@ -47,7 +47,7 @@ from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.train import checkpoint, grpo, optim
 from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.logging import format_progress, write_config
 from rlhf_jax.worlds import arithmetic
 
 
@@ -314,15 +314,9 @@ def run(cfg: GRPOConfig) -> dict:
       cfg.eval_batch_size, cfg.eval_samples, cfg.ks, sft_params, jax.random.key(cfg.seed + 1))
 
   write_config(cfg.workdir, cli.to_dict(cfg))
-  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
+  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
   curve, start = [], 0
-  restored = checkpoint.restore_latest(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state))
-  if restored is not None:
-    state, data = restored
+  if data is not None:
     curve, start = data["curve"], int(manager.latest_step())
     print(f"resumed from iteration {start}")
   if start == 0:

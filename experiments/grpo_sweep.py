@@ -16,9 +16,8 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 
-from experiments import cli, grpo, plots
+from experiments import cli, grpo, plots, sweeps
 from rlhf_jax.train.logging import read_metrics
 
 POLICIES = ("sft", "grpo", "sft_matched")
@@ -39,16 +38,11 @@ class GRPOSweepConfig:
   model: str = cli.flag("", "Override the flagfile's --model (empty: keep it).")
 
   def __post_init__(self):
-    try:
-      seeds = [int(s) for s in self.seeds.split(",")]
-    except ValueError:
-      raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-      raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds!r}")
+    sweeps.parse_seeds(self.seeds)
 
   @property
   def seed_list(self) -> list[int]:
-    return [int(s) for s in self.seeds.split(",")]
+    return sweeps.parse_seeds(self.seeds)
 
 
 def seed_summary(table: dict, ks) -> dict:
@@ -59,16 +53,6 @@ def seed_summary(table: dict, ks) -> dict:
   for m in ("accuracy_greedy", "accuracy_temp1") + tuple(f"pass_at_{k}" for k in ks):
     out[f"gain_over_sft_{m}"] = out[f"grpo_{m}"] - out[f"sft_{m}"]
     out[f"gain_over_matched_{m}"] = out[f"grpo_{m}"] - out[f"sft_matched_{m}"]
-  return out
-
-
-def aggregate(summaries: list[dict]) -> dict:
-  """Mean and sample standard deviation over seeds of every per-seed number."""
-  out = {}
-  for key in summaries[0]:
-    values = np.array([s[key] for s in summaries], np.float64)
-    out[key] = {"mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
   return out
 
 
@@ -103,7 +87,7 @@ def run(cfg: GRPOSweepConfig) -> dict:
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
   out = {"grpo_flagfile": cfg.grpo_flagfile, "seeds": cfg.seed_list, "pass_k": ks,
          "code_version": os.environ.get("RLHF_JAX_CODE_VERSION", "sources"),
-         "per_seed": summaries, "mean_std": aggregate(numbers), "runs": runs, "curves": curves}
+         "per_seed": summaries, "mean_std": sweeps.aggregate(numbers), "runs": runs, "curves": curves}
   os.makedirs(cfg.out_dir, exist_ok=True)
   with open(os.path.join(cfg.out_dir, "grpo.json"), "w") as f:
     json.dump(out, f, indent=1)

@@ -215,6 +215,22 @@ class _ShardedIterator:
     self._it.set_state(state)
 
 
+def resume_run(cfg: LMConfig, state, *, save_every: int):
+  """A looped experiment's (PPO, GRPO, Nash-MD, online DPO) checkpoint manager and metrics
+  logger, and where it starts: (manager, logger, state, data). data is the latest
+  checkpoint's extra data (the loop's own bookkeeping: curve, KL coefficient, round, ...),
+  with the state restored into `state`'s shapes and shardings; None for a fresh run."""
+  manager = checkpoint.make_manager(cfg.workdir, save_every=save_every,
+                                    max_to_keep=cfg.keep_checkpoints)
+  logger = MetricsLogger(cfg.workdir)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is None:
+    return manager, logger, state, None
+  return manager, logger, *restored
+
+
 def build_world(cfg: LMConfig):
   return worlds.build_datasets(cfg)
 

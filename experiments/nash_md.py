@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, lm, pairwise_reward, reward as reward_exp, worlds
+from experiments import cli, lm, pairwise_reward, plots, reward as reward_exp, worlds
 from rlhf_jax import sharding
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.data.tokenizer import ByteTokenizer
@@ -42,7 +42,7 @@ from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, nash_md, optim
 from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.logging import format_progress, write_config
 from rlhf_jax.worlds import intransitive
 
 JUDGES = ("model", "raters")
@@ -212,15 +212,9 @@ def run(cfg: NashMDConfig) -> dict:
                         jax.random.key(cfg.seed + 1))
 
   write_config(cfg.workdir, cli.to_dict(cfg))
-  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
+  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
   curve, start = [], 0
-  restored = checkpoint.restore_latest(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state))
-  if restored is not None:
-    state, data = restored
+  if data is not None:
     curve, start = data["curve"], int(manager.latest_step())
     print(f"resumed from iteration {start}")
   if start == 0:
@@ -281,8 +275,9 @@ def run(cfg: NashMDConfig) -> dict:
             "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
-  plot_curves({"Nash-MD": curve}, nash, os.path.join(cfg.workdir, "nash_md_curve.png"),
-              title=f"Nash-MD-PG (judge={cfg.judge}, tau={cfg.nash_tau}, a={cfg.mixture_coef})")
+  plots.styles_over_training(
+      {"Nash-MD": curve}, nash, os.path.join(cfg.workdir, "nash_md_curve.png"),
+      title=f"Nash-MD-PG (judge={cfg.judge}, tau={cfg.nash_tau}, a={cfg.mixture_coef})")
   print(f"SFT:     {format_point(curve[0])}\nNash-MD: {format_point(curve[-1])}\n"
         f"Nash equilibrium: {np.round(nash, 3).tolist()}")
   return result
@@ -307,39 +302,6 @@ def _shares(m: dict, prefix: str = "") -> str:
 def format_point(m: dict) -> str:
   return (f"{_shares(m)} | exploitability {m['exploitability']:.3f} | TV to Nash "
           f"{m['nash_distance']:.3f} | gold {m['gold']:.3f} | KL {m['kl']:.2f}")
-
-
-def plot_curves(runs: dict[str, list[dict]], nash, path: str, *, title: str) -> None:
-  """Per run (a list of eval points, or several seeds' lists): the share of each style, the
-  exploitability and the TV distance to Nash against iteration; dashed lines: the Nash
-  shares (and 0 for the other two panels)."""
-  from experiments import plots  # noqa: F401  (selects the Agg backend)
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  colours = {"formal": "tab:blue", "casual": "tab:orange", "poetic": "tab:green"}
-  styles = ("-", "--", ":", "-.")
-  for (name, curves), ls in zip(runs.items(), styles):
-    seeds = curves if curves and isinstance(curves[0], list) else [curves]
-    for s, curve in enumerate(seeds):
-      x = [c["iteration"] for c in curve]
-      for style in intransitive.STYLES:
-        axes[0].plot(x, [c[f"share_{style}"] for c in curve], ls, color=colours[style],
-                     alpha=0.8, label=f"{name}: {style}" if s == 0 else None)
-      for ax, key in ((axes[1], "exploitability"), (axes[2], "nash_distance")):
-        ax.plot(x, [c[key] for c in curve], ls, color="k", alpha=0.6,
-                label=name if s == 0 else None)
-  for style, q in zip(intransitive.STYLES, nash):
-    axes[0].axhline(q, color=colours[style], lw=0.8, ls=(0, (1, 3)))
-  axes[0].set_ylabel("share of held-out samples (dotted: Nash)")
-  axes[1].set_ylabel("exploitability max_y P(y > pi) - 1/2")
-  axes[2].set_ylabel("TV distance to the Nash equilibrium")
-  for ax in axes:
-    ax.set_xlabel("iteration")
-    ax.legend(fontsize=7)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

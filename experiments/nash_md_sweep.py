@@ -36,13 +36,12 @@ import time
 import jax
 import numpy as np
 
-from experiments import cli, lm, nash_md, ppo, reward as reward_exp
+from experiments import cli, lm, nash_md, plots, ppo, reward as reward_exp, worlds
 from experiments.sweeps import aggregate, parse_seeds
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import nash_md as nash_lib
 from rlhf_jax.worlds import intransitive
-from experiments import worlds
 
 METHODS = ("nash_md", "nash_md_raters", "bt_ppo")
 FINAL_KEYS = ("share_formal", "share_casual", "share_poetic", "share_malformed",
@@ -154,7 +153,7 @@ def figure(out: dict, path: str) -> None:
   """The sweep's figure from its JSON (so committed results can be redrawn)."""
   labels = {"nash_md": "Nash-MD (pairwise model)", "nash_md_raters": "Nash-MD (raters)",
             "bt_ppo": "PPO (BT reward)"}
-  nash_md.plot_curves({labels[m]: [s["curve"] for s in out[m]["per_seed"]]
+  plots.styles_over_training({labels[m]: [s["curve"] for s in out[m]["per_seed"]]
                        for m in METHODS if m in out}, out["nash"], path,
                       title=f"Intransitive world, {len(out['seeds'])} seeds: held-out style "
                       "distribution, exploitability, distance to Nash")

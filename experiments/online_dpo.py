@@ -38,7 +38,7 @@ from rlhf_jax import sharding
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train import checkpoint, optim, preference, reward
 from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.logging import format_progress, write_config
 from rlhf_jax.worlds import gold, raters
 
 LABELERS = ("reward_model", "raters")
@@ -232,14 +232,8 @@ def run(cfg: OnlineDPOConfig) -> dict:
   evaluator = Evaluator(sampler, test_prompts, jax.random.key(cfg.seed + 1))
 
   write_config(cfg.workdir, cli.to_dict(cfg))
-  manager = checkpoint.make_manager(cfg.workdir, save_every=1,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
-  restored = checkpoint.restore_latest(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state))
-  if restored is not None:
-    state, data = restored
+  manager, logger, state, data = lm.resume_run(cfg, state, save_every=1)
+  if data is not None:
     print(f"resumed from round {data['round']}")
   else:
     summary, sft_gold = lm.timed("eval SFT", evaluator, sft_params)

@@ -129,9 +129,7 @@ def style_matrix(graphdef, params, prompts, *, seq_len: int, batch_size: int,
 
 def run(cfg) -> dict:
   """cfg: experiments.reward.RewardConfig with --reward_model=pairwise."""
-  cfg = cfg.effective()
-  if cfg.ranking_k != 2:
-    raise ValueError(f"the pairwise model compares pairs: --ranking_k must be 2, got {cfg.ranking_k}")
+  cfg = cfg.effective()  # RewardConfig has refused --ranking_k != 2 for a pairwise model
   sft_dir = reward_exp.ensure_sft(cfg)
   mesh = lm.setup(cfg)
   write_config(cfg.workdir, cli.to_dict(cfg))

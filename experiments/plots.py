@@ -5,6 +5,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from rlhf_jax.worlds.intransitive import STYLES  # noqa: E402
+
 
 def reward_vs_kl(curve: list[dict], path: str, *, title: str) -> None:
   """Proxy and gold reward (held-out means +- SE) against KL to SFT over training: the
@@ -111,4 +113,36 @@ def metric_over_seeds(runs: list[list[dict]], key: str, path: str, *, title: str
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def styles_over_training(runs: dict[str, list[dict]], nash, path: str, *, title: str) -> None:
+  """Per run (a list of eval points, or several seeds' lists): the share of each style, the
+  exploitability and the TV distance to Nash against iteration; dashed lines: the Nash
+  shares (and 0 for the other two panels). The intransitive world's figure (experiments.nash_md
+  and nash_md_sweep)."""
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  colours = {"formal": "tab:blue", "casual": "tab:orange", "poetic": "tab:green"}
+  styles = ("-", "--", ":", "-.")
+  for (name, curves), ls in zip(runs.items(), styles):
+    seeds = curves if curves and isinstance(curves[0], list) else [curves]
+    for s, curve in enumerate(seeds):
+      x = [c["iteration"] for c in curve]
+      for style in STYLES:
+        axes[0].plot(x, [c[f"share_{style}"] for c in curve], ls, color=colours[style],
+                     alpha=0.8, label=f"{name}: {style}" if s == 0 else None)
+      for ax, key in ((axes[1], "exploitability"), (axes[2], "nash_distance")):
+        ax.plot(x, [c[key] for c in curve], ls, color="k", alpha=0.6,
+                label=name if s == 0 else None)
+  for style, q in zip(STYLES, nash):
+    axes[0].axhline(q, color=colours[style], lw=0.8, ls=(0, (1, 3)))
+  axes[0].set_ylabel("share of held-out samples (dotted: Nash)")
+  axes[1].set_ylabel("exploitability max_y P(y > pi) - 1/2")
+  axes[2].set_ylabel("TV distance to the Nash equilibrium")
+  for ax in axes:
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -45,7 +45,7 @@ from rlhf_jax.logprobs import shifted_logps
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, optim, ppo, reward
 from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.logging import format_progress, write_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,15 +252,9 @@ def run(cfg: PPOConfig) -> dict:
         seed=cfg.seed, tokenizer=tok, kind="lm")
 
   write_config(cfg.workdir, cli.to_dict(cfg))
-  manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
+  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
   kl_coef, curve, start = cfg.kl_coef, [], 0
-  restored = checkpoint.restore_latest(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state))
-  if restored is not None:
-    state, data = restored
+  if data is not None:
     kl_coef, curve, start = data["kl_coef"], data["curve"], int(manager.latest_step())
     if ptx_iter is not None:
       ptx_iter.set_state(data["ptx"])

@@ -1,6 +1,7 @@
-"""Shared upstream stages for the gold-world experiment smoke tests: pretrain -> SFT ->
-reward model, built once per session in --smoke mode with the `nano` preset, cached under one
-stage root, so each experiment's test pays only for its own stage."""
+"""Shared upstream stages of the experiment smoke tests, built once per session in --smoke
+mode with the `nano` preset, each chain cached under one stage root, so each experiment's
+test pays only for its own stage: the gold world's pretrain -> SFT -> reward model, and the
+intransitive world's pretrain -> SFT -> pairwise preference model."""
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from experiments import cli, ppo, reward
 
 FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
+PAIRWISE_FLAGS = f"{FLAGS_DIR}/reward_pairwise_intransitive_tiny.flags"
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +22,14 @@ def gold_stages(tmp_path_factory):
                                   f"--workdir={root}/unused"]).effective()
   reward_dir = reward.ensure_reward(cfg, reward.reward_config(cfg))
   return {"root": root, "args": args, "reward_dir": reward_dir}
+
+
+@pytest.fixture(scope="session")
+def intransitive_stages(tmp_path_factory):
+  """{"root", "args": flags every intransitive smoke run passes, "pairwise_dir": the pairwise
+  preference-model stage}."""
+  root = tmp_path_factory.mktemp("intransitive")
+  args = ["--smoke", "--model=nano", f"--stage_root={root}/stages", f"--data_dir={root}/data"]
+  rcfg = cli.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}", *args,
+                                         f"--workdir={root}/unused"])
+  return {"root": root, "args": args, "pairwise_dir": reward.ensure_reward(rcfg, rcfg)}

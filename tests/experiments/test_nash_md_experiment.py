@@ -12,7 +12,7 @@ import pytest
 from experiments import cli, nash_md
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
-from intransitive_stages import FLAGS_DIR, intransitive_stages  # noqa: F401
+from conftest import FLAGS_DIR
 
 FLAGS = f"{FLAGS_DIR}/nash_md_tiny.flags"
 

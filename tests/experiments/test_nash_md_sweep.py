@@ -11,7 +11,7 @@ from experiments import cli, nash_md_sweep as sweep
 from experiments.sweeps import aggregate
 from rlhf_jax.worlds import intransitive
 
-from intransitive_stages import FLAGS_DIR, intransitive_stages  # noqa: F401
+from conftest import FLAGS_DIR
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results",
                        "nash_md", "nash_md.json")

@@ -11,7 +11,7 @@ import pytest
 from experiments import cli, lm, pairwise_reward, ppo, reward
 from rlhf_jax.train.logging import read_metrics
 
-from intransitive_stages import FLAGS_DIR, PAIRWISE_FLAGS, intransitive_stages  # noqa: F401
+from conftest import PAIRWISE_FLAGS
 
 
 def _result(stages):
