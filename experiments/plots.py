@@ -83,6 +83,7 @@ def bars_over_seeds(values: dict[str, dict[str, list[float]]], path: str, *,
            edgecolor="k")
     for i, n in enumerate(names):
       ax.plot(np.full(len(per_policy[n]), i), per_policy[n], "o", color="tab:red", alpha=0.7)
+    ax.tick_params(axis="x", labelrotation=25)
     ax.set_ylabel(metric)
   fig.suptitle(title)
   fig.tight_layout()

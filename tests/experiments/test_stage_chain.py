@@ -65,6 +65,7 @@ def test_pinned_code_version_ignores_source_edits(monkeypatch, tmp_path):
   """$RLHF_JAX_CODE_VERSION replaces the source hash in every key: an edit no longer
   rebuilds a stage, and a different pin (or none) gives a different key."""
   config = {"steps": 3}
+  monkeypatch.delenv(stages.CODE_VERSION_ENV, raising=False)  # a developer's own pin
   monkeypatch.setattr(stages, "_CODE_ROOT", tmp_path)
   (tmp_path / "mod.py").write_text("x = 1\n")
   unpinned = stages.stage_key(config)
