@@ -27,13 +27,21 @@ zero-variance groups, KL to SFT per sequence (a measurement on the temperature-1
 at every evaluation whatever --kl_coef), response length and truncation rate. The ratio's clip
 fraction only exists in training: it is logged per iteration with the rollout's reward, KL,
 zero-variance fraction, length, truncation rate and the number of compiles (0 after the first
-iteration). --matched_sft continues SFT for as many optimizer steps as GRPO takes, on GRPO's
-own training prompts with their correct answers (the matched-compute baseline).
+iteration). --matched_sft continues SFT for as many optimizer steps as GRPO takes, on every
+prompt GRPO rolled out, with its correct answer (the matched-compute baseline).
+
+--dynamic_sampling_rounds=R (DAPO): a group whose rewards are all equal has zero advantage
+and only dilutes the loss's denominator; such groups leave the batch and are replaced by the
+informative groups of up to R further rollouts of fresh prompts, until --batch_size groups
+are informative (the rest, if the rounds run out, stay in the batch with an empty mask:
+absent from the loss, one compiled shape). The logged reward and zero-variance fraction are
+the first rollout's (the on-policy sample), with rollout_rounds and informative_groups.
 """
 import dataclasses
 import json
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +83,12 @@ class GRPOConfig(lm.LMConfig):
   eval_samples: int = cli.flag(16, "Temperature samples per held-out prompt (n of pass@k).")
   pass_k: str = cli.flag("1,4,8", "Comma-separated k of the held-out pass@k (each < "
                          "--eval_samples).")
+  dynamic_sampling_rounds: int = cli.flag(
+      0, "DAPO's dynamic sampling: zero-variance groups leave the loss and are replaced by "
+      "informative groups of up to this many further rollouts of fresh prompts per iteration "
+      "(0: off, every group enters the loss).")
   matched_sft: bool = cli.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
-                               "takes on GRPO's training prompts (matched compute).")
+                               "takes on every prompt GRPO rolled out (matched compute).")
 
   def __post_init__(self):
     super().__post_init__()
@@ -102,6 +114,9 @@ class GRPOConfig(lm.LMConfig):
       raise ValueError(f"--clip_eps_high must be > 0, got {self.clip_eps_high}")
     if self.temperature <= 0:
       raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+    if self.dynamic_sampling_rounds < 0:
+      raise ValueError(f"--dynamic_sampling_rounds must be >= 0 (0: off), got "
+                       f"{self.dynamic_sampling_rounds}")
     for name in ("epochs", "num_minibatches", "eval_samples"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -155,14 +170,47 @@ def check_mesh(cfg: GRPOConfig, mesh) -> None:
                      f"data-parallel size {dp}")
 
 
-def iteration_prompts(cfg: GRPOConfig, train_pairs, it: int) -> tuple[list[str], list[str]]:
-  """(prompts, answers) of iteration `it`: --batch_size distinct train pairs drawn by
-  (seed, it) alone, so a resumed run and the matched-SFT baseline see the same ones."""
-  rng = np.random.default_rng((cfg.seed, it))
+def iteration_prompts(cfg: GRPOConfig, train_pairs, it: int,
+                      round_: int = 0) -> tuple[list[str], list[str]]:
+  """(prompts, answers) of rollout `round_` of iteration `it`: --batch_size distinct train
+  pairs drawn by (seed, it, round) alone, so a resumed run sees the same ones."""
+  rng = np.random.default_rng((cfg.seed, it) + ((round_,) if round_ else ()))
   idx = rng.choice(len(train_pairs), cfg.batch_size, replace=False)
   pairs = [train_pairs[i] for i in idx]
   return ([arithmetic.prompt(*p) for p in pairs],
           [str(arithmetic.correct_answer(*p)) for p in pairs])
+
+
+class Round(NamedTuple):
+  rollout: grpo.GroupRollout
+  rewards_BxG: np.ndarray
+  prompts: list[str]
+
+
+def iteration_rollout(cfg: GRPOConfig, it: int, rollout_fn, params, ref_params, train_pairs,
+                      prompt_len: int) -> tuple[grpo.Selection, list[Round], list[str]]:
+  """Iteration `it`'s training groups: one rollout of --batch_size fresh prompts, or, with
+  --dynamic_sampling_rounds, its informative groups topped up from up to that many further
+  rollouts (DAPO), stopping as soon as the batch is full. Returns (selection, the rounds,
+  every prompt rolled out: what the matched-SFT baseline trains on)."""
+  key = jax.random.fold_in(jax.random.key(cfg.seed), it)
+  rounds, informative = [], 0
+  for r in range(cfg.dynamic_sampling_rounds + 1):
+    prompts, answers = iteration_prompts(cfg, train_pairs, it, r)
+    toks, valid = prompt_batch(prompts, prompt_len)
+    ro = rollout_fn(params, ref_params, toks, valid, jax.random.fold_in(key, r) if r else key)
+    texts = responses_of(ro.tokens_BxT[:, prompt_len:], ro.mask_BxT[:, prompt_len:])
+    rewards = rewards_of(texts, np.repeat(answers, cfg.group_size))
+    rounds.append(Round(ro, rewards.reshape(-1, cfg.group_size), prompts))
+    informative += int(grpo.informative_groups(rounds[-1].rewards_BxG).sum())
+    if informative >= cfg.batch_size:
+      break
+  if not cfg.dynamic_sampling_rounds:  # every group enters the loss, informative or not
+    sel = grpo.Selection(ro, rewards, [(0, g) for g in range(cfg.batch_size)], informative)
+  else:
+    sel = grpo.select_groups([(x.rollout, x.rewards_BxG.reshape(-1)) for x in rounds],
+                             cfg.batch_size, cfg.group_size)
+  return sel, rounds, [p for x in rounds for p in x.prompts]
 
 
 def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,9 +363,9 @@ def run(cfg: GRPOConfig) -> dict:
 
   write_config(cfg.workdir, cli.to_dict(cfg))
   manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
-  curve, start = [], 0
+  curve, rolled_out, start = [], [], 0
   if data is not None:
-    curve, start = data["curve"], int(manager.latest_step())
+    curve, rolled_out, start = data["curve"], data["rolled_out"], int(manager.latest_step())
     print(f"resumed from iteration {start}")
   if start == 0:
     # The train state's own (SFT) params: every compiled function then sees the shardings
@@ -329,21 +377,24 @@ def run(cfg: GRPOConfig) -> dict:
   with CompileCounter() as counter:
     for it in range(start, cfg.steps):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
-      prompts, answers = iteration_prompts(cfg, train_pairs, it)
-      toks, valid = prompt_batch(prompts, prompt_len)
-      ro = rollout_fn(state.params, sft_params if with_ref else None, toks, valid,
-                      jax.random.fold_in(jax.random.key(cfg.seed), it))
-      texts = responses_of(ro.tokens_BxT[:, prompt_len:], ro.mask_BxT[:, prompt_len:])
-      rewards = rewards_of(texts, np.repeat(answers, cfg.group_size))
-      adv, stats = advantages_fn(rewards)
-      batch = grpo.rollout_batch(ro, adv)
+      sel, rounds, prompts = iteration_rollout(
+          cfg, it, rollout_fn, state.params, sft_params if with_ref else None, train_pairs,
+          prompt_len)
+      rolled_out.append(prompts)
+      adv, stats = advantages_fn(sel.rewards_B)
+      batch = grpo.rollout_batch(sel.rollout, adv)
       state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch,
                                         np.random.default_rng((cfg.seed, it, 1)))
       metrics = jax.device_get(metrics)
       values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
                 **{k: float(v) for k, v in metrics.items()},
                 **{f"{k}_per_token": v for k, v in grpo.per_token(metrics).items()},
-                **rollout_summary(ro)}
+                # the first rollout is the on-policy sample of fresh prompts: its reward and
+                # zero-variance fraction are comparable with and without dynamic sampling
+                **grpo.group_stats(rounds[0].rewards_BxG), **rollout_summary(rounds[0].rollout),
+                "informative_groups": sel.informative / cfg.batch_size,
+                "rollout_rounds": float(len(rounds))}
+      values = {k: float(v) for k, v in values.items()}
       values["compiles"] = float(counter.count)
       done = it + 1
       logger.log(done, values)
@@ -351,14 +402,16 @@ def run(cfg: GRPOConfig) -> dict:
         rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
         print(format_progress(done, cfg.steps, values["loss"], rate, None)
               + f" | reward {values['reward_mean']:.2f} | zero-var "
-              f"{values['zero_variance_frac']:.2f} | clip {values['clipfrac_per_token']:.3f}"
+              f"{values['zero_variance_frac']:.2f} | rounds {len(rounds)} | clip "
+              f"{values['clipfrac_per_token']:.3f}"
               + (f" | kl {values['kl_seq']:.3f}" if with_ref else "")
               + f" | compiles {counter.count}")
       if done % cfg.eval_every == 0 or done == cfg.steps:
         curve.append({"iteration": done, **evaluator(state.params)})
         logger.log(done, curve[-1], split="eval")
       if manager.should_save(done) or done == cfg.steps:
-        checkpoint.save(manager, done, state, {"curve": curve}, force=done == cfg.steps)
+        checkpoint.save(manager, done, state, {"curve": curve, "rolled_out": rolled_out},
+                        force=done == cfg.steps)
   manager.wait_until_finished()
   logger.close()
   wall["grpo_s"] = time.perf_counter() - t_loop
@@ -367,12 +420,9 @@ def run(cfg: GRPOConfig) -> dict:
   table = {"base": evaluator(base_params), "sft": curve[0], "grpo": curve[-1]}
   if cfg.matched_sft:
     t1 = time.perf_counter()
-    records, seen = [], set()
-    for it in range(cfg.steps):
-      for p, a in zip(*iteration_prompts(cfg, train_pairs, it)):
-        if p not in seen:
-          seen.add(p)
-          records.append({"prompt": p, "response": a})
+    answer = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p)) for p in train_pairs}
+    records = [{"prompt": p, "response": answer[p]}
+               for p in dict.fromkeys(p for ps in rolled_out for p in ps)]
     table["sft_matched"] = evaluator(matched_sft_params(
         sft_config(cfg), os.path.join(cfg.workdir, "matched_sft"), records, cfg.updates, mesh,
         g, sft_params, shardings))
@@ -380,7 +430,7 @@ def run(cfg: GRPOConfig) -> dict:
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   manager.close()
   result = {"table": table, "curve": curve, "wall": wall, "sft_workdir": sft_dir,
-            "updates": cfg.updates}
+            "updates": cfg.updates, "prompts_rolled_out": sum(map(len, rolled_out))}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   baselines = {"SFT": table["sft"]["accuracy_temp1"]}

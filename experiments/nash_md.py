@@ -13,14 +13,20 @@ iteration, for --batch_size train prompts:
   y' ~ pi_mix ∝ pi_theta^(1-a) mu^a, token by token, a = --mixture_coef (eta * tau),
                                 mu = the frozen SFT policy (rlhf_jax.sampling.sample_mixture)
   p  = P(y > y' | x)            --judge=model: the pairwise preference model;
-                                --judge=raters: the simulated raters' exact probability
+                                --judge=raters: the simulated raters' exact probability.
+                                With --group_size G > 1 each prompt gets G responses and G
+                                opponents, and p_i is the mean of P(y_i > y'_j) over the
+                                group's G opponents (the same expectation, G times fewer
+                                opponents' noise)
   loss = -(p - 1/2 - b) log pi(y) + nash_tau (sg(kl) log pi(y) + kl)
-         kl = sum_t kl_estimator(log pi, log mu), b = leave-one-out batch mean of p - 1/2
-         (--baseline), one pass over the rollout in --num_minibatches updates
+         kl = sum_t kl_estimator(log pi, log mu), b = leave-one-out mean of p - 1/2 within
+         the prompt's group (over the batch at G = 1) (--baseline), one pass over the
+         rollout in --num_minibatches updates
 
 Every --eval_every iterations (and before training) the policy answers every held-out
 prompt --eval_samples times: the style distribution, its exploitability and its TV distance
-to the Nash equilibrium (rlhf_jax/worlds/intransitive.py), the ground truth ("gold":
+to the Nash equilibrium (rlhf_jax/worlds/intransitive.py) and to the tau-regularised
+equilibrium Nash-MD converges to from the SFT's style distribution, the ground truth ("gold":
 P(y beats a draw from the SFT mixture)) and the KL to SFT per sequence. Outputs in --workdir:
 config.json, metrics.jsonl, tb/, checkpoints/ (resumed automatically), params/,
 result.json and nash_md_curve.png.
@@ -65,7 +71,12 @@ class NashMDConfig(lm.LMConfig):
   kl_estimator: str = cli.flag("k1", "Per-token KL estimator of the penalty (both unbiased "
                                "for KL(pi || mu); the loss is exact for either).",
                                choices=tuple(KL_ESTIMATORS))
-  baseline: bool = cli.flag(True, "Subtract the leave-one-out batch mean of p - 1/2.")
+  group_size: int = cli.flag(1, "Responses per prompt, each judged against all of the "
+                             "group's group_size opponents (the mean preference), with the "
+                             "leave-one-out baseline taken within the group (>= 2); 1: one "
+                             "opponent per response and the baseline over the batch.")
+  baseline: bool = cli.flag(True, "Subtract the leave-one-out mean of p - 1/2 (within the "
+                            "prompt's group, or over the batch at --group_size=1).")
   num_minibatches: int = cli.flag(1, "Optimizer updates per rollout (one pass).")
   temperature: float = cli.flag(1.0, "Sampling temperature of y, y' (and of the training "
                                 "forward).")
@@ -80,15 +91,16 @@ class NashMDConfig(lm.LMConfig):
       raise ValueError(f"--nash_tau must be >= 0, got {self.nash_tau}")
     if not 0.0 <= self.mixture_coef <= 1.0:
       raise ValueError(f"--mixture_coef must be in [0, 1], got {self.mixture_coef}")
-    for name in ("num_minibatches", "eval_samples"):
+    for name in ("num_minibatches", "eval_samples", "group_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
     if self.temperature <= 0:
       raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-    if self.batch_size < 2 and self.baseline:
-      raise ValueError("--baseline needs --batch_size >= 2 (a leave-one-out mean)")
-    if self.batch_size % (self.num_minibatches * self.num_microbatches):
-      raise ValueError(f"--batch_size={self.batch_size} (prompts per rollout) must be "
+    if self.batch_size * self.group_size < 2 and self.baseline:
+      raise ValueError("--baseline needs --batch_size * --group_size >= 2 (a leave-one-out "
+                       "mean)")
+    if self.rows % (self.num_minibatches * self.num_microbatches):
+      raise ValueError(f"--batch_size * --group_size = {self.rows} rollout rows must be "
                        f"divisible by --num_minibatches * --num_microbatches = "
                        f"{self.num_minibatches * self.num_microbatches}")
 
@@ -101,6 +113,10 @@ class NashMDConfig(lm.LMConfig):
   @property
   def updates(self) -> int:
     return self.steps * self.num_minibatches
+
+  @property
+  def rows(self) -> int:
+    return self.batch_size * self.group_size
 
 
 def preference_config(cfg: NashMDConfig) -> reward_exp.RewardConfig:
@@ -176,8 +192,8 @@ def run(cfg: NashMDConfig) -> dict:
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
-    raise ValueError(f"a Nash-MD microbatch (--batch_size / --num_minibatches / "
+  if (cfg.rows // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
+    raise ValueError(f"a Nash-MD microbatch (--batch_size * --group_size / --num_minibatches / "
                      f"--num_microbatches) must be divisible by the data-parallel size "
                      f"{data_parallel}")
   world_cfg = cfg.world_config()
@@ -219,6 +235,9 @@ def run(cfg: NashMDConfig) -> dict:
     print(f"resumed from iteration {start}")
   if start == 0:
     curve.append({"iteration": 0, **lm.timed("eval SFT", evaluator, sft_params)})
+  target = regularised_target(cfg, curve[0], world_cfg)
+  if start == 0:
+    curve[0].update(target_distance(curve[0], target))
     logger.log(0, curve[-1], split="eval")
 
   t_loop = time.perf_counter()
@@ -227,15 +246,18 @@ def run(cfg: NashMDConfig) -> dict:
     for it in range(start, cfg.steps):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
       it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
-      prompts = list(it_rng.choice(split["train"], cfg.batch_size))
+      prompts = list(np.repeat(it_rng.choice(split["train"], cfg.batch_size), cfg.group_size))
       toks, valid = prompt_batch(prompts, prompt_len)
       ro = rollout_fn(state.params, sft_params, toks, valid,
                       jax.random.fold_in(jax.random.key(cfg.seed), it), coef)
       ys = decode(ro.policy.tokens_BxT[:, prompt_len:], ro.policy.mask_BxT[:, prompt_len:])
       ys_opp = decode(ro.opponent_tokens_BxN, ro.opponent_mask_BxN)
-      prefs = judge(prompts, ys, ys_opp)
+      i, j = nash_md.group_pairs(cfg.rows, cfg.group_size)
+      pairs = ([prompts[k] for k in i], [ys[k] for k in i], [ys_opp[k] for k in j])
+      prefs = judge(*pairs).reshape(cfg.rows, cfg.group_size).mean(1)
       scores = prefs - 0.5
-      baseline = (nash_md.leave_one_out_baseline(scores) if cfg.baseline
+      baseline = (nash_md.leave_one_out_baseline(
+          scores, cfg.group_size if cfg.group_size > 1 else None) if cfg.baseline
                   else np.zeros_like(scores))
       batch = {"tokens": ro.policy.tokens_BxT, "valid": ro.policy.valid_BxT,
                "mask": ro.policy.mask_BxT, "ref_logps": ro.policy.ref_logps_BxT,
@@ -247,9 +269,9 @@ def run(cfg: NashMDConfig) -> dict:
       values.update({f"opponent_{k}": v for k, v in
                      intransitive.metrics(prompts, ys_opp, world_cfg).items()
                      if k.startswith("share_")})
-      values["preference"] = float(prefs.mean())  # the judge's, over the whole rollout
+      values["preference"] = float(prefs.mean())  # the judge's, over every judged pair
       values["rater_preference"] = float(
-          intransitive.rater_preference(world_cfg, prompts, ys, ys_opp).mean())
+          intransitive.rater_preference(world_cfg, *pairs).mean())
       values["compiles"] = float(counter.count)
       done = it + 1
       logger.log(done, values)
@@ -259,7 +281,8 @@ def run(cfg: NashMDConfig) -> dict:
               + f" | P(y>y') {values['preference']:.3f} | kl {values['kl']:.2f}"
               f" | styles {_shares(values, 'rollout_')}")
       if done % cfg.eval_every == 0 or done == cfg.steps:
-        curve.append({"iteration": done, **evaluator(state.params)})
+        point = evaluator(state.params)
+        curve.append({"iteration": done, **point, **target_distance(point, target)})
         logger.log(done, curve[-1], split="eval")
         print(f"  eval: {format_point(curve[-1])}")
       if manager.should_save(done) or done == cfg.steps:
@@ -271,7 +294,8 @@ def run(cfg: NashMDConfig) -> dict:
   manager.close()
   nash = intransitive.nash_equilibrium(intransitive.preference_matrix(world_cfg))
   result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
-            "nash": nash.tolist(), "judge": cfg.judge, "preference_workdir": pref_dir,
+            "nash": nash.tolist(), "judge": cfg.judge,
+            "tau_equilibrium": None if target is None else target.tolist(), "preference_workdir": pref_dir,
             "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -279,14 +303,40 @@ def run(cfg: NashMDConfig) -> dict:
       {"Nash-MD": curve}, nash, os.path.join(cfg.workdir, "nash_md_curve.png"),
       title=f"Nash-MD-PG (judge={cfg.judge}, tau={cfg.nash_tau}, a={cfg.mixture_coef})")
   print(f"SFT:     {format_point(curve[0])}\nNash-MD: {format_point(curve[-1])}\n"
-        f"Nash equilibrium: {np.round(nash, 3).tolist()}")
+        f"Nash equilibrium: {np.round(nash, 3).tolist()}"
+        + ("" if target is None else f"; tau-regularised equilibrium from SFT (F, C, P, bad): "
+           f"{np.round(target, 3).tolist()}, exploitability "
+           f"{intransitive.exploitability(target, intransitive.extended_matrix(world_cfg)):.3f}"))
   return result
+
+
+def regularised_target(cfg: NashMDConfig, sft_point: dict, world_cfg) -> np.ndarray | None:
+  """Where Nash-MD with --nash_tau converges: the regularised equilibrium
+  (intransitive.regularised_equilibrium) over (formal, casual, poetic, malformed) with the
+  SFT policy's measured style distribution as the reference (floored at 1e-3, as every
+  outcome keeps some probability under a softmax policy). None at nash_tau 0 (the target is
+  then the Nash equilibrium itself)."""
+  if cfg.nash_tau <= 0:
+    return None
+  mu = np.array([sft_point[f"share_{n}"] for n in intransitive.STYLES]
+                + [sft_point["share_malformed"]])
+  mu = np.maximum(mu, 1e-3)
+  return intransitive.regularised_equilibrium(intransitive.extended_matrix(world_cfg),
+                                              mu / mu.sum(), cfg.nash_tau)
+
+
+def target_distance(point: dict, target) -> dict:
+  """TV distance of an evaluation's style distribution to the regularised target."""
+  if target is None:
+    return {}
+  pi = np.array([point[f"share_{n}"] for n in intransitive.STYLES] + [point["share_malformed"]])
+  return {"tau_distance": float(0.5 * np.abs(pi - target).sum())}
 
 
 def train_on_rollout(cfg: NashMDConfig, mesh, train_step, state, batch, rng):
   """One pass over the rollout in --num_minibatches shuffled minibatches."""
-  mb = cfg.batch_size // cfg.num_minibatches
-  perm = rng.permutation(cfg.batch_size)
+  mb = cfg.rows // cfg.num_minibatches
+  perm = rng.permutation(cfg.rows)
   for j in range(cfg.num_minibatches):
     idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
     state, metrics = train_step(state, sharding.shard_batch(
@@ -301,7 +351,9 @@ def _shares(m: dict, prefix: str = "") -> str:
 
 def format_point(m: dict) -> str:
   return (f"{_shares(m)} | exploitability {m['exploitability']:.3f} | TV to Nash "
-          f"{m['nash_distance']:.3f} | gold {m['gold']:.3f} | KL {m['kl']:.2f}")
+          f"{m['nash_distance']:.3f}"
+          + (f" (to the tau-target {m['tau_distance']:.3f})" if "tau_distance" in m else "")
+          + f" | gold {m['gold']:.3f} | KL {m['kl']:.2f}")
 
 
 if __name__ == "__main__":

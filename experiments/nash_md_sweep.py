@@ -130,14 +130,23 @@ def run(cfg: NashMDSweepConfig) -> dict:
   if len(sft_dirs) != 1:
     raise RuntimeError(f"the runs started from different SFT stages: {sorted(sft_dirs)}")
   evaluate = final_evaluator(ncfg, cfg.final_eval_samples, sft_dirs.pop())
+  # Where Nash-MD with the flagfile's tau converges from this SFT (none at tau 0).
+  target = nash_md.regularised_target(ncfg, evaluate(None), ncfg.world_config())
+
+  def final(workdir):
+    point = evaluate(workdir)
+    return {**point, **nash_md.target_distance(point, target)}
+
   out = {"seeds": cfg.seed_list, "nash_flagfile": cfg.nash_flagfile,
          "ppo_flagfile": cfg.ppo_flagfile if cfg.bt_ppo else None,
          "final_eval_samples": cfg.final_eval_samples,
          "nash": intransitive.nash_equilibrium(
              intransitive.preference_matrix(ncfg.world_config())).tolist(),
-         "sft": evaluate(None)}
+         "nash_tau": ncfg.nash_tau,
+         "tau_equilibrium": None if target is None else target.tolist(),
+         "sft": final(None)}
   for method, rs in runs.items():
-    per_seed = [{"seed": r["seed"], "final": evaluate(r["workdir"]), "curve": r["curve"],
+    per_seed = [{"seed": r["seed"], "final": final(r["workdir"]), "curve": r["curve"],
                  "wall_s": r["wall_s"]} for r in rs]
     out[method] = {"per_seed": per_seed,
                    "mean_std": aggregate([s["final"] for s in per_seed])}
@@ -163,11 +172,11 @@ def format_summary(out: dict) -> str:
   lines = [f"final policies ({out['final_eval_samples']} samples per held-out prompt), "
            f"mean +- std over seeds {out['seeds']}; Nash {np.round(out['nash'], 3).tolist()}",
            "              formal         casual         poetic         malformed      "
-           "exploitability TV to Nash     KL"]
+           "exploitability TV to Nash     TV to tau-eq.  KL"]
   row = lambda name, m: (f"  {name:<15}" + "".join(
       f" {m[k]['mean']:.3f} +- {m[k]['std']:.3f}" if isinstance(m[k], dict) else f" {m[k]:.3f}         "
       for k in ("share_formal", "share_casual", "share_poetic", "share_malformed",
-                "exploitability", "nash_distance", "kl")))
+                "exploitability", "nash_distance", "tau_distance", "kl") if k in m))
   lines.append(row("SFT", out["sft"]))
   for method in METHODS:
     if method in out:

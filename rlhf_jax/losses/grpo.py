@@ -17,13 +17,16 @@ Equations (MATH.md, "GRPO and relatives"):
     "token":    sum_{i,t} l / sum_{i,t} mask                (DAPO)
     "sequence": mean_i [ sum_t l_i,t / |o_i| ]              (original GRPO)
     "constant": sum_{i,t} l / (num_seqs * max_len)          (Dr. GRPO; max_len default T)
+  A response with an empty mask is absent: it counts in no denominator (num_seqs counts
+  responses with at least one token), so dropping a group by zeroing its mask (DAPO's
+  dynamic sampling) is exactly the loss without it.
   `normaliser` overrides the denominator (global token count, global sequence count, or
   global num_seqs * max_len) so microbatches and hosts add exactly (DESIGN principle 9).
 
 grpo_loss returns (loss, metrics); metrics are sums plus counts:
   policy_loss_sum (clipped surrogate, token sum), kl_sum (k3 token sum; only when
   ref_logps_BxT is given), clipfrac_sum, seq_mean_loss_sum (sum over responses of the
-  per-response token mean of l), token_count, count (responses).
+  per-response token mean of l), token_count, count (responses with a token).
 """
 from typing import Optional
 
@@ -111,12 +114,13 @@ def grpo_loss(logps_BxT, old_logps_BxT, ref_logps_BxT: Optional[jax.Array], adva
   seq_mean_B = jnp.sum(per_token * m, axis=1) / jnp.maximum(len_B, 1.0)
   total = jnp.sum(per_token * m)
   metrics.update(seq_mean_loss_sum=jnp.sum(seq_mean_B), token_count=jnp.sum(len_B),
-                 count=jnp.asarray(logps_BxT.shape[0], m.dtype))
+                 count=jnp.sum((len_B > 0).astype(m.dtype)))
   if aggregation == "token":
     numer, denom = total, jnp.maximum(metrics["token_count"], 1.0)
   elif aggregation == "sequence":
-    numer, denom = metrics["seq_mean_loss_sum"], max(logps_BxT.shape[0], 1)
+    numer, denom = metrics["seq_mean_loss_sum"], jnp.maximum(metrics["count"], 1.0)
   else:
     numer = total
-    denom = logps_BxT.shape[0] * (logps_BxT.shape[1] if max_len is None else max_len)
+    denom = (jnp.maximum(metrics["count"], 1.0)
+             * (logps_BxT.shape[1] if max_len is None else max_len))
   return numer / (denom if normaliser is None else normaliser), metrics

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.losses import grpo as grpo_losses
 from rlhf_jax.sampling import SamplingConfig, sample_groups
@@ -123,6 +124,52 @@ def make_group_advantages_fn(group_size: int, *, estimator: str, std_ddof: int =
     return adv, {**group_stats(rewards_BxG), "advantages_abs_mean": jnp.mean(jnp.abs(adv))}
 
   return advantages
+
+
+def informative_groups(rewards_BxG) -> np.ndarray:
+  """bool per group: its rewards are not all equal. A zero-variance group has zero advantage
+  under every estimator, so it carries no gradient."""
+  r = np.asarray(rewards_BxG)
+  return r.max(axis=1) != r.min(axis=1)
+
+
+class Selection(NamedTuple):
+  rollout: GroupRollout  # batch_groups * G rows (host arrays); fillers' mask_BxT zeroed
+  rewards_B: np.ndarray
+  picked: list  # (round, group) of each selected group, informative ones first
+  informative: int  # how many of the selected groups are informative
+
+
+def select_groups(rounds: list, batch_groups: int, group_size: int) -> Selection:
+  """DAPO's dynamic sampling (Yu et al. 2025) over rollouts already made: rounds is a list
+  of (GroupRollout, rewards_B), each of whole prompt-major groups. Keeps the first
+  batch_groups informative groups in round order. When the rounds hold fewer, the batch is
+  filled (to keep one compiled shape) with the earliest zero-variance groups, their response
+  mask zeroed: fillers enter neither the loss nor its token / response denominator."""
+  good, flat = [], []
+  for r, (_, rewards_B) in enumerate(rounds):
+    rewards_BxG = np.asarray(rewards_B).reshape(-1, group_size)
+    for g, ok in enumerate(informative_groups(rewards_BxG)):
+      (good if ok else flat).append((r, g))
+  picked = (good + flat)[:batch_groups]
+  if len(picked) < batch_groups:
+    raise ValueError(f"{len(picked)} groups in the rounds, fewer than the batch's "
+                     f"{batch_groups}")
+  informative = min(len(good), batch_groups)
+  offsets = np.cumsum([0] + [len(np.asarray(rw)) for _, rw in rounds])
+  rows = np.concatenate([offsets[r] + g * group_size + np.arange(group_size)
+                         for r, g in picked])
+
+  def gather(*xs):  # on the host: the number of rounds varies, so jnp ops would recompile
+    if xs[0] is None:
+      return None
+    return np.concatenate([np.asarray(x) for x in xs], axis=0)[rows]
+
+  ro = jax.tree.map(gather, *[ro for ro, _ in rounds], is_leaf=lambda x: x is None)
+  keep = np.repeat(np.arange(batch_groups) < informative, group_size)
+  ro = ro._replace(mask_BxT=ro.mask_BxT * keep[:, None].astype(ro.mask_BxT.dtype))
+  rewards = np.concatenate([np.asarray(rw) for _, rw in rounds])[rows]
+  return Selection(ro, rewards, picked, informative)
 
 
 def rollout_batch(rollout: GroupRollout, advantages_B) -> dict:

@@ -87,13 +87,28 @@ def make_rollout_fn(graphdef, sampling_cfg: SamplingConfig):
   return rollout
 
 
-def leave_one_out_baseline(scores_B: np.ndarray) -> np.ndarray:
-  """b_i = mean of the OTHER rows' scores: a baseline independent of row i's own sample, so
-  the policy gradient stays unbiased (B >= 2)."""
+def leave_one_out_baseline(scores_B: np.ndarray, group_size: int | None = None) -> np.ndarray:
+  """b_i = mean of the OTHER scores of row i's group (prompt-major groups of group_size rows;
+  None: the whole batch is one group). It does not depend on row i's own sample, so the
+  policy gradient stays unbiased. Needs groups of >= 2."""
   s = np.asarray(scores_B, np.float64)
-  if s.ndim != 1 or s.size < 2:
-    raise ValueError(f"need a 1-D batch of >= 2 scores, got shape {s.shape}")
-  return ((s.sum() - s) / (s.size - 1)).astype(np.float32)
+  g = s.size if group_size is None else group_size
+  if s.ndim != 1 or g < 2 or s.size % g:
+    raise ValueError(f"need a 1-D batch of whole groups of >= 2 scores, got shape {s.shape} "
+                     f"with group size {g}")
+  groups = s.reshape(-1, g)
+  return ((groups.sum(1, keepdims=True) - groups) / (g - 1)).reshape(-1).astype(np.float32)
+
+
+def group_pairs(rows: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(i, j): every response row i against every opponent row j of its own prompt's group
+  (prompt-major groups of group_size rows), i-major: rows * group_size pairs. The mean of
+  P(y_i > y'_j) over j estimates P(y_i > pi_mix) with group_size opponents instead of one."""
+  if group_size < 1 or rows % group_size:
+    raise ValueError(f"{rows} rows do not split into groups of {group_size}")
+  i = np.repeat(np.arange(rows), group_size)
+  j = (i // group_size) * group_size + np.tile(np.arange(group_size), rows)
+  return i, j
 
 
 def nash_md_loss_fn(graphdef, *, nash_tau: float, kl_fn, temperature: float = 1.0):

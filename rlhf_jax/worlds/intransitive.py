@@ -165,6 +165,34 @@ def cyclic_equilibrium(P) -> np.ndarray:
   return pi / pi.sum()
 
 
+def regularised_equilibrium(P, mu, tau: float, *, tol: float = 1e-12,
+                            max_iter: int = 200_000) -> np.ndarray:
+  """The equilibrium of the KL-regularised game Nash-MD actually solves (Munos 2024):
+  pi*_tau = softmax(log mu + P pi*_tau / tau), unique for tau > 0. Where P depends on the
+  style alone, a sequence-level policy's style marginal obeys the same equation with mu the
+  reference's style distribution, so this is the target of Nash-MD with --nash_tau=tau from
+  an SFT policy of style distribution mu. Damped fixed-point iteration in float64 (the step
+  shrinks until the map contracts); tau -> 0 recovers the Nash equilibrium's support."""
+  P, mu = np.asarray(P, np.float64), np.asarray(mu, np.float64)
+  if tau <= 0:
+    raise ValueError(f"tau must be > 0 (tau = 0 is the unregularised game: nash_equilibrium), "
+                     f"got {tau}")
+  if mu.shape != (P.shape[0],) or np.any(mu <= 0):
+    raise ValueError(f"mu must be a strictly positive distribution over the {P.shape[0]} "
+                     f"outcomes, got {mu}")
+  log_mu = np.log(mu / mu.sum())
+  damping = min(1.0, tau / 2.0)  # |d(softmax(P pi / tau))/d pi| <= |P| / (2 tau)
+  pi = mu / mu.sum()
+  for _ in range(max_iter):
+    z = log_mu + P @ pi / tau
+    target = np.exp(z - z.max())
+    target /= target.sum()
+    if np.abs(target - pi).max() < tol:
+      return target
+    pi = (1.0 - damping) * pi + damping * target
+  raise RuntimeError(f"no fixed point within {max_iter} iterations (tau={tau})")
+
+
 def exploitability(pi, P) -> float:
   """max_y P(y > pi) - 1/2: how much a best response beats pi by (0 at the equilibrium)."""
   return float(np.max(np.asarray(P, np.float64) @ np.asarray(pi, np.float64)) - 0.5)

@@ -63,6 +63,14 @@ def test_smoke_reports_table_curve_and_logs(grpo_run):
                 "clipfrac_per_token", "length", "truncated_frac", "compiles"):
       assert math.isfinite(r["metrics"][key]), key
     assert "kl_seq" not in r["metrics"]  # the flagfile's kl_coef is 0: no reference forward
+    # Dynamic sampling (the flagfile's --dynamic_sampling_rounds): between one and R + 1
+    # rollouts, stopping early only once the batch is full of informative groups.
+    rounds, informative = r["metrics"]["rollout_rounds"], r["metrics"]["informative_groups"]
+    assert 1 <= rounds <= cfg.dynamic_sampling_rounds + 1 and 0 <= informative <= 1
+    assert informative == 1 or rounds == cfg.dynamic_sampling_rounds + 1
+  assert cfg.dynamic_sampling_rounds > 0
+  assert result["prompts_rolled_out"] == sum(
+      r["metrics"]["rollout_rounds"] for r in train) * cfg.effective().batch_size
   assert "train/reward_mean" in read_tensorboard_scalars(str(cfg.workdir))
   with open(os.path.join(cfg.workdir, "result.json")) as f:
     assert json.load(f)["table"] == result["table"]
@@ -96,7 +104,8 @@ def test_interrupted_run_resumes_bitwise(grpo_run, arith_stages, tmp_path, capsy
 
 def test_kl_path_and_other_estimators(arith_stages, tmp_path):
   cfg = _config(arith_stages, tmp_path / "kl", "--kl_coef=0.1", "--advantage=rloo",
-                "--aggregation=sequence", "--group_size=4", "--nomatched_sft")
+                "--aggregation=sequence", "--group_size=4", "--nomatched_sft",
+                "--dynamic_sampling_rounds=0")
   result = grpo.run(cfg)
   train = read_metrics(str(cfg.workdir), split="train")
   for r in train:
@@ -104,12 +113,14 @@ def test_kl_path_and_other_estimators(arith_stages, tmp_path):
     assert math.isfinite(r["metrics"]["kl_per_token"])
   assert [r["metrics"]["compiles"] for r in train][1:] == [0.0, 0.0]
   assert "sft_matched" not in result["table"]
+  assert all(r["metrics"]["rollout_rounds"] == 1 for r in train)  # no dynamic sampling
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--group_size=1"], r"--group_size=1: .* pass --group_size=2 or more"),
     (["--advantage=rloo", "--group_size=1"], r"--advantage=rloo needs --group_size >= 2"),
     (["--kl_coef=-0.1"], "--kl_coef must be >= 0"),
+    (["--dynamic_sampling_rounds=-1"], "--dynamic_sampling_rounds must be >= 0"),
     (["--pass_k=1,16"], r"--pass_k=1,16: .* k < n"),
     (["--std_ddof=2"], "--std_ddof must be 0 or 1"),
     (["--clip_eps_low=1.5"], "--clip_eps_low must be in"),

@@ -42,6 +42,8 @@ def test_smoke_reports_styles_exploitability_and_logs(nash_run, intransitive_sta
   assert [c["iteration"] for c in result["curve"]] == [0, 3]
   for point in result["curve"]:
     _check_point(point)
+    assert 0.0 <= point["tau_distance"] <= 1.0  # to the flagfile's tau-regularised target
+  assert len(result["tau_equilibrium"]) == 4 and cfg.group_size > 1
   assert result["table"]["sft"]["kl"] == 0.0  # the reference itself
   np.testing.assert_allclose(result["nash"], np.array([0.15, 0.2, 0.3]) / 0.65)
   train = read_metrics(str(cfg.workdir), split="train")
@@ -88,6 +90,7 @@ def test_raters_as_judge_with_k3(intransitive_stages, tmp_path):
     (["--mixture_coef=1.5"], r"--mixture_coef must be in \[0, 1\]"),
     (["--world=gold"], "--world=intransitive"),
     (["--num_minibatches=3"], "divisible"),
+    (["--group_size=0"], "--group_size must be >= 1"),
 ])
 def test_invalid_flags_fail_at_parse(intransitive_stages, tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):

@@ -26,6 +26,21 @@ def _check_point(point):
   assert point["exploitability"] == pytest.approx(intransitive.exploitability(pi, P4), abs=1e-9)
   nash = np.r_[intransitive.nash_equilibrium(intransitive.preference_matrix()), 0.0]
   assert point["nash_distance"] == pytest.approx(0.5 * np.abs(pi - nash).sum(), abs=1e-9)
+  if "tau_distance" in point:
+    assert 0.0 <= point["tau_distance"] <= 1.0
+
+
+def _check_tau_target(out):
+  """The regularised equilibrium the sweep reports is the one of its own SFT evaluation."""
+  sft = np.array([out["sft"][k] for k in STYLES])
+  mu = np.maximum(sft, 1e-3)
+  want = intransitive.regularised_equilibrium(intransitive.extended_matrix(), mu / mu.sum(),
+                                              out["nash_tau"])
+  np.testing.assert_allclose(out["tau_equilibrium"], want, atol=1e-9)
+  for point in [out["sft"]] + [s["final"] for m in sweep.METHODS if m in out
+                               for s in out[m]["per_seed"]]:
+    pi = np.array([point[k] for k in STYLES])
+    assert point["tau_distance"] == pytest.approx(0.5 * np.abs(pi - want).sum(), abs=1e-9)
 
 
 def test_bad_flags_are_refused():
@@ -47,6 +62,7 @@ def test_smoke_sweep_writes_json_and_figure(intransitive_stages, tmp_path):
     _check_point(seed["final"])
     assert seed["curve"][0]["iteration"] == 0 and seed["curve"][-1]["iteration"] == 3
   _check_point(out["sft"])
+  _check_tau_target(out)
   with open(tmp_path / "out" / "nash_md.json") as f:
     assert json.load(f)["seeds"] == [0]
   assert os.path.getsize(tmp_path / "out" / "nash_md.png") > 1000
@@ -72,6 +88,7 @@ def test_committed_results_are_consistent():
     assert set(out[method]["mean_std"]) == set(want)
     for key, ms in want.items():
       assert out[method]["mean_std"][key] == pytest.approx(ms), (method, key)
+  _check_tau_target(out)
   _check_effect(out)
 
 

@@ -102,9 +102,10 @@ def _numpy_grpo(logp, old, ref, adv, mask, eps_lo, eps_hi, kl_coef, aggregation,
   per = per * mask
   if aggregation == "token":
     return per.sum() / mask.sum()
+  present = mask.sum(1) > 0  # responses with an empty mask are absent
   if aggregation == "sequence":
-    return np.mean(per.sum(1) / np.maximum(mask.sum(1), 1))
-  return per.sum() / (mask.shape[0] * max_len)
+    return np.mean((per.sum(1) / np.maximum(mask.sum(1), 1))[present])
+  return per.sum() / (present.sum() * max_len)
 
 
 class TestGrpoLoss:
@@ -140,6 +141,24 @@ class TestGrpoLoss:
     want = _numpy_grpo(logp, old, ref, np.asarray(adv, np.float64), mask, 0.2, 0.28, 0.05,
                        aggregation, 10)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+  @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+  def test_a_response_with_an_empty_mask_is_absent(self, aggregation):
+    # DAPO's dynamic sampling drops a group by zeroing its mask: the loss and the counts must
+    # be those of the batch without it, under every normaliser.
+    rng = np.random.default_rng(8)
+    logp, old = (jnp.asarray(rng.normal(-1, 0.4, (4, 5)), jnp.float32) for _ in range(2))
+    adv, mask = jnp.asarray(rng.normal(size=4), jnp.float32), _mask([5, 2, 4, 3], 5)
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1, aggregation=aggregation,
+              max_len=6)
+    dropped = jnp.asarray(mask).at[1].set(0)
+    keep = jnp.array([0, 2, 3])
+    got, m = self.loss(logp, old, old, adv, dropped, **kw)
+    want, w = self.loss(logp[keep], old[keep], old[keep], adv[keep], jnp.asarray(mask)[keep],
+                        **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(m["count"]) == float(w["count"]) == 3.0
+    assert float(m["token_count"]) == float(w["token_count"]) == 12.0
 
   def test_step_zero_ratio_one_and_no_kl_without_reference(self):
     logp = jnp.asarray(np.random.default_rng(5).normal(-1, 1, (4, 3)), jnp.float32)

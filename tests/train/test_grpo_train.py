@@ -127,6 +127,33 @@ def test_group_advantages_and_stats(estimator, ddof, eps):
     grpo.make_group_advantages_fn(5, estimator=estimator)(rewards)
 
 
+def test_dynamic_sampling_selects_informative_groups_in_round_order(models, rollout):
+  g, policy, ref = models
+  tokens, valid, first = rollout
+  second = grpo.make_group_rollout_fn(g, SCFG, G, with_ref=True)(
+      policy, ref, *prompts(1), jax.random.key(4))
+  # Round 0: group 0 flat, group 1 informative; round 1: group 0 informative, group 1 flat.
+  r0, r1 = np.array([1, 1, 1, 1, 0, 1, 0, 0.]), np.array([0, 1, 1, 1, 0, 0, 0, 0.])
+  sel = grpo.select_groups([(first, r0), (second, r1)], B, G)
+  assert sel.picked == [(0, 1), (1, 0)] and sel.informative == 2
+  for field in grpo.GroupRollout._fields:
+    want = np.concatenate([np.asarray(getattr(first, field))[G:],
+                           np.asarray(getattr(second, field))[:G]])
+    np.testing.assert_array_equal(np.asarray(getattr(sel.rollout, field)), want, err_msg=field)
+  np.testing.assert_array_equal(sel.rewards_B, [0, 1, 0, 0, 0, 1, 1, 1])
+  # One informative group for a batch of two: the filler is the earliest flat group, its
+  # mask zeroed (absent from the loss) and everything else kept.
+  short = grpo.select_groups([(first, r0)], B, G)
+  assert short.picked == [(0, 1), (0, 0)] and short.informative == 1
+  mask = np.asarray(short.rollout.mask_BxT)
+  np.testing.assert_array_equal(mask[:G], np.asarray(first.mask_BxT)[G:])
+  assert not mask[G:].any() and np.asarray(first.mask_BxT)[:G].any()
+  np.testing.assert_array_equal(np.asarray(short.rollout.tokens_BxT)[G:],
+                                np.asarray(first.tokens_BxT)[:G])
+  with pytest.raises(ValueError, match="fewer than the batch"):
+    grpo.select_groups([(first, r0)], B + 1, G)
+
+
 def _np_loss(logps, old, ref, adv, mask, *, lo, hi, beta, aggregation):
   """GRPO / DAPO / Dr. GRPO objective from MATH.md, float64."""
   logps, old, mask = (np.asarray(x, np.float64) for x in (logps, old, mask))

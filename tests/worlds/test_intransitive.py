@@ -41,6 +41,31 @@ class TestGame:
     assert w.exploitability(got, P) < 5e-3
     assert np.abs(np.asarray(CFG.mu) - nash).sum() / 2 > 0.35  # SFT starts far away
 
+  @pytest.mark.parametrize("tau", [0.05, 0.1, 0.3])
+  def test_regularised_equilibrium_is_the_tabular_nash_md_limit(self, tau):
+    # Two independent routes to pi_tau ∝ mu exp(P pi_tau / tau) on the 4-outcome game from a
+    # SFT-like reference: the damped fixed point, and exact Nash-MD steps (lax.scan) with a
+    # small step (its limit is within O(eta) of pi_tau).
+    P4, mu = w.extended_matrix(CFG), np.array([0.15, 0.62, 0.14, 0.09])
+    got = w.regularised_equilibrium(P4, mu, tau)
+    z = np.log(mu) + P4 @ got / tau  # the fixed-point equation itself, in float64
+    np.testing.assert_allclose(got, np.exp(z) / np.exp(z).sum(), atol=1e-10)
+    run = jax.jit(nash_md.nash_md_tabular, static_argnames=("nash_tau", "eta", "steps"))
+    tab = np.asarray(run(jnp.asarray(mu, jnp.float32), jnp.asarray(P4, jnp.float32),
+                         jnp.asarray(mu, jnp.float32), nash_tau=tau, eta=0.02, steps=20000))
+    np.testing.assert_allclose(got, tab, atol=5e-3)
+
+  def test_regularised_equilibrium_tends_to_nash_and_refuses_bad_input(self):
+    mu = np.array([0.15, 0.62, 0.14, 0.09])
+    P4, nash = w.extended_matrix(CFG), np.r_[w.nash_equilibrium(P), 0.0]
+    tv = [np.abs(w.regularised_equilibrium(P4, mu, t) - nash).sum() / 2
+          for t in (0.3, 0.1, 0.03, 0.01)]
+    assert all(a > b for a, b in zip(tv, tv[1:])) and tv[-1] < 0.05
+    with pytest.raises(ValueError, match="tau must be > 0"):
+      w.regularised_equilibrium(P4, mu, 0.0)
+    with pytest.raises(ValueError, match="strictly positive"):
+      w.regularised_equilibrium(P4, np.array([0.5, 0.5, 0.0, 0.0]), 0.1)
+
   def test_exploitability_known_values(self):
     nash = w.nash_equilibrium(P)
     assert w.exploitability(nash, P) == pytest.approx(0.0, abs=1e-9)
