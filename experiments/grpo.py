@@ -27,8 +27,10 @@ zero-variance groups, KL to SFT per sequence (a measurement on the temperature-1
 at every evaluation whatever --kl_coef), response length and truncation rate. The ratio's clip
 fraction only exists in training: it is logged per iteration with the rollout's reward, KL,
 zero-variance fraction, length, truncation rate and the number of compiles (0 after the first
-iteration). --matched_sft continues SFT for as many optimizer steps as GRPO takes, on every
-prompt GRPO rolled out, with its correct answer (the matched-compute baseline).
+iteration). --matched_sft continues SFT for as many optimizer steps as GRPO takes, on the
+prompts of GRPO's updates with their correct answers (the matched-compute baseline,
+"sft_matched"); with dynamic sampling, also on every prompt GRPO rolled out, the discarded
+ones included ("sft_matched_rolled_out": more distinct prompts, the stronger baseline).
 
 --dynamic_sampling_rounds=R (DAPO): a group whose rewards are all equal has zero advantage
 and only dilutes the loss's denominator; such groups leave the batch and are replaced by the
@@ -88,7 +90,8 @@ class GRPOConfig(lm.LMConfig):
       "informative groups of up to this many further rollouts of fresh prompts per iteration "
       "(0: off, every group enters the loss).")
   matched_sft: bool = cli.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
-                               "takes on every prompt GRPO rolled out (matched compute).")
+                               "takes on the prompts of GRPO's updates (matched compute; with "
+                               "dynamic sampling also on every prompt rolled out).")
 
   def __post_init__(self):
     super().__post_init__()
@@ -188,11 +191,10 @@ class Round(NamedTuple):
 
 
 def iteration_rollout(cfg: GRPOConfig, it: int, rollout_fn, params, ref_params, train_pairs,
-                      prompt_len: int) -> tuple[grpo.Selection, list[Round], list[str]]:
+                      prompt_len: int) -> tuple[grpo.Selection, list[Round]]:
   """Iteration `it`'s training groups: one rollout of --batch_size fresh prompts, or, with
   --dynamic_sampling_rounds, its informative groups topped up from up to that many further
-  rollouts (DAPO), stopping as soon as the batch is full. Returns (selection, the rounds,
-  every prompt rolled out: what the matched-SFT baseline trains on)."""
+  rollouts (DAPO), stopping as soon as the batch is full. Returns (selection, rounds)."""
   key = jax.random.fold_in(jax.random.key(cfg.seed), it)
   rounds, informative = [], 0
   for r in range(cfg.dynamic_sampling_rounds + 1):
@@ -210,7 +212,15 @@ def iteration_rollout(cfg: GRPOConfig, it: int, rollout_fn, params, ref_params, 
   else:
     sel = grpo.select_groups([(x.rollout, x.rewards_BxG.reshape(-1)) for x in rounds],
                              cfg.batch_size, cfg.group_size)
-  return sel, rounds, [p for x in rounds for p in x.prompts]
+  return sel, rounds
+
+
+def trained_prompts(cfg: GRPOConfig, sel: grpo.Selection, rounds: list[Round]) -> list[str]:
+  """The prompts whose groups enter the loss: every prompt without dynamic sampling, the
+  informative groups' with it (the fillers' masks are empty)."""
+  if not cfg.dynamic_sampling_rounds:
+    return list(rounds[0].prompts)
+  return [rounds[r].prompts[g] for r, g in sel.picked[:sel.informative]]
 
 
 def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -363,9 +373,9 @@ def run(cfg: GRPOConfig) -> dict:
 
   write_config(cfg.workdir, cli.to_dict(cfg))
   manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
-  curve, rolled_out, start = [], [], 0
+  curve, prompts_seen, start = [], {"trained": [], "rolled_out": []}, 0
   if data is not None:
-    curve, rolled_out, start = data["curve"], data["rolled_out"], int(manager.latest_step())
+    curve, prompts_seen, start = data["curve"], data["prompts"], int(manager.latest_step())
     print(f"resumed from iteration {start}")
   if start == 0:
     # The train state's own (SFT) params: every compiled function then sees the shardings
@@ -377,10 +387,10 @@ def run(cfg: GRPOConfig) -> dict:
   with CompileCounter() as counter:
     for it in range(start, cfg.steps):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
-      sel, rounds, prompts = iteration_rollout(
-          cfg, it, rollout_fn, state.params, sft_params if with_ref else None, train_pairs,
-          prompt_len)
-      rolled_out.append(prompts)
+      sel, rounds = iteration_rollout(cfg, it, rollout_fn, state.params,
+                                      sft_params if with_ref else None, train_pairs, prompt_len)
+      prompts_seen["trained"].append(trained_prompts(cfg, sel, rounds))
+      prompts_seen["rolled_out"].append([p for x in rounds for p in x.prompts])
       adv, stats = advantages_fn(sel.rewards_B)
       batch = grpo.rollout_batch(sel.rollout, adv)
       state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch,
@@ -410,7 +420,7 @@ def run(cfg: GRPOConfig) -> dict:
         curve.append({"iteration": done, **evaluator(state.params)})
         logger.log(done, curve[-1], split="eval")
       if manager.should_save(done) or done == cfg.steps:
-        checkpoint.save(manager, done, state, {"curve": curve, "rolled_out": rolled_out},
+        checkpoint.save(manager, done, state, {"curve": curve, "prompts": prompts_seen},
                         force=done == cfg.steps)
   manager.wait_until_finished()
   logger.close()
@@ -418,24 +428,33 @@ def run(cfg: GRPOConfig) -> dict:
 
   _, base_params, _ = lm.init_model(cfg, mesh, init_from=base_dir)
   table = {"base": evaluator(base_params), "sft": curve[0], "grpo": curve[-1]}
-  if cfg.matched_sft:
-    t1 = time.perf_counter()
-    answer = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p)) for p in train_pairs}
+  answer = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p)) for p in train_pairs}
+  matched = {"sft_matched": "trained"}
+  if cfg.dynamic_sampling_rounds:
+    matched["sft_matched_rolled_out"] = "rolled_out"
+  for row, which in matched.items() if cfg.matched_sft else ():
     records = [{"prompt": p, "response": answer[p]}
-               for p in dict.fromkeys(p for ps in rolled_out for p in ps)]
-    table["sft_matched"] = evaluator(matched_sft_params(
-        sft_config(cfg), os.path.join(cfg.workdir, "matched_sft"), records, cfg.updates, mesh,
-        g, sft_params, shardings))
-    wall["matched_sft_s"] = time.perf_counter() - t1
+               for p in dict.fromkeys(p for ps in prompts_seen[which] for p in ps)]
+    if not records:
+      print(f"{row}: GRPO trained on no prompt (every group had zero variance); no baseline")
+      continue
+    t1 = time.perf_counter()
+    table[row] = evaluator(matched_sft_params(
+        sft_config(cfg), os.path.join(cfg.workdir, row), records, cfg.updates, mesh, g,
+        sft_params, shardings))
+    wall[f"{row}_s"] = time.perf_counter() - t1
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   manager.close()
   result = {"table": table, "curve": curve, "wall": wall, "sft_workdir": sft_dir,
-            "updates": cfg.updates, "prompts_rolled_out": sum(map(len, rolled_out))}
+            "updates": cfg.updates,
+            **{f"prompts_{k}": sum(map(len, v)) for k, v in prompts_seen.items()}}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   baselines = {"SFT": table["sft"]["accuracy_temp1"]}
-  if "sft_matched" in table:
-    baselines["SFT + matched steps"] = table["sft_matched"]["accuracy_temp1"]
+  for row, label in (("sft_matched", "SFT + matched steps"),
+                     ("sft_matched_rolled_out", "... on every prompt rolled out")):
+    if row in table:
+      baselines[label] = table[row]["accuracy_temp1"]
   plots.curve_with_se(curve, "iteration", "accuracy_temp1",
                       os.path.join(cfg.workdir, "grpo_curve.png"),
                       title=f"{cfg.advantage}, G={cfg.group_size}, kl_coef {cfg.kl_coef}",
@@ -460,10 +479,10 @@ def train_on_rollout(cfg: GRPOConfig, mesh, train_step, state, batch, rng):
 
 
 def format_table(table: dict, ks) -> str:
-  head = "held-out          greedy  temp-1 (+- se)   " + "  ".join(f"pass@{k}" for k in ks)
+  head = "held-out                  greedy  temp-1 (+- se)   " + "  ".join(f"pass@{k}" for k in ks)
   lines = [head + "   reward  zero-var  KL to SFT  length  trunc"]
   for name, m in table.items():
-    lines.append(f"  {name:<14} {m['accuracy_greedy']:6.3f}  {m['accuracy_temp1']:6.3f} +- "
+    lines.append(f"  {name:<22} {m['accuracy_greedy']:6.3f}  {m['accuracy_temp1']:6.3f} +- "
                  f"{m['accuracy_temp1_se']:.3f}   "
                  + "  ".join(f"{m[f'pass_at_{k}']:6.3f}" for k in ks)
                  + f"   {m['reward_mean']:6.3f}  {m['zero_variance_frac']:8.3f}  "

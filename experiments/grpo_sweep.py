@@ -20,7 +20,9 @@ import os
 from experiments import cli, grpo, plots, sweeps
 from rlhf_jax.train.logging import read_metrics
 
-POLICIES = ("sft", "grpo", "sft_matched")
+POLICIES = ("sft", "grpo", "sft_matched", "sft_matched_rolled_out")
+# GRPO's gains are reported over each of these baselines present in a run's table.
+BASELINES = {"sft": "sft", "matched": "sft_matched", "matched_rolled_out": "sft_matched_rolled_out"}
 METRICS = ("accuracy_greedy", "accuracy_temp1", "reward_mean", "zero_variance_frac", "kl",
            "length", "truncated_frac")
 
@@ -49,10 +51,11 @@ def seed_summary(table: dict, ks) -> dict:
   """One seed's held-out numbers: each policy's metrics and pass@k, and GRPO's gains over
   SFT and over matched SFT (greedy and temperature-1 accuracy, pass@k)."""
   keys = METRICS + tuple(f"pass_at_{k}" for k in ks)
-  out = {f"{p}_{m}": float(table[p][m]) for p in POLICIES for m in keys}
+  out = {f"{p}_{m}": float(table[p][m]) for p in POLICIES if p in table for m in keys}
   for m in ("accuracy_greedy", "accuracy_temp1") + tuple(f"pass_at_{k}" for k in ks):
-    out[f"gain_over_sft_{m}"] = out[f"grpo_{m}"] - out[f"sft_{m}"]
-    out[f"gain_over_matched_{m}"] = out[f"grpo_{m}"] - out[f"sft_matched_{m}"]
+    for name, row in BASELINES.items():
+      if row in table:
+        out[f"gain_over_{name}_{m}"] = out[f"grpo_{m}"] - out[f"{row}_{m}"]
   return out
 
 
@@ -63,8 +66,10 @@ def figure(out: dict, path: str) -> None:
       list(out["curves"].values()), "accuracy_temp1", path,
       title=f"GRPO vs SFT, {len(out['seeds'])} seeds ({os.path.basename(out['grpo_flagfile'])})",
       xlabel="GRPO iteration", ylabel="held-out temperature-1 accuracy",
-      baselines={"SFT": [s["sft_accuracy_temp1"] for s in per_seed],
-                 "SFT + matched steps": [s["sft_matched_accuracy_temp1"] for s in per_seed]})
+      baselines={label: [s[f"{row}_accuracy_temp1"] for s in per_seed]
+                 for row, label in (("sft", "SFT"), ("sft_matched", "SFT + matched steps"),
+                                    ("sft_matched_rolled_out", "... on every prompt rolled out"))
+                 if all(f"{row}_accuracy_temp1" in s for s in per_seed)})
 
 
 def run(cfg: GRPOSweepConfig) -> dict:
@@ -94,9 +99,9 @@ def run(cfg: GRPOSweepConfig) -> dict:
   figure(out, os.path.join(cfg.out_dir, "grpo.png"))
   ms = out["mean_std"]
   for m in ("accuracy_greedy", "accuracy_temp1"):
-    print(f"{m} over {len(summaries)} seeds (mean +- std): SFT {ms[f'sft_{m}']['mean']:.3f} "
-          f"-> GRPO {ms[f'grpo_{m}']['mean']:.3f} +- {ms[f'grpo_{m}']['std']:.3f}; matched SFT "
-          f"{ms[f'sft_matched_{m}']['mean']:.3f} +- {ms[f'sft_matched_{m}']['std']:.3f}")
+    print(f"{m} over {len(summaries)} seeds (mean +- std): " + "; ".join(
+        f"{p} {ms[f'{p}_{m}']['mean']:.3f} +- {ms[f'{p}_{m}']['std']:.3f}"
+        for p in POLICIES if f"{p}_{m}" in ms))
   return out
 
 

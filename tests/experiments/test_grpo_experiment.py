@@ -41,7 +41,11 @@ EVAL_KEYS = ("accuracy_greedy", "accuracy_temp1", "pass_at_1", "pass_at_4", "pas
 
 def test_smoke_reports_table_curve_and_logs(grpo_run):
   cfg, result = grpo_run
-  assert set(result["table"]) == {"base", "sft", "grpo", "sft_matched"}
+  # Matched SFT on the prompts of GRPO's updates (absent when no group was informative) and,
+  # with dynamic sampling, on every prompt rolled out.
+  assert set(result["table"]) == {"base", "sft", "grpo", "sft_matched_rolled_out"} | (
+      {"sft_matched"} if result["prompts_trained"] else set())
+  assert result["prompts_trained"] <= cfg.effective().batch_size * 3
   for row in result["table"].values():
     for key in EVAL_KEYS:
       assert math.isfinite(row[key]), (key, row)

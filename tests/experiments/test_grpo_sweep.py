@@ -28,6 +28,11 @@ def test_seed_summary():
   assert s["gain_over_matched_accuracy_greedy"] == pytest.approx(0.15)
   assert s["gain_over_matched_pass_at_4"] == pytest.approx(0.05)
   assert s["sft_matched_kl"] == 1.0
+  assert not any("rolled_out" in k for k in s)  # no such row, no such gain
+  table["sft_matched_rolled_out"] = _row(0.75, 0.9, 0.95)
+  s = grpo_sweep.seed_summary(table, [1, 4])
+  assert s["gain_over_matched_rolled_out_accuracy_temp1"] == pytest.approx(0.05)
+  assert s["gain_over_matched_rolled_out_accuracy_greedy"] == pytest.approx(-0.05)
 
 
 def test_bad_seeds_are_refused():
