@@ -479,7 +479,7 @@ def train_on_rollout(cfg: GRPOConfig, mesh, train_step, state, batch, rng):
 
 
 def format_table(table: dict, ks) -> str:
-  head = "held-out                  greedy  temp-1 (+- se)   " + "  ".join(f"pass@{k}" for k in ks)
+  head = f"{'held-out':<24}  greedy  temp-1 (+- se)   " + "  ".join(f"pass@{k}" for k in ks)
   lines = [head + "   reward  zero-var  KL to SFT  length  trunc"]
   for name, m in table.items():
     lines.append(f"  {name:<22} {m['accuracy_greedy']:6.3f}  {m['accuracy_temp1']:6.3f} +- "

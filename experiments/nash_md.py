@@ -295,8 +295,8 @@ def run(cfg: NashMDConfig) -> dict:
   nash = intransitive.nash_equilibrium(intransitive.preference_matrix(world_cfg))
   result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
             "nash": nash.tolist(), "judge": cfg.judge,
-            "tau_equilibrium": None if target is None else target.tolist(), "preference_workdir": pref_dir,
-            "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
+            "tau_equilibrium": None if target is None else target.tolist(),
+            "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   plots.styles_over_training(
