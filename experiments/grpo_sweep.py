@@ -4,13 +4,24 @@
 
 Runs experiments.grpo with --matched_sft once per --seeds entry. The upstream stages are shared
 (one pretrained base, one SFT: the world seed and the stages' own flags are fixed; the run
-seed changes GRPO's prompts, samples and minibatches, and the matched-SFT run's prompts,
-which are GRPO's). Writes <out_dir>/grpo.json (per-seed held-out rows for SFT, GRPO and
-matched SFT, GRPO's gains over both, their mean and spread, every curve, wall times and
-compiles) and <out_dir>/grpo.png (held-out temperature-1 accuracy over GRPO iterations, with
-the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the committed
-JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached stages (the
-committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo; its "code_version" field says so).
+seed changes GRPO's prompts, samples and minibatches, and so the matched-SFT runs' prompts,
+which are GRPO's). Writes <out_dir>/grpo.json (per-seed held-out rows for SFT, GRPO and the
+matched SFT baselines, GRPO's gains over each, their mean and spread, every curve, wall times
+and compiles) and <out_dir>/grpo.png (held-out temperature-1 accuracy over GRPO iterations,
+with the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the
+committed JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached
+stages (the committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo; its "code_version" field
+says so).
+
+Measured (grpo_tiny.flags, 3 seeds, 500 held-out prompts, mean +- std):
+                                     greedy           temperature 1    pass@8
+  SFT                                0.844            0.662            0.958
+  GRPO (60 iterations, 120 updates)  0.979 +- 0.004   0.958 +- 0.003   0.997
+  matched SFT, prompts of updates    0.980 +- 0.007   0.935 +- 0.011   0.999
+  matched SFT, every prompt rolled   0.971 +- 0.007   0.935 +- 0.005   0.998
+GRPO's temperature-1 gain over either matched baseline is positive in every seed (+0.014 to
++0.038); greedy accuracy is tied (both near the model's ceiling), and pass@8 is a little
+lower after GRPO (it narrows the distribution).
 """
 import dataclasses
 import json

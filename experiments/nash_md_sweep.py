@@ -15,18 +15,22 @@ experiments/results/nash_md/ come from this command; tests/experiments/test_nash
 checks them and (slow) reruns it. --raters_judge adds Nash-MD judged by the raters' exact
 probability, which separates the preference model's errors from the RL's.
 
-Measured (3 seeds, 30 iterations each, final policies, 176 held-out samples; formal / casual /
-poetic / malformed, exploitability, TV to Nash; Nash = 0.23 / 0.31 / 0.46 / 0):
-  SFT                0.15 / 0.62 / 0.14 / 0.10   0.20   0.41
-  Nash-MD (model)    0.34 / 0.42 / 0.04 / 0.21   0.21   0.43
-  Nash-MD (raters)   0.49 / 0.21 / 0.06 / 0.24   0.18   0.50
-  BT-PPO             0.71 / 0.02 / 0.00 / 0.28   0.26   0.75
-BT-PPO collapses onto formal in every seed, as predicted; Nash-MD keeps a mixture and is less
-exploitable than BT-PPO in every seed, but it does NOT approach the equilibrium within 30
-iterations: poetic never grows (a sampled policy gradient cannot grow a style it stops
-sampling; the KL to SFT, which holds 14% poetic, is the only pull back), and malformed text
-doubles (it loses to everything, so it dominates the exploitability). Among well-formed
-answers alone, Nash-MD (raters) is the least exploitable (0.10 vs SFT 0.18, BT-PPO 0.19).
+Measured (nash_md_tiny.flags: tau 0.1, 16 prompts x 4 responses; 3 seeds, final policies, 176
+held-out samples; formal / casual / poetic / malformed, exploitability, TV to Nash, TV to the
+tau-regularised equilibrium from this SFT, (0.37, 0.40, 0.23, 0)):
+  SFT                0.13 / 0.63 / 0.15 / 0.10   0.201          0.41   0.32
+  Nash-MD (model)    0.34 / 0.48 / 0.05 / 0.14   0.193 +- 0.009 0.41   0.21
+  Nash-MD (raters)   0.47 / 0.29 / 0.06 / 0.18   0.156 +- 0.019 0.42   0.28
+  BT-PPO             0.72 / 0.01 / 0.00 / 0.27   0.266 +- 0.012 0.76   0.62
+BT-PPO collapses onto formal in every seed, as predicted; Nash-MD keeps a mixture, is less
+exploitable than BT-PPO in every seed, and judged by the raters less exploitable than SFT in
+every seed (by the learned model: 2 of 3). It does NOT approach the equilibrium in 30
+iterations: poetic never grows (formal, which poetic beats, has to dominate first, and a
+style the policy stops sampling grows back slowly), and malformed text grows with formal (the
+small SFT misspells topic words in the style it rarely wrote; a malformed answer loses to
+everything, so it dominates the exploitability). Among well-formed answers alone, Nash-MD
+judged by the raters is the least exploitable (0.09, by the model 0.15, SFT 0.18, BT-PPO
+0.20).
 """
 import dataclasses
 import json

@@ -53,16 +53,24 @@ def test_committed_results_are_consistent_and_show_the_effect():
     curve = out["curves"][str(s["seed"])]
     # The table's SFT and GRPO rows are the curve's first and last evaluations.
     assert run["table"]["sft"] == curve[0] and run["table"]["grpo"] == curve[-1]
-    assert curve[-1]["iteration"] == 40
+    assert curve[-1]["iteration"] == 60
     assert run["compiles_after_first_max"] == 0
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in out["per_seed"]]
   assert out["mean_std"] == sweeps.aggregate(numbers)
-  # GRPO above SFT by a clear margin in held-out accuracy, in every seed. (Against SFT
-  # continued for the same number of steps on the same prompts with correct answers the
-  # committed sweep shows NO clear gain: see gain_over_matched_* in the JSON.)
   for s in out["per_seed"]:
-    assert s["gain_over_sft_accuracy_greedy"] > 0.05, s["seed"]
-    assert s["gain_over_sft_accuracy_temp1"] > 0.1, s["seed"]
+    _check_effect(s)
+
+
+def _check_effect(s):
+  """What the committed sweep measured in every seed: GRPO far above SFT, and above SFT
+  continued for as many steps with the correct answers, on the prompts of GRPO's updates or
+  on every prompt it rolled out, in temperature-1 accuracy (pass@1: +0.014 to +0.038). NOT
+  in greedy accuracy (-0.008 to +0.016: tied) nor pass@8 (matched SFT 0.1-0.2 points
+  higher: RL narrows the distribution)."""
+  assert s["gain_over_sft_accuracy_greedy"] > 0.05, s["seed"]
+  assert s["gain_over_sft_accuracy_temp1"] > 0.1, s["seed"]
+  assert s["gain_over_matched_accuracy_temp1"] > 0.01, s["seed"]
+  assert s["gain_over_matched_rolled_out_accuracy_temp1"] > 0.01, s["seed"]
 
 
 @pytest.mark.slow
@@ -76,7 +84,7 @@ def test_sweep_reproduces_the_effect(tmp_path):
   with open(RESULTS) as f:
     committed = {s["seed"]: s for s in json.load(f)["per_seed"]}
   for s in out["per_seed"]:
-    assert s["gain_over_sft_accuracy_greedy"] > 0.05 and s["gain_over_sft_accuracy_temp1"] > 0.1
+    _check_effect(s)
     assert s["grpo_accuracy_temp1"] == pytest.approx(
         committed[s["seed"]]["grpo_accuracy_temp1"], abs=0.03)
   assert os.path.getsize(os.path.join(tmp_path, "out", "grpo.png")) > 1000
