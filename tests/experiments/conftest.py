@@ -3,13 +3,27 @@ mode with the `nano` preset, each chain cached under one stage root, so each exp
 test pays only for its own stage: the gold world's pretrain -> SFT -> reward model, and the
 intransitive world's pretrain -> SFT -> pairwise preference model."""
 import os
+import subprocess
+import sys
 
 import pytest
 
 from experiments import cli, ppo, reward
 
-FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+FLAGS_DIR = os.path.join(REPO_ROOT, "experiments", "configs")
 PAIRWISE_FLAGS = f"{FLAGS_DIR}/reward_pairwise_intransitive_tiny.flags"
+
+
+def run_experiment(module: str, *args: str) -> None:
+  """Runs `python -m <module> <args>` from the repository root in a fresh process: the command
+  a researcher types, on the machine's real devices (without the tests' 8 fake CPU devices,
+  whose data-parallel size the flagfiles' batch shapes need not divide) and the real code
+  version (a developer's RLHF_JAX_CODE_VERSION pin dropped). For the slow reruns."""
+  env = {k: v for k, v in os.environ.items() if k != "RLHF_JAX_CODE_VERSION"}
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "").strip()
+  subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, check=True)
 
 
 @pytest.fixture(scope="session")

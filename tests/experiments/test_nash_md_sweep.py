@@ -11,7 +11,7 @@ from experiments import cli, nash_md_sweep as sweep
 from experiments.sweeps import aggregate
 from rlhf_jax.worlds import intransitive
 
-from conftest import FLAGS_DIR
+from conftest import FLAGS_DIR, run_experiment
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results",
                        "nash_md", "nash_md.json")
@@ -113,8 +113,10 @@ def _check_effect(out):
 
 @pytest.mark.slow
 def test_sweep_reproduces_the_effect(tmp_path):
-  out = sweep.run(cli.parse(sweep.NashMDSweepConfig, [
-      f"--flagfile={FLAGS_DIR}/nash_md_sweep.flags", f"--out_dir={tmp_path}/out",
-      f"--workdir={tmp_path}/runs"]))
+  run_experiment("experiments.nash_md_sweep", f"--flagfile={FLAGS_DIR}/nash_md_sweep.flags",
+                 f"--out_dir={tmp_path}/out", f"--workdir={tmp_path}/runs",
+                 f"--stage_root={tmp_path}/stages", f"--data_dir={tmp_path}/data")
+  with open(os.path.join(tmp_path, "out", "nash_md.json")) as f:
+    out = json.load(f)
   _check_effect(out)
   assert os.path.getsize(os.path.join(tmp_path, "out", "nash_md.png")) > 1000

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import cli, sycophancy as syc
 
-from conftest import FLAGS_DIR
+from conftest import FLAGS_DIR, run_experiment
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results",
                        "sycophancy", "sycophancy.json")
@@ -72,10 +72,12 @@ def test_committed_results_are_consistent():
 def test_full_sweep_reproduces_the_committed_numbers(tmp_path):
   """Reruns the 3-seed sweep and checks it against the committed JSON: same seeds, so the
   same numbers up to float noise of a different machine."""
-  cfg = cli.parse(syc.SycophancyConfig, [f"--flagfile={FLAGS_DIR}/sycophancy.flags",
-                                         f"--workdir={tmp_path}/runs",
-                                         f"--out_dir={tmp_path}/out"])
-  out = syc.run(cfg)
+  run_experiment("experiments.sycophancy", f"--flagfile={FLAGS_DIR}/sycophancy.flags",
+                 f"--workdir={tmp_path}/runs", f"--out_dir={tmp_path}/out",
+                 f"--stage_root={tmp_path}/stages",
+                 f"--extra_flags=--data_dir={tmp_path}/data")
+  with open(os.path.join(tmp_path, "out", "sycophancy.json")) as f:
+    out = json.load(f)
   with open(RESULTS) as f:
     committed = json.load(f)
   for key, ms in committed["mean_std"].items():
