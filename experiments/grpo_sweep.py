@@ -10,8 +10,9 @@ matched SFT baselines, GRPO's gains over each, their mean and spread, every curv
 and compiles) and <out_dir>/grpo.png (held-out temperature-1 accuracy over GRPO iterations,
 with the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the
 committed JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached
-stages (the committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo; its "code_version" field
-says so).
+stages (the committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo, as its "code_version" field
+says; the slow rerun from empty stages under the real code version reproduced every committed
+number exactly, in 29 minutes on 2 shared cores).
 
 Measured (grpo_tiny.flags, 3 seeds, 500 held-out prompts, mean +- std):
                                      greedy           temperature 1    pass@8
