@@ -10,6 +10,7 @@ An upstream stage's config is its own flagfile plus the flags the downstream run
 it (the model, the world, the mesh, --smoke, ...; each experiment lists them), so a changed
 upstream flag changes every downstream key and rebuilds, never mismatches.
 """
+import functools
 import hashlib
 import json
 import os
@@ -33,8 +34,16 @@ def code_version() -> str:
   (unless $RLHF_JAX_CODE_VERSION pins it)."""
   if os.environ.get(CODE_VERSION_ENV):
     return "pinned-" + os.environ[CODE_VERSION_ENV]
+  return _source_hash((_CODE_ROOT, pathlib.Path(__file__).parent))
+
+
+@functools.cache
+def _source_hash(roots: tuple[pathlib.Path, ...]) -> str:
+  """Hashed once per process: the code a process runs is what it imported at its start, so a
+  source edit during a long sweep must not give its later stages new keys (and rebuild them
+  from scratch); the next process sees the edit."""
   h = hashlib.sha256()
-  for root in (_CODE_ROOT, pathlib.Path(__file__).parent):
+  for root in roots:
     for path in sorted(root.rglob("*.py")):
       h.update(str(path.relative_to(root.parent)).encode())
       h.update(path.read_bytes())

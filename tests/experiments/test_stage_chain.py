@@ -63,13 +63,16 @@ def test_downstream_only_flags_do_not_touch_upstream_keys():
 
 def test_pinned_code_version_ignores_source_edits(monkeypatch, tmp_path):
   """$RLHF_JAX_CODE_VERSION replaces the source hash in every key: an edit no longer
-  rebuilds a stage, and a different pin (or none) gives a different key."""
+  rebuilds a stage, and a different pin (or none) gives a different key. Unpinned, the hash
+  follows the sources from one process to the next, but not within a process."""
   config = {"steps": 3}
   monkeypatch.delenv(stages.CODE_VERSION_ENV, raising=False)  # a developer's own pin
   monkeypatch.setattr(stages, "_CODE_ROOT", tmp_path)
   (tmp_path / "mod.py").write_text("x = 1\n")
   unpinned = stages.stage_key(config)
   (tmp_path / "mod.py").write_text("x = 2\n")
+  assert stages.stage_key(config) == unpinned  # mid-run: the code running is what was hashed
+  stages._source_hash.cache_clear()  # a new process
   assert stages.stage_key(config) != unpinned  # the hash follows the sources
   monkeypatch.setenv(stages.CODE_VERSION_ENV, "dev")
   pinned = stages.stage_key(config)
