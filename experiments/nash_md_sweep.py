@@ -134,11 +134,12 @@ def run(cfg: NashMDSweepConfig) -> dict:
   if len(sft_dirs) != 1:
     raise RuntimeError(f"the runs started from different SFT stages: {sorted(sft_dirs)}")
   evaluate = final_evaluator(ncfg, cfg.final_eval_samples, sft_dirs.pop())
+  sft = evaluate(None)
   # Where Nash-MD with the flagfile's tau converges from this SFT (none at tau 0).
-  target = nash_md.regularised_target(ncfg, evaluate(None), ncfg.world_config())
+  target = nash_md.regularised_target(ncfg, sft, ncfg.world_config())
 
   def final(workdir):
-    point = evaluate(workdir)
+    point = sft if workdir is None else evaluate(workdir)
     return {**point, **nash_md.target_distance(point, target)}
 
   out = {"seeds": cfg.seed_list, "nash_flagfile": cfg.nash_flagfile,
