@@ -4,7 +4,7 @@ Shapes: B sequences (responses) of T token slots. mask_BxT marks response tokens
 bool), right-padded and contiguous: row b holds L_b = sum_t mask[b, t] tokens at t < L_b.
 Token t is the action a_t taken in state s_t; values_BxT[b, t] = V(s_t).
 
-Equations (MATH.md, stage 3):
+Equations (docs/math.md, "PPO"):
   per-token reward (Ziegler 2019; Stiennon 2020):
     r_t = -kl_coef (log pi_old(a_t) - log pi_ref(a_t)) + [t == L-1] r_phi(x, y)
   GAE (Schulman 2016): delta_t = r_t + gae_gamma V(s_{t+1}) - V(s_t),
@@ -12,7 +12,8 @@ Equations (MATH.md, stage 3):
   clipped surrogate (Schulman 2017), rho_t = exp(log pi - log pi_old):
     L_clip = -mean_t min(rho_t A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A_t)
   clipped value loss: 0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)
-  adaptive KL controller (Ziegler 2019): e = clip(KL / KL_target - 1, -0.2, 0.2).
+  adaptive KL controller (Ziegler 2019, horizon form of their code; TRL's AdaptiveKLController):
+    e = clip(KL / KL_target - 1, -0.2, 0.2),  kl_coef <- kl_coef (1 + e n_steps / horizon).
 
 Truncation rule (responses that hit the length limit without EOS, truncated_B = True):
   * reward: rlhf_token_rewards SUBTRACTS truncation_penalty (>= 0, default 0) from the
@@ -27,12 +28,13 @@ ratio stays finite for log-probs like -1e4 (the clamp has zero gradient outside 
 
 Losses return (loss, metrics). loss is a token MEAN: the masked sum divided by the token count
 of the call, or by `normaliser` when given (pass the GLOBAL token count of the step so
-microbatches and hosts sum exactly, DESIGN principle 9). metrics are SUMS over tokens plus
-token_count; add them across microbatches/hosts, then call metrics_from_sums:
+microbatches and hosts sum exactly). metrics are SUMS over tokens plus token_count; add them
+across microbatches/hosts and divide by the total token_count for means:
   ppo_policy_loss: policy_loss_sum, clipfrac_sum, approx_kl_sum (k3 of KL(pi_old || pi)),
                    ratio_sum, token_count
   ppo_value_loss:  value_loss_sum, vf_clipfrac_sum, returns_sum, returns_sq_sum,
-                   residual_sum, residual_sq_sum (residual = R - V), token_count
+                   residual_sum, residual_sq_sum (residual = R - V; explained variance is
+                   1 - Var(R - V) / Var(R) from these sums), token_count
   entropy_bonus:   entropy_sum, token_count
 Advantage whitening uses the statistics of the arrays it is given: whiten the whole rollout
 batch before splitting it into microbatches.
@@ -168,7 +170,7 @@ def ppo_policy_loss(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *, clip_
 
 def ppo_value_loss(values_BxT, old_values_BxT, returns_BxT, mask_BxT, *, value_clip_eps,
                    normaliser=None):
-  """0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) (MATH.md stage 3).
+  """0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) (docs/math.md, "PPO").
 
   Also returns the sums explained variance needs (residual = R - V). Returns (loss, metrics).
   """
@@ -203,30 +205,12 @@ def entropy_bonus(entropy_BxT, mask_BxT, *, entropy_coef, normaliser=None):
   return -entropy_coef * mean, metrics
 
 
-def metrics_from_sums(metrics):
-  """Turns combined sums into final values: every X_sum / token_count as X (means), plus
-  explained_variance = 1 - Var(R - V) / Var(R) when the value-loss sums are present.
-  """
-  n = jnp.maximum(metrics["token_count"], 1.0)
-  out = {k[:-len("_sum")]: v / n for k, v in metrics.items() if k.endswith("_sum")}
-  if "residual_sq_sum" in metrics:
-    var_r = metrics["returns_sq_sum"] / n - jnp.square(metrics["returns_sum"] / n)
-    var_res = metrics["residual_sq_sum"] / n - jnp.square(metrics["residual_sum"] / n)
-    out["explained_variance"] = 1.0 - var_res / jnp.maximum(var_r, 1e-12)
-  return out
-
-
-def adaptive_kl_update(kl_coef, kl_value, *, kl_target, k_beta: float = 0.1):
-  """Ziegler 2019 paper form (the DEFAULT controller): e = clip(KL/KL_target - 1, -0.2, 0.2),
-  kl_coef <- kl_coef (1 + k_beta e). Pure: returns the new coefficient.
-  """
-  e = jnp.clip(kl_value / kl_target - 1.0, -0.2, 0.2)
-  return kl_coef * (1.0 + k_beta * e)
-
-
 def adaptive_kl_update_horizon(kl_coef, kl_value, *, kl_target, n_steps, horizon):
-  """Horizon form (lm-human-preferences code, TRL): e = clip(KL/KL_target - 1, -0.2, 0.2),
-  kl_coef <- kl_coef (1 + e n_steps / horizon); n_steps = samples seen since the last update.
+  """The adaptive KL controller (Ziegler 2019; the horizon form of their lm-human-preferences
+  code and of TRL): e = clip(KL/KL_target - 1, -0.2, 0.2), kl_coef <- kl_coef (1 + e n_steps /
+  horizon); n_steps = samples seen since the last update. Pure: returns the new coefficient.
+  The error is clipped, so one update changes kl_coef by at most a factor 1 +- 0.2 n_steps /
+  horizon; at KL == kl_target it is unchanged.
   """
   e = jnp.clip(kl_value / kl_target - 1.0, -0.2, 0.2)
   return kl_coef * (1.0 + e * n_steps / horizon)

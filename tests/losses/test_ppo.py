@@ -206,8 +206,9 @@ class TestPpoPolicyLoss:
     logp = jnp.asarray(rng.normal(-2, 1, (3, 4)), jnp.float32)
     adv = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     loss, m = self.loss(logp, logp, adv, jnp.ones((3, 4)), clip_eps=0.2)
-    out = ppo.metrics_from_sums(m)
-    np.testing.assert_allclose([out["ratio"], out["clipfrac"], out["approx_kl"]], [1, 0, 0])
+    n = m["token_count"]
+    np.testing.assert_allclose([m["ratio_sum"] / n, m["clipfrac_sum"] / n, m["approx_kl_sum"] / n],
+                               [1, 0, 0])
     np.testing.assert_allclose(loss, -np.mean(adv), rtol=1e-5)
 
   @pytest.mark.parametrize("adv,log_ratio,zero", [
@@ -304,8 +305,10 @@ class TestPpoValueLoss:
     rv, vv = r[mask > 0], v[mask > 0]
     want = 1 - np.var(rv - vv) / np.var(rv)
     assert 0.5 < want < 0.99
-    np.testing.assert_allclose(ppo.metrics_from_sums(summed)["explained_variance"], want,
-                               rtol=1e-4)
+    n = summed["token_count"]
+    var = lambda s, sq: summed[sq] / n - (summed[s] / n) ** 2
+    got = 1 - var("residual_sum", "residual_sq_sum") / var("returns_sum", "returns_sq_sum")
+    np.testing.assert_allclose(got, want, rtol=1e-4)
 
   def test_extremes_and_all_masked_finite(self):
     f = lambda v, m: self.loss(v, jnp.zeros((1, 2)), jnp.full((1, 2), 1e6), m,
@@ -338,39 +341,6 @@ class TestEntropyBonus:
       ppo.entropy_bonus(jnp.ones((2, 3)), jnp.ones((2, 2)), entropy_coef=0.1)
 
 
-class TestMetricsFromSums:
-
-  def test_hand_checked(self):
-    # R = [1, 3], V = [1, 2]: residual [0, 1]; Var(R) = 1, Var(res) = 0.25 -> EV = 0.75.
-    m = {"returns_sum": 4.0, "returns_sq_sum": 10.0, "residual_sum": 1.0,
-         "residual_sq_sum": 1.0, "value_loss_sum": 0.5, "token_count": 2.0}
-    out = ppo.metrics_from_sums(jax.tree.map(jnp.asarray, m))
-    np.testing.assert_allclose([out["explained_variance"], out["value_loss"]], [0.75, 0.25])
-
-  def test_zero_tokens_finite(self):
-    out = ppo.metrics_from_sums({"clipfrac_sum": jnp.zeros(()), "token_count": jnp.zeros(())})
-    assert float(out["clipfrac"]) == 0.0
-
-
-class TestAdaptiveKlUpdate:
-
-  def test_hand_checked_and_clipping(self):
-    f = jax.jit(ppo.adaptive_kl_update, static_argnames=("kl_target", "k_beta"))
-    # KL/target - 1 = 0.1 -> beta * (1 + 0.1 * 0.1) = 0.2 * 1.01 = 0.202.
-    np.testing.assert_allclose(f(0.2, 6.6, kl_target=6.0), 0.202, rtol=1e-6)
-    # KL = 10 x target: e clipped to 0.2 -> 0.2 * 1.02; KL = 0: e = -0.2 -> 0.2 * 0.98.
-    np.testing.assert_allclose(f(0.2, 60.0, kl_target=6.0), 0.204, rtol=1e-6)
-    np.testing.assert_allclose(f(0.2, 0.0, kl_target=6.0), 0.196, rtol=1e-6)
-
-  def test_drives_kl_toward_target_and_unchanged_at_target(self):
-    np.testing.assert_allclose(ppo.adaptive_kl_update(0.3, 6.0, kl_target=6.0), 0.3, rtol=1e-7)
-    beta = 0.1
-    for kl_value in (8.0, 7.0, 6.5):  # above target: beta only grows
-      new = float(ppo.adaptive_kl_update(beta, kl_value, kl_target=6.0))
-      assert new > beta
-      beta = new
-
-
 class TestAdaptiveKlUpdateHorizon:
 
   def test_hand_checked(self):
@@ -379,9 +349,22 @@ class TestAdaptiveKlUpdateHorizon:
         0.2, 6.6, kl_target=6.0, n_steps=256, horizon=10000)
     np.testing.assert_allclose(out, 0.200512, rtol=1e-6)
 
-  def test_error_clipped_and_equals_paper_form_when_steps_match(self):
-    # n_steps / horizon = k_beta makes the two forms agree.
-    a = ppo.adaptive_kl_update_horizon(0.2, 100.0, kl_target=6.0, n_steps=10, horizon=100)
-    b = ppo.adaptive_kl_update(0.2, 100.0, kl_target=6.0, k_beta=0.1)
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-    np.testing.assert_allclose(a, 0.2 * 1.02, rtol=1e-6)
+  def test_error_clipped(self):
+    # KL = 100 >> target: e clipped to 0.2 -> 0.2 * (1 + 0.2 * 10 / 100) = 0.204;
+    # KL = 0: e = -0.2 -> 0.2 * 0.98.
+    f = lambda kl_value: ppo.adaptive_kl_update_horizon(0.2, kl_value, kl_target=6.0,
+                                                        n_steps=10, horizon=100)
+    np.testing.assert_allclose([f(100.0), f(0.0)], [0.2 * 1.02, 0.2 * 0.98], rtol=1e-6)
+
+  def test_drives_kl_toward_target_and_unchanged_at_target(self):
+    kw = dict(kl_target=6.0, n_steps=64, horizon=1000)
+    np.testing.assert_allclose(ppo.adaptive_kl_update_horizon(0.3, 6.0, **kw), 0.3, rtol=1e-7)
+    beta = 0.1
+    for kl_value in (8.0, 7.0, 6.5):  # above target: beta only grows
+      new = float(ppo.adaptive_kl_update_horizon(beta, kl_value, **kw))
+      assert new > beta
+      beta = new
+    for kl_value in (5.0, 3.0):  # below target: beta only shrinks
+      new = float(ppo.adaptive_kl_update_horizon(beta, kl_value, **kw))
+      assert new < beta
+      beta = new
