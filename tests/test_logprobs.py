@@ -123,3 +123,14 @@ class TestMaskedReductions:
     mask = np.array([[0, 1, 1], [1, 1, 0]])
     np.testing.assert_allclose(logprobs.sequence_logps(logps, mask), [-5.0, -1.0])
     np.testing.assert_allclose(logprobs.sequence_logps(logps, mask, average=True), [-2.5, -0.5])
+
+  def test_sequence_logps_all_masked_grad_extreme_and_shape_error(self):
+    f = jax.jit(logprobs.sequence_logps, static_argnames="average")
+    logps = jnp.array([[-1.0, -2.0, -9.0], [-4.0, -5.0, -6.0]])
+    mask = jnp.array([[1, 1, 0], [0, 0, 0]])  # row 1 all masked: 0 both ways
+    np.testing.assert_allclose(f(logps, mask, average=True), [-1.5, 0.0])
+    g = jax.grad(lambda x: f(x, mask).sum())(logps)
+    np.testing.assert_array_equal(g, mask.astype(np.float32))
+    np.testing.assert_allclose(f(jnp.array([[-1e4, -jnp.inf]]), jnp.array([[1.0, 0.0]])), [-1e4])
+    with pytest.raises(ValueError, match="logps_BxT.*mask_BxT"):
+      f(jnp.zeros((2, 3)), jnp.zeros((2, 2)))

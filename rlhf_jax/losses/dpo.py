@@ -1,8 +1,9 @@
 """The DPO family: DPO (with conservative label smoothing), IPO, KTO, on sequence log-probs.
 
-Inputs are SEQUENCE log-probs log pi(y|x) of shape (B,). Per MATH.md these are SUMS over the
-response tokens; `rlhf_jax.logprobs.sequence_logps(..., average=True)` (re-exported here)
-gives the length-averaged form that TRL uses for IPO (pass whichever you want: the losses do not care how they were reduced).
+Inputs are SEQUENCE log-probs log pi(y|x) of shape (B,), by default SUMS over the response
+tokens (docs/math.md, "DPO family"); `rlhf_jax.logprobs.sequence_logps(..., average=True)`
+gives the length-averaged form that TRL uses for IPO (pass whichever you want: the losses do
+not care how they were reduced).
 
 Notation: chosen log-ratio rho_w = log pi(y_w) - log pi_ref(y_w), rejected rho_l likewise,
 h = rho_w - rho_l, implicit reward r_hat = beta * rho (Rafailov 2023 eq. 5).
@@ -21,7 +22,6 @@ KTO loss with z_0 = 0: mean_i lambda_{y_i} / 2, and all implicit rewards 0.
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.logprobs import sequence_logps  # noqa: F401  (re-exported: the DPO family's input reduction)
 from rlhf_jax.losses import _shapes
 
 
@@ -85,8 +85,8 @@ def ipo_loss(policy_chosen_logps_B, policy_rejected_logps_B, ref_chosen_logps_B,
              ref_rejected_logps_B, *, ipo_tau: float):
   """IPO (Azar et al. 2023): L = E (h - 1/(2 ipo_tau))^2, h = rho_w - rho_l.
 
-  TRL feeds length-averaged log-probs here (sequence_logps(..., average=True)); MATH.md's
-  default is summed log-probs. The squared loss has bounded optimum h* = 1/(2 ipo_tau).
+  TRL feeds length-averaged log-probs here (logprobs.sequence_logps(..., average=True)); the
+  default elsewhere is summed log-probs. The squared loss has bounded optimum h* = 1/(2 ipo_tau).
 
   Args: as dpo_loss; ipo_tau > 0 is IPO's regularisation strength (TRL passes beta).
   """

@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.losses.dpo: DPO (+ label smoothing), IPO, KTO, sequence log-probs."""
+"""Tests for rlhf_jax.losses.dpo: DPO (+ label smoothing), IPO, KTO."""
 import functools
 
 import jax
@@ -35,33 +35,6 @@ def _np_kto(p, r, good, kl, beta, lam_d, lam_u):
 def _pairs(seed, b=5):
   rng = np.random.default_rng(seed)
   return [(-rng.exponential(20.0, size=b)).astype(np.float32) for _ in range(4)]
-
-
-class TestSequenceLogps:
-
-  def test_hand_case(self):
-    # row 0: -1 - 2 = -3 (sum), -1.5 (mean); row 1 all masked: 0 both ways.
-    logps = jnp.array([[-1.0, -2.0, -9.0], [-4.0, -5.0, -6.0]])
-    mask = jnp.array([[1, 1, 0], [0, 0, 0]])
-    f = jax.jit(dpo.sequence_logps, static_argnames="average")
-    np.testing.assert_allclose(f(logps, mask, average=False), [-3.0, 0.0])
-    np.testing.assert_allclose(f(logps, mask, average=True), [-1.5, 0.0])
-    np.testing.assert_allclose(J(dpo.sequence_logps)(logps, mask), [-3.0, 0.0])  # default: sum
-
-  def test_numpy_reference_and_grad(self):
-    rng = np.random.default_rng(0)
-    logps = -rng.exponential(size=(3, 4)).astype(np.float32)
-    mask = rng.random((3, 4)) < 0.6
-    np.testing.assert_allclose(J(dpo.sequence_logps)(logps, mask, average=True),
-                               (logps * mask).sum(1) / np.maximum(mask.sum(1), 1), rtol=1e-5)
-    g = G(lambda x: J(dpo.sequence_logps)(x, mask).sum())(logps)
-    np.testing.assert_allclose(g, mask.astype(np.float32))
-
-  def test_extreme_and_shape_error(self):
-    out = J(dpo.sequence_logps)(jnp.array([[-1e4, -jnp.inf]]), jnp.array([[1.0, 0.0]]))
-    np.testing.assert_allclose(out, [-1e4])
-    with pytest.raises(ValueError, match="logps_BxT.*mask_BxT"):
-      J(dpo.sequence_logps)(jnp.zeros((2, 3)), jnp.zeros((2, 2)))
 
 
 class TestDpoLoss:
