@@ -16,7 +16,6 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array_record>=0.8",
         "grain>=0.2.18",
-        "chex>=0.1.92",
         "absl-py>=2.0",
         "numpy>=2.0",
         "pyarrow>=14",  # Parquet reader for local preference/SFT files
