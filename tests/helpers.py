@@ -54,6 +54,45 @@ def randomize(params, seed: int, std: float = 0.3):
   return jax.tree.unflatten(treedef, out)
 
 
+# ----------------------------------------------------------------------------------------
+# Float32 comparison tolerances.
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 ~= 1.19e-7; round-to-nearest unit u = eps/2
+
+
+def f32_tol(n_terms: int, scale: float = 1.0) -> dict:
+  """`assert_allclose` tolerances for two float32 evaluations of one quantity that may differ
+  only in rounding: another reduction order (XLA's CPU kernels differ between AVX2 and AVX-512
+  machines, sharded vs unsharded, cached vs full forward) or a float64 reference.
+
+  Derivation: a float32 sum of n terms, in any order, is within (n - 1)·u·sum|x_i| of the exact
+  sum (Higham, Accuracy and Stability of Numerical Algorithms, §4.2), so two evaluations differ
+  by less than n·eps·sum|x_i|. Roundings along a chain of reductions add to first order, so
+  n_terms is the sum of the chain's reduction lengths (`forward_terms` for a model forward).
+  - rtol = n·eps: for results about as large as their terms (no cancellation), e.g. log-probs,
+    losses, norms.
+  - atol = n·eps·scale: for results that may cancel to near 0, with `scale` the size of the
+    terms (1 for unit-scale values: log-probs, advantages, normalised rewards).
+  The bound is worst case (random rounding errors grow like sqrt(n)), and for n below ~10^4 it
+  stays far below the >= 1e-2 relative change of a wrong formula, so these tests still fail
+  on real bugs.
+  """
+  tol = n_terms * F32_EPS
+  return dict(rtol=tol, atol=tol * scale)
+
+
+def forward_terms(cfg, seq_len: int) -> int:
+  """Sum of the float32 reduction lengths along one Transformer forward to log-probs (see
+  `f32_tol`): per layer the two RMSNorm mean-squares (2·d_model), the q/k/v projections
+  (d_model), the scores q·k (dim_per_head), the softmax normaliser and the weighted sum of
+  values (2·seq_len), the output projection (n_heads·dim_per_head), gate/up (d_model) and down
+  (d_ff); then the final norm and LM head (2·d_model) and the log-softmax (vocab_size).
+  nano, 2 layers, 16 positions: 1512 terms, so rtol ~= 1.8e-4."""
+  d, h = cfg.d_model, cfg.dim_per_head
+  per_layer = 2 * d + d + h + 2 * seq_len + cfg.n_heads * h + d + cfg.d_ff
+  return cfg.n_layers * per_layer + 2 * d + cfg.vocab_size
+
+
 def make_forward(graphdef):
   """Jitted full forward: (params, tokens_BxT, valid_BxT) -> logits_BxTxV (f32)."""
   return lambda params, tokens_BxT, valid_BxT: apply(graphdef, params, tokens_BxT, valid_BxT)[0]
