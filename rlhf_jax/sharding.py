@@ -115,6 +115,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device of the mesh holds the whole array (scalars, metrics, counters)."""
   return NamedSharding(mesh, P())
 
 

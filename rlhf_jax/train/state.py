@@ -13,7 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+
+from rlhf_jax import sharding
 
 PyTree = Any
 
@@ -41,8 +43,7 @@ def _key_data(rng: jax.Array) -> jax.Array:
 
 
 def _replicated_like(param_shardings: PyTree) -> NamedSharding:
-  mesh = jax.tree.leaves(param_shardings)[0].mesh
-  return NamedSharding(mesh, PartitionSpec())
+  return sharding.replicated(jax.tree.leaves(param_shardings)[0].mesh)
 
 
 def state_shardings(optimizer: optax.GradientTransformation, params: PyTree,

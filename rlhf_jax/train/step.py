@@ -20,8 +20,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from rlhf_jax import sharding
 from rlhf_jax.train.state import TrainState
 
 PyTree = Any
@@ -132,7 +133,7 @@ def evaluate(eval_step: Callable, params: PyTree, batches) -> dict[str, float]:
 
 def _replicated(shardings: PyTree) -> NamedSharding | None:
   leaves = jax.tree.leaves(shardings)
-  return NamedSharding(leaves[0].mesh, PartitionSpec()) if leaves else None
+  return sharding.replicated(leaves[0].mesh) if leaves else None
 
 
 def compile_train_step(step_fn: Callable, state_shardings: TrainState | None = None,
