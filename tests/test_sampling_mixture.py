@@ -16,6 +16,9 @@ CFG = helpers.nano(n_layers=1)
 V = CFG.vocab_size
 PAD, NEVER = 0, V  # an EOS id outside the vocabulary is never sampled
 N, P = 8, 6
+# Mixed log-probs vs another float32 evaluation of them: the rounding of one forward plus the
+# mixture's own log-softmax over the vocabulary (helpers.f32_tol).
+MIX_TOL = helpers.f32_tol(helpers.forward_terms(CFG, seq_len=P + N) + CFG.vocab_size)
 rng = np.random.default_rng(0)
 A = rng.integers(1, V, 4)
 PROMPTS = np.stack([np.r_[[PAD] * 2, A], rng.integers(1, V, P)]).astype(np.int32)
@@ -49,7 +52,7 @@ def test_endpoints_reproduce_sample(models, temperature):
     want = _np(sample(graphdef, which, PROMPTS, VALID, KEY, cfg=cfg))
     np.testing.assert_array_equal(mix.tokens_BxN, want.tokens_BxN)
     np.testing.assert_array_equal(mix.mask_BxN, want.mask_BxN)
-    np.testing.assert_allclose(mix.logps_BxN, want.logps_BxN, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(mix.logps_BxN, want.logps_BxN, **MIX_TOL)
 
 
 def _naive_mixture(graphdef, params, ref_params, coef, key, n):
@@ -79,7 +82,7 @@ def test_intermediate_coef_equals_naive_mixture_sampler(models):
                            cfg=scfg()))
   tokens, logps = _naive_mixture(graphdef, params, ref_params, 0.4, KEY, N)
   np.testing.assert_array_equal(out.tokens_BxN, tokens)
-  np.testing.assert_allclose(out.logps_BxN, logps, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out.logps_BxN, logps, **MIX_TOL)
   # The mixture differs from both endpoints' draws.
   for which in (params, ref_params):
     assert not np.array_equal(out.tokens_BxN,
@@ -104,7 +107,7 @@ def test_mixed_logps_equal_the_library_mixture_and_eos_stops(models):
   mixed = geometric_mixture_logprobs(forward(params, seq, valid), forward(ref_params, seq, valid),
                                      mixture_coef=0.5)
   want = np.take_along_axis(np.asarray(mixed)[:, P - 1:-1], first.tokens_BxN[..., None], -1)
-  np.testing.assert_allclose(first.logps_BxN, want[..., 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(first.logps_BxN, want[..., 0], **MIX_TOL)
 
 
 def test_coef_is_traced_and_greedy_is_the_mixed_argmax(models):
