@@ -1,5 +1,6 @@
 """Reward-model losses: Bradley-Terry pairs, K-way rankings, Plackett-Luce, ensembles,
-normalisation, and the antisymmetric pairwise preference model of Nash-MD.
+normalisation, and the antisymmetric pairwise preference model of Nash-MD (docs/math.md,
+"Bradley-Terry and ensembles").
 
 Bradley-Terry (Christiano 2017; Ouyang 2022 eq. 1):  P(y_w > y_l) = s(r_w - r_l),
 L_BT = -E log s(r_w - r_l). Hand check: r_w = 2.0, r_l = 0.5 gives P = s(1.5) = 0.8176.
@@ -12,7 +13,8 @@ loss == loss_sum / max(count, 1) within one call):
                          (per-prompt mean pairwise accuracy), margin_sum (per-prompt mean margin),
                          pair_count (valid pairs)
   plackett_luce_loss:    loss_sum, count (prompts with >= 2 valid responses)
-  preference_model_loss: loss_sum, count (comparisons), accuracy_sum, prob_sum (P(a > b))
+  preference_model_loss: loss_sum, count (ordered comparisons: 2 per valid pair),
+                         accuracy_sum (2 per correct pair), pair_count (valid pairs)
 Ensembles take rewards_ExB: MEMBERS FIRST (E reward models, B responses) and return rewards_B.
 """
 import jax
@@ -161,32 +163,47 @@ def normalize_rewards(rewards_ExB, mean_E, std_E, *, eps: float = 1e-6):
 
 
 def preference_probability(f_ab_B, f_ba_B):
-  """Antisymmetric pairwise preference P(a > b) = s(f(a, b) - f(b, a)) (Munos et al. 2024)."""
-  _shapes.check_same_shape(f_ab_B=f_ab_B, f_ba_B=f_ba_B)
-  return jax.nn.sigmoid(f_ab_B - f_ba_B)
-
-
-def preference_model_loss(f_ab_B, f_ba_B, labels_B):
-  """Binary cross-entropy of a pairwise preference model (Munos et al. 2024, Nash-MD).
-
-  z = f(x, a, b) - f(x, b, a), P(a > b) = s(z), so P(a > b) + P(b > a) = 1 by construction;
-  loss = -E[ y log s(z) + (1 - y) log s(-z) ].
-
-  Args:
-    f_ab_B: preference-model score of (a, b), (B,).
-    f_ba_B: score of the swapped pair (b, a), (B,).
-    labels_B: 1 when a was preferred, 0 when b was; soft labels in [0, 1] allowed, (B,).
+  """P(a > b | x) = ( s(f(x, a, b)) + 1 - s(f(x, b, a)) ) / 2 of a pairwise preference model
+  (Munos et al. 2024) scored in both orders; P(a > b) + P(b > a) = 1 exactly. (B,) -> (B,).
   """
   _shapes.check_rank("f_ab_B", f_ab_B, 1)
-  _shapes.check_same_shape(f_ab_B=f_ab_B, f_ba_B=f_ba_B, labels_B=labels_B)
-  z_B = f_ab_B - f_ba_B
-  y_B = labels_B.astype(z_B.dtype)
-  loss_B = -(y_B * jax.nn.log_sigmoid(z_B) + (1.0 - y_B) * jax.nn.log_sigmoid(-z_B))
-  correct_B = jnp.where(y_B > 0.5, z_B > 0, z_B < 0).astype(z_B.dtype)
-  metrics = {
-      "loss_sum": jnp.sum(loss_B),
-      "count": jnp.asarray(z_B.shape[0], z_B.dtype),
-      "accuracy_sum": jnp.sum(correct_B),
-      "prob_sum": jnp.sum(jax.nn.sigmoid(z_B)),
-  }
-  return jnp.mean(loss_B), metrics
+  _shapes.check_same_shape(f_ab_B=f_ab_B, f_ba_B=f_ba_B)
+  return 0.5 * (jax.nn.sigmoid(f_ab_B) + 1.0 - jax.nn.sigmoid(f_ba_B))
+
+
+def preference_model_loss(f_ab_B, f_ba_B, labels_B, valid_B=None):
+  """Both-orders binary cross-entropy of a pairwise preference model (Munos et al. 2024).
+
+  The model scores one sequence holding both responses, f(x, a, b), and sees every labelled
+  pair in both orders, so it is trained antisymmetric:
+    l = BCE(s(f(x, a, b)), y) + BCE(s(f(x, b, a)), 1 - y),  BCE(p, y) = -y log p - (1-y) log(1-p)
+  loss = sum over valid pairs of l / (2 x valid pairs) (units: ordered comparisons). At
+  inference P(a > b) is preference_probability, antisymmetric by construction.
+
+  Args:
+    f_ab_B: score of (a, b), (B,).
+    f_ba_B: score of the swapped sequence (b, a), (B,).
+    labels_B: 1 when a was preferred, 0 when b was; soft labels in [0, 1] allowed, (B,).
+    valid_B: optional bool (B,); False rows (padding) count nowhere.
+  Returns (loss, metrics): loss_sum, count (ordered comparisons, 2 per valid pair),
+  accuracy_sum (preference_probability on the label's side of 1/2, ties 1/2; both orders
+  share the prediction, so each pair counts twice and accuracy_sum / count is the per-pair
+  accuracy), pair_count (valid pairs).
+  """
+  _shapes.check_rank("f_ab_B", f_ab_B, 1)
+  arrays = dict(f_ab_B=f_ab_B, f_ba_B=f_ba_B, labels_B=labels_B)
+  if valid_B is not None:
+    arrays["valid_B"] = valid_B
+  _shapes.check_same_shape(**arrays)
+  dtype = jnp.result_type(f_ab_B.dtype, jnp.float32)
+  w_B = jnp.ones(f_ab_B.shape, dtype) if valid_B is None else valid_B.astype(dtype)
+  y_B = labels_B.astype(dtype)
+  # BCE(s(f), y) = y softplus(-f) + (1 - y) softplus(f): finite for any f.
+  bce = lambda f, t: t * jax.nn.softplus(-f) + (1.0 - t) * jax.nn.softplus(f)
+  loss_B = bce(f_ab_B, y_B) + bce(f_ba_B, 1.0 - y_B)
+  p_B = preference_probability(f_ab_B, f_ba_B)
+  hit_B = jnp.where(p_B == 0.5, 0.5, ((p_B > 0.5) == (y_B > 0.5)).astype(dtype))
+  metrics = {"loss_sum": jnp.sum(loss_B * w_B), "count": 2.0 * jnp.sum(w_B),
+             "accuracy_sum": jax.lax.stop_gradient(2.0 * jnp.sum(hit_B * w_B)),
+             "pair_count": jnp.sum(w_B)}
+  return metrics["loss_sum"] / jnp.maximum(metrics["count"], 1.0), metrics

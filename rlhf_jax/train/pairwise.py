@@ -7,12 +7,13 @@ last real token of ONE sequence holding both responses:
   [bos] prompt  response_a  [eos]  response_b  [eos]          f(x, a, b) = its scalar
 
 EOS closes each response, so it doubles as the separator (the byte tokenizer has no other
-special token, and a response never contains EOS). Every labelled pair is seen in BOTH orders:
+special token, and a response never contains EOS). Every labelled pair is seen in BOTH orders,
+and the loss is losses.bradley_terry.preference_model_loss:
 
   loss = BCE(s(f(x, a, b)), y) + BCE(s(f(x, b, a)), 1 - y),   y = 1 if the rater preferred a
 
 so the model is antisymmetric by training, and at inference it is antisymmetric by
-construction (MATH.md: P(y > y') = s(f(x,y,y') - f(x,y',y)) is the other common form):
+construction (losses.bradley_terry.preference_probability):
 
   P(a > b | x) = ( s(f(x, a, b)) + 1 - s(f(x, b, a)) ) / 2,   P(a > b) + P(b > a) = 1 exactly.
 
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.losses import bradley_terry
 
 
 def pair_sequence(prompt: str, response_a: str, response_b: str, tokenizer: Tokenizer,
@@ -55,34 +57,6 @@ def encode_pairs(prompts, ys_a, ys_b, tokenizer: Tokenizer,
   return tokens, valid
 
 
-def preference_probs(logits_ab_B, logits_ba_B):
-  """P(a > b) = (s(f_ab) + 1 - s(f_ba)) / 2."""
-  return 0.5 * (jax.nn.sigmoid(logits_ab_B) + 1.0 - jax.nn.sigmoid(logits_ba_B))
-
-
-def pairwise_bce_loss(logits_ab_B, logits_ba_B, labels_B, valid_B):
-  """Both-orders binary cross-entropy (module docstring). Returns (mean loss over ordered
-  comparisons, metrics as SUMS over ordered comparisons): loss_sum, count (2 x valid pairs),
-  accuracy_sum (the symmetrised P(a > b) on the label's side of 1/2, ties 1/2; both orders of
-  a pair share that prediction, so each pair counts twice and accuracy_sum / count is the
-  per-pair accuracy), pair_count."""
-  for name, x in (("logits_ba_B", logits_ba_B), ("labels_B", labels_B), ("valid_B", valid_B)):
-    if x.shape != logits_ab_B.shape or logits_ab_B.ndim != 1:
-      raise ValueError(f"{name}{tuple(x.shape)} must match logits_ab_B"
-                       f"{tuple(logits_ab_B.shape)}, rank 1")
-  w = valid_B.astype(jnp.float32)
-  y = labels_B.astype(jnp.float32)
-  # BCE(s(f), y) = y softplus(-f) + (1 - y) softplus(f)
-  bce = lambda f, t: t * jax.nn.softplus(-f) + (1.0 - t) * jax.nn.softplus(f)
-  per_pair = bce(logits_ab_B, y) + bce(logits_ba_B, 1.0 - y)
-  p = preference_probs(logits_ab_B, logits_ba_B)
-  hit = jnp.where(p == 0.5, 0.5, ((p > 0.5) == (y > 0.5)).astype(jnp.float32))
-  sg = jax.lax.stop_gradient
-  metrics = {"loss_sum": jnp.sum(per_pair * w), "count": 2.0 * jnp.sum(w),
-             "accuracy_sum": sg(2.0 * jnp.sum(hit * w)), "pair_count": jnp.sum(w)}
-  return metrics["loss_sum"] / jnp.maximum(metrics["count"], 1.0), metrics
-
-
 def pair_logits(graphdef, params, tokens_Bx2xT, valid_Bx2xT):
   """(f(x, a, b), f(x, b, a)), float32 [B] each: one forward over the 2B sequences."""
   if tokens_Bx2xT.ndim != 3 or tokens_Bx2xT.shape[1] != 2 or valid_Bx2xT.shape != tokens_Bx2xT.shape:
@@ -101,7 +75,8 @@ def pairwise_loss_fn(graphdef):
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward
     f_ab, f_ba = pair_logits(graphdef, params, batch["tokens_Bx2xT"], batch["valid_Bx2xT"])
-    _, m = pairwise_bce_loss(f_ab, f_ba, batch["label_B"], batch["example_valid_B"])
+    _, m = bradley_terry.preference_model_loss(f_ab, f_ba, batch["label_B"],
+                                               batch["example_valid_B"])
     return m["loss_sum"], {"denominator": m["count"], "accuracy": m["accuracy_sum"]}
   return loss_fn
 
@@ -110,5 +85,6 @@ def make_preference_fn(graphdef):
   """jitted (params, tokens_Bx2xT, valid_Bx2xT) -> P(a > b) [B], float32."""
   @jax.jit
   def preference(params, tokens_Bx2xT, valid_Bx2xT):
-    return preference_probs(*pair_logits(graphdef, params, tokens_Bx2xT, valid_Bx2xT))
+    return bradley_terry.preference_probability(
+        *pair_logits(graphdef, params, tokens_Bx2xT, valid_Bx2xT))
   return preference
