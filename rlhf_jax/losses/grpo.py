@@ -5,7 +5,7 @@ advantages_BxG. The loss takes FLATTENED per-response arrays: logps_BxT etc. wit
 B = prompts * G in prompt-major order, i.e. advantages_B = advantages_BxG.reshape(-1).
 Every token of response i gets the same advantage A_i.
 
-Equations (MATH.md, "GRPO and relatives"):
+Equations (docs/math.md, "GRPO family"):
   GRPO (Shao 2024):    A_i = (r_i - mean(r)) / (std(r) + eps), std with explicit ddof
   Dr. GRPO (Liu 2025): A_i = r_i - mean(r)
   RLOO (Ahmadian 2024): A_i = r_i - (1/(G-1)) sum_{j != i} r_j
@@ -21,7 +21,7 @@ Equations (MATH.md, "GRPO and relatives"):
   responses with at least one token), so dropping a group by zeroing its mask (DAPO's
   dynamic sampling) is exactly the loss without it.
   `normaliser` overrides the denominator (global token count, global sequence count, or
-  global num_seqs * max_len) so microbatches and hosts add exactly (DESIGN principle 9).
+  global num_seqs * max_len) so microbatches and hosts add exactly.
 
 grpo_loss returns (loss, metrics); metrics are sums plus counts:
   policy_loss_sum (clipped surrogate, token sum), kl_sum (k3 token sum; only when
@@ -49,7 +49,7 @@ def group_advantages(rewards_BxG, *, ddof: int, eps: float):
   """A_i = (r_i - mean(r)) / (std(r, ddof) + eps) per group (Shao 2024).
 
   A group whose rewards are all equal gets advantages exactly 0 (no NaN, whatever eps).
-  MATH.md's worked example uses ddof=0, eps=0; TRL uses ddof=1, eps=1e-4.
+  The population form is ddof=0, eps=0; TRL uses ddof=1, eps=1e-4.
   """
   _check_groups(rewards_BxG, ddof + 1)
   mean = jnp.mean(rewards_BxG, axis=1, keepdims=True)

@@ -1,14 +1,14 @@
 """Supervised fine-tuning and the PPO-ptx pretraining term.
 
-L_SFT = -E_{(x,y)} sum_t log pi(y_t | x, y_<t)   over response tokens only (MATH.md, Stage 1),
-here normalised per token: loss = -sum(logps * mask) / sum(mask).
+L_SFT = -E_{(x,y)} sum_t log pi(y_t | x, y_<t)   over response tokens only (docs/math.md,
+"SFT/ptx"), here normalised per token: loss = -sum(logps * mask) / sum(mask).
 
 Metrics (sums plus counts, so microbatches and hosts combine exactly):
   loss_sum   sum over unmasked tokens of the per-token loss (loss == loss_sum / count)
   nll_sum    sum over unmasked tokens of -log pi(y_t | ...) (unweighted by ptx_coef)
   count      number of unmasked tokens
-Under gradient accumulation divide the summed `loss_sum` by the GLOBAL `count` of the step
-(DESIGN.md principle 9); the per-call mean `loss` is exact only for one microbatch.
+Under gradient accumulation or data parallelism divide the summed `loss_sum` by the GLOBAL
+`count` of the step; the per-call mean `loss` is exact only for one microbatch.
 """
 import jax.numpy as jnp
 
@@ -44,7 +44,7 @@ def ptx_loss(logps_BxT, mask_BxT, *, ptx_coef: float):
 
   The objective adds ptx_coef * E_{x~D_pretrain}[log pi(x)]; as a loss that is
   ptx_coef * (token-mean NLL of pretraining text) = ptx_coef * sft_loss(logps_BxT, mask_BxT).
-  (MATH.md writes the coefficient gamma; here it is ptx_coef.)
+  (Ouyang et al. write the coefficient gamma; here it is ptx_coef.)
 
   Args:
     logps_BxT: per-token log-probs of pretraining text under the policy, (B, T).
