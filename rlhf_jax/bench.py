@@ -24,7 +24,9 @@ from rlhf_jax.sampling import SamplingConfig, sample, sample_naive
 from rlhf_jax.train import optim, state as state_lib, step as step_lib
 from rlhf_jax.train.lm import lm_loss_fn
 
-# PEERS.md's "tiny" shape (the project's own `tiny` preset is the arithmetic world's model).
+# The "tiny" shape of the peer comparison (TRL, a plain PyTorch training loop and tunix on
+# Llama-shaped models with random weights, 0.52M params); the project's own `tiny` preset is
+# the arithmetic world's model.
 _PEERS_TINY = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384)
 
 

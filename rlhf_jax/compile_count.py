@@ -1,4 +1,5 @@
-"""Counts XLA backend compiles, to test that a step compiles once (design principle 2).
+"""Counts XLA backend compiles, to test that a step compiles once (fixed shapes: one compile
+per shape).
 
 Why not chex.assert_max_traces: it counts Python traces, and misses recompiles caused by a
 changed input sharding or layout (same trace, new executable). jax.monitoring fires

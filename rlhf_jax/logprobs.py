@@ -56,8 +56,9 @@ def masked_mean(x_BxT, mask_BxT):
 
 
 def sequence_logps(logps_BxT, mask_BxT, *, average: bool = False):
-  """log pi(y|x) as the SUM of response-token log-probs (MATH.md's convention), or their
-  mean when average=True (length-normalised, as TRL runs IPO)."""
+  """log pi(y|x) as the SUM of response-token log-probs (the project's convention,
+  docs/math.md#conventions), or their mean when average=True (length-normalised, as TRL
+  runs IPO)."""
   _shapes.check_rank("logps_BxT", logps_BxT, 2)
   _shapes.check_same_shape(logps_BxT=logps_BxT, mask_BxT=mask_BxT)
   return masked_mean(logps_BxT, mask_BxT) if average else masked_sum(logps_BxT, mask_BxT)

@@ -2,7 +2,7 @@
 
 Why TFDS for data generated in a second: the same on-disk, random-access array_record format
 and `as_data_source` reader then serve the embedded worlds and real datasets, and grain reads
-both the same way. Stack facts this module is written around (see DESIGN.md):
+both the same way. Stack facts this module is written around:
 - array_record builds and reads without tensorflow; tfrecord/as_dataset need it (not used).
 - A builder defined outside a TFDS package folder cannot use dataset_info_from_configs, so
   `_info` builds the DatasetInfo by hand; TFDS's `code_path` lookup needs the uninstalled

@@ -1,8 +1,8 @@
 """Grain pipelines: records -> fixed-shape numpy batches for training, eval and sampling.
 
-Fixed shapes everywhere (principle 2: one compile per shape): every batch is padded to
-`batch_size` rows and `seq_len` (or `prompt_len`) columns, so the last eval batch never
-triggers a recompile.
+Fixed shapes everywhere (one compile per shape, docs/math.md#conventions): every batch is
+padded to `batch_size` rows and `seq_len` (or `prompt_len`) columns, so the last eval batch
+never triggers a recompile.
 
 Example kinds (records are dicts of text fields; bytes from TFDS are decoded here):
 - "lm"  {"text"}: tokens = [bos] + encode(text) + [eos]; every token after bos is a target.

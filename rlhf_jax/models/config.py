@@ -79,7 +79,8 @@ PRESETS: dict[str, ModelConfig] = {
                         d_ff=192, max_seq_len=256),
     "tiny": ModelConfig(vocab_size=264, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         d_ff=384, max_seq_len=512),
-    # The "small" shape of ../shared/reference/PEERS.md (16M params): CPU benchmarks.
+    # 16M params: the shape of the CPU benchmarks that compare rlhf_jax with TRL, a plain
+    # PyTorch training loop and tunix (Llama-shaped, random weights).
     "small": ModelConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4,
                          d_ff=1408, max_seq_len=1024),
     "125m": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
