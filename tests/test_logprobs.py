@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import np_log_softmax
+from helpers import f32_tol, np_log_softmax
 from rlhf_jax import logprobs
 
 
@@ -26,15 +26,19 @@ class TestTokenLogps:
     got = jax.jit(logprobs.token_logps)(logits, targets)
     want = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
     assert got.shape == (3, 5) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
+    # One float32 log-softmax over 11 logits; atol at the logits' size (helpers.f32_tol).
+    np.testing.assert_allclose(got, want, **f32_tol(11, scale=np.abs(logits).max()))
 
   def test_extreme_logits_are_finite_and_exact(self):
     logits = np.array([[[1e4, -1e4, 0.0, 1e4 - 2.0]]], np.float32)
     got = np.asarray(logprobs.token_logps(np.repeat(logits, 4, 1), np.array([[0, 1, 2, 3]])))
     assert np.all(np.isfinite(got))
     want = np_log_softmax(logits[0, 0])
-    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-3)
-    np.testing.assert_allclose(got[0, 0], -np.log1p(np.exp(-2.0)), atol=1e-4)
+    # logit - logsumexp: the logsumexp ~ 1e4 is rounded once at its own size, so the result
+    # is exact up to eps·1e4 ~ 1.2e-3 absolute (an unstable exp(1e4) would give inf/NaN).
+    tol = f32_tol(1, scale=1e4)
+    np.testing.assert_allclose(got[0], want, **tol)
+    np.testing.assert_allclose(got[0, 0], -np.log1p(np.exp(-2.0)), **tol)
 
   @pytest.mark.parametrize("temperature", [0.5, 2.0])
   def test_temperature(self, temperature):
@@ -42,7 +46,8 @@ class TestTokenLogps:
     targets = np.random.default_rng(3).integers(0, 7, (2, 4))
     got = logprobs.token_logps(logits, targets, temperature=temperature)
     want = np.take_along_axis(np_log_softmax(logits / temperature), targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
+    # 7-term log-softmax after the division by the temperature (one more rounding).
+    np.testing.assert_allclose(got, want, **f32_tol(7 + 1, scale=np.abs(logits).max() / temperature))
     untempered = logprobs.token_logps(logits, targets)
     assert np.abs(np.asarray(got) - np.asarray(untempered)).max() > 1e-2
 
@@ -73,7 +78,8 @@ class TestShiftedLogps:
     got = np.asarray(logprobs.shifted_logps(logits, tokens))
     lp = np_log_softmax(logits)
     for t in range(1, 6):
-      np.testing.assert_allclose(got[:, t], lp[np.arange(2), t - 1, tokens[:, t]], atol=1e-5)
+      np.testing.assert_allclose(got[:, t], lp[np.arange(2), t - 1, tokens[:, t]],
+                                 **f32_tol(9, scale=np.abs(logits).max()))
     np.testing.assert_array_equal(got[:, 0], 0.0)
 
 
@@ -81,14 +87,16 @@ class TestEntropy:
 
   def test_matches_numpy(self):
     logits = rand_logits(7, (2, 3, 13))
+    # A 13-term log-softmax, then the 13-term sum -sum p·log p.
     np.testing.assert_allclose(jax.jit(logprobs.entropy)(logits), np_entropy(logits),
-                               atol=1e-5, rtol=1e-6)
+                               **f32_tol(2 * 13, scale=np.abs(logits).max()))
 
   def test_uniform_and_one_hot(self):
     np.testing.assert_allclose(logprobs.entropy(np.zeros((1, 1, 8), np.float32)), [[np.log(8)]],
                                rtol=1e-6)
     peaked = np.array([[[1e4, 0.0, 0.0]]], np.float32)
-    np.testing.assert_allclose(logprobs.entropy(peaked), [[0.0]], atol=1e-6)
+    # exp(-1e4) underflows to 0 in float32, so p = (1, 0, 0) and log p_0 = 0: exactly 0.
+    np.testing.assert_array_equal(logprobs.entropy(peaked), [[0.0]])
 
   def test_truncated_logits_with_minus_inf(self):
     # The support of a top-k distribution: entropy over the kept tokens, not NaN.
@@ -100,7 +108,8 @@ class TestEntropy:
     logits = rand_logits(8, (2, 4, 5))
     got = np.asarray(logprobs.shifted_entropy(logits))
     np.testing.assert_array_equal(got[:, 0], 0.0)
-    np.testing.assert_allclose(got[:, 1:], np_entropy(logits[:, :-1]), atol=1e-5)
+    np.testing.assert_allclose(got[:, 1:], np_entropy(logits[:, :-1]),
+                               **f32_tol(2 * 5, scale=np.abs(logits).max()))
 
 
 class TestMaskedReductions:

@@ -192,9 +192,14 @@ def test_sharded_loss_and_grad_equal_unsharded(loss_setup, sizes):
     assert sharded["embed"].addressable_shards[0].data.size < sharded["embed"].size
   loss, grads = value_and_grad(sharded, batch)
   assert np.isfinite(want_loss) and want_loss > 1.0
-  np.testing.assert_allclose(float(loss), want_loss, atol=1e-5, rtol=0)
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, atol=1e-5, rtol=1e-5),
-               grads, want_grads)
+  # Sharding changes only the float32 reduction order (partial sums per device, then an
+  # all-reduce): the forward's reductions plus the mean over the 8 x 12 tokens; the backward
+  # runs the same reductions transposed, and each weight gradient also sums over the tokens.
+  # atol at each gradient leaf's size covers entries that cancel to near 0 (helpers.f32_tol).
+  n_fwd = helpers.forward_terms(CFG, seq_len=12) + 8 * 12
+  np.testing.assert_allclose(float(loss), want_loss, **helpers.f32_tol(n_fwd))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      np.asarray(g), w, **helpers.f32_tol(2 * n_fwd, scale=np.abs(w).max())), grads, want_grads)
   assert max(np.abs(g).max() for g in jax.tree.leaves(want_grads)) > 1e-3
 
 
