@@ -81,16 +81,29 @@ def f32_tol(n_terms: int, scale: float = 1.0) -> dict:
   return dict(rtol=tol, atol=tol * scale)
 
 
-def forward_terms(cfg, seq_len: int) -> int:
+def forward_terms(cfg, seq_len: int, log_softmax: bool = True) -> int:
   """Sum of the float32 reduction lengths along one Transformer forward to log-probs (see
   `f32_tol`): per layer the two RMSNorm mean-squares (2·d_model), the q/k/v projections
   (d_model), the scores q·k (dim_per_head), the softmax normaliser and the weighted sum of
   values (2·seq_len), the output projection (n_heads·dim_per_head), gate/up (d_model) and down
-  (d_ff); then the final norm and LM head (2·d_model) and the log-softmax (vocab_size).
-  nano, 2 layers, 16 positions: 1512 terms, so rtol ~= 1.8e-4."""
+  (d_ff); then the final norm and LM head (2·d_model) and, for log-probs, the log-softmax
+  (vocab_size). nano, 2 layers, 16 positions: 1512 terms, so rtol ~= 1.8e-4."""
   d, h = cfg.d_model, cfg.dim_per_head
   per_layer = 2 * d + d + h + 2 * seq_len + cfg.n_heads * h + d + cfg.d_ff
-  return cfg.n_layers * per_layer + 2 * d + cfg.vocab_size
+  return cfg.n_layers * per_layer + 2 * d + (cfg.vocab_size if log_softmax else 0)
+
+
+def logits_tol(cfg, seq_len: int, logits) -> dict:
+  """f32_tol of a forward to logits (no log-softmax), atol at the size of the logits: a logit
+  near 0 is a cancelling sum of terms of about that size."""
+  return f32_tol(forward_terms(cfg, seq_len, log_softmax=False), scale=np.abs(logits).max())
+
+
+def matmul_tol(x, w) -> dict:
+  """f32_tol of x @ w against a float64 product: the bound n·eps·sum_k |x_k w_k| with the
+  sum taken exactly, its largest entry as scale."""
+  x, w = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w, np.float64))
+  return f32_tol(x.shape[-1], scale=(x @ w).max())
 
 
 def make_forward(graphdef):
