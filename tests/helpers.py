@@ -106,6 +106,14 @@ def matmul_tol(x, w) -> dict:
   return f32_tol(x.shape[-1], scale=(x @ w).max())
 
 
+def step_tol(n_terms: int, params_before, params_after) -> dict:
+  """Tolerance for parameters after one update, p - u, vs another float32 evaluation of it:
+  one rounding of p - u (rtol = eps) plus the update's own rounding, n_terms reductions at the
+  size of the largest update (atol, see f32_tol). Pass one leaf at a time."""
+  u = np.abs(np.asarray(params_after, np.float64) - np.asarray(params_before, np.float64)).max()
+  return dict(rtol=F32_EPS, atol=n_terms * F32_EPS * u)
+
+
 def make_forward(graphdef):
   """Jitted full forward: (params, tokens_BxT, valid_BxT) -> logits_BxTxV (f32)."""
   return lambda params, tokens_BxT, valid_BxT: apply(graphdef, params, tokens_BxT, valid_BxT)[0]
