@@ -1,7 +1,7 @@
 """Supervised fine-tuning and the PPO-ptx pretraining term.
 
 L_SFT = -E_{(x,y)} sum_t log pi(y_t | x, y_<t)   over response tokens only (docs/math.md,
-"SFT/ptx"), here normalised per token: loss = -sum(logps * mask) / sum(mask).
+"SFT and PPO-ptx"), here normalised per token: loss = -sum(logps * mask) / sum(mask).
 
 Metrics (sums plus counts, so microbatches and hosts combine exactly):
   loss_sum   sum over unmasked tokens of the per-token loss (loss == loss_sum / count)
