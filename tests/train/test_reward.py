@@ -7,6 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
+
 from rlhf_jax import sharding
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models.config import preset
@@ -97,7 +99,10 @@ def test_gradient_accumulation_exact(rm):
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
   moved = 0.0
   for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), jax.tree.leaves(params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    # Microbatching changes only the float32 reduction order of the 4 x 3 x 8 scored tokens'
+    # forward and backward (helpers.step_tol).
+    n_terms = 2 * helpers.forward_terms(CFG, seq_len=8, log_softmax=False) + 4 * 3 * 8
+    np.testing.assert_allclose(a, b, **helpers.step_tol(n_terms, p0, b))
     moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(p0)))))
   assert moved > 1e-4  # the step really updated the params
 
