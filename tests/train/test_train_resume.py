@@ -1,5 +1,6 @@
 """Exact resume: SIGKILL a training process mid-run, restart it, and get bitwise the same
-final params as an uninterrupted run (design principle 5)."""
+final params as an uninterrupted run: a restart must resume from exactly the state the killed
+run had checkpointed, with nothing recomputed differently."""
 import os
 import signal
 import subprocess

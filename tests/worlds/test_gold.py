@@ -148,7 +148,8 @@ def test_plackett_luce_frequencies_match_closed_form():
 
 
 def test_two_completions_reduce_to_bradley_terry():
-  # MATH.md hand check: r_w = 2.0, r_l = 0.5 -> s(1.5) = 0.8176.
+  # Bradley-Terry hand check: r_w = 2.0, r_l = 0.5 -> sigmoid(1.5) = 0.8176 (4 decimals).
+  # float64 arithmetic: abs=1e-4 is the rounding of the printed constant.
   assert raters.ranking_probability([2.0, 0.5], [0, 1], 1.0) == pytest.approx(0.8176, abs=1e-4)
   assert raters.preference_probability(1.5, 1.0) == pytest.approx(0.8176, abs=1e-4)
   n, temperature = 20_000, 0.5
