@@ -43,22 +43,22 @@ import dataclasses
 import json
 import os
 import time
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import cli, lm, plots, sft, stages, worlds
-from rlhf_jax import evaluation, sharding
-from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.sampling import SamplingConfig, sample
-from rlhf_jax.train import checkpoint, grpo, optim
-from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import format_progress, write_config
+from rlhf_jax.rl import loop as rl_loop, scorers
+from rlhf_jax.rl.algorithms import grpo, gspo, reinforce_pp
+from rlhf_jax.rl.evaluation import greedy_responses, sample_heldout, verifiable_metrics
+from rlhf_jax.rl.rollout import RolloutStage
+from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.train import checkpoint
 from rlhf_jax.worlds import arithmetic
+
+
+ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,16 @@ class GRPOConfig(lm.LMConfig):
   sft_flagfile: str = cli.flag("experiments/configs/sft_grpo_tiny.flags",
                                "Flagfile of the SFT stage the policy starts from.")
   stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  advantage: str = cli.flag("grpo", "Group advantage estimator.", choices=grpo.ADVANTAGES)
+  algorithm: str = cli.flag("grpo", "Online algorithm over the groups: grpo (token-level "
+                            "clipped ratio, --advantage, --aggregation), gspo (sequence-level "
+                            "ratio and clip, --advantage), reinforce_pp (REINFORCE++: k1 KL "
+                            "in the token reward, batch-normalised returns).",
+                            choices=ALGORITHMS)
+  reinforce_group_baseline: bool = cli.flag(
+      False, "--algorithm=reinforce_pp: subtract each group's mean reward first "
+      "(REINFORCE++-baseline).")
+  advantage: str = cli.flag("grpo", "Group advantage estimator (grpo, gspo).",
+                            choices=grpo.ADVANTAGES)
   group_size: int = cli.flag(8, "Samples per prompt (G >= 2).")
   std_ddof: int = cli.flag(0, "--advantage=grpo: delta degrees of freedom of the group std "
                            "(0: population std as in MATH.md's worked example; 1: TRL).")
@@ -115,6 +124,10 @@ class GRPOConfig(lm.LMConfig):
       raise ValueError(f"--clip_eps_low must be in (0, 1), got {self.clip_eps_low}")
     if self.clip_eps_high <= 0:
       raise ValueError(f"--clip_eps_high must be > 0, got {self.clip_eps_high}")
+    if self.algorithm == "reinforce_pp" and self.clip_eps_high != self.clip_eps_low:
+      raise ValueError(f"--algorithm=reinforce_pp clips symmetrically: set --clip_eps_high "
+                       f"equal to --clip_eps_low (got {self.clip_eps_low} and "
+                       f"{self.clip_eps_high})")
     if self.temperature <= 0:
       raise ValueError(f"--temperature must be > 0, got {self.temperature}")
     if self.dynamic_sampling_rounds < 0:
@@ -173,140 +186,43 @@ def check_mesh(cfg: GRPOConfig, mesh) -> None:
                      f"data-parallel size {dp}")
 
 
-def iteration_prompts(cfg: GRPOConfig, train_pairs, it: int,
-                      round_: int = 0) -> tuple[list[str], list[str]]:
-  """(prompts, answers) of rollout `round_` of iteration `it`: --batch_size distinct train
-  pairs drawn by (seed, it, round) alone, so a resumed run sees the same ones."""
-  rng = np.random.default_rng((cfg.seed, it) + ((round_,) if round_ else ()))
-  idx = rng.choice(len(train_pairs), cfg.batch_size, replace=False)
-  pairs = [train_pairs[i] for i in idx]
-  return ([arithmetic.prompt(*p) for p in pairs],
-          [str(arithmetic.correct_answer(*p)) for p in pairs])
+def algorithm_parts(cfg: GRPOConfig, g, max_new_tokens: int) -> dict:
+  """make_batch, loss_fn, batch_keys and logging choices of --algorithm (rl/algorithms/)."""
+  keys = ("tokens", "valid", "mask", "old_logps", "advantages")
+  if cfg.algorithm == "reinforce_pp":
+    return dict(make_batch=reinforce_pp.reinforce_pp_batch_fn(
+                    kl_coef=cfg.kl_coef,
+                    group_size=cfg.group_size if cfg.reinforce_group_baseline else None),
+                loss_fn=reinforce_pp.reinforce_pp_loss_fn(g, clip_eps=cfg.clip_eps_low,
+                                                          temperature=cfg.temperature),
+                progress_keys=reinforce_pp.PROGRESS_KEYS, batch_keys=keys)
+  keys += ("ref_logps",) if cfg.kl_coef > 0 else ()
+  make_batch = grpo.grpo_batch_fn(cfg.group_size, estimator=cfg.advantage,
+                                  std_ddof=cfg.std_ddof, std_eps=cfg.adv_eps)
+  clip = dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+              kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+  if cfg.algorithm == "gspo":
+    return dict(make_batch=make_batch, loss_fn=gspo.gspo_loss_fn(g, **clip),
+                progress_keys=gspo.PROGRESS_KEYS, token_metrics=False, batch_keys=keys)
+  return dict(make_batch=make_batch, batch_keys=keys, loss_fn=grpo.grpo_loss_fn(
+      g, aggregation=cfg.aggregation, max_new_tokens=max_new_tokens, **clip))
 
 
-class Round(NamedTuple):
-  rollout: grpo.GroupRollout
-  rewards_BxG: np.ndarray
-  prompts: list[str]
+def verifiable_eval(cfg: GRPOConfig, g, sampling: SamplingConfig, prompt_len: int,
+                    scorer, prompts, answers, ref_params):
+  """evaluate(params) -> the held-out row (rl.evaluation.verifiable_metrics): greedy answers
+  and --eval_samples temperature samples per test prompt with fixed keys, the SFT reference
+  for the KL."""
+  stage = RolloutStage(g, sampling, prompt_len, group_size=cfg.eval_samples, with_ref=True)
+  key = jax.random.key(cfg.seed + 1)
 
-
-def iteration_rollout(cfg: GRPOConfig, it: int, rollout_fn, params, ref_params, train_pairs,
-                      prompt_len: int) -> tuple[grpo.Selection, list[Round]]:
-  """Iteration `it`'s training groups: one rollout of --batch_size fresh prompts, or, with
-  --dynamic_sampling_rounds, its informative groups topped up from up to that many further
-  rollouts (DAPO), stopping as soon as the batch is full. Returns (selection, rounds)."""
-  key = jax.random.fold_in(jax.random.key(cfg.seed), it)
-  rounds, informative = [], 0
-  for r in range(cfg.dynamic_sampling_rounds + 1):
-    prompts, answers = iteration_prompts(cfg, train_pairs, it, r)
-    toks, valid = prompt_batch(prompts, prompt_len)
-    ro = rollout_fn(params, ref_params, toks, valid, jax.random.fold_in(key, r) if r else key)
-    texts = responses_of(ro.tokens_BxT[:, prompt_len:], ro.mask_BxT[:, prompt_len:])
-    rewards = rewards_of(texts, np.repeat(answers, cfg.group_size))
-    rounds.append(Round(ro, rewards.reshape(-1, cfg.group_size), prompts))
-    informative += int(grpo.informative_groups(rounds[-1].rewards_BxG).sum())
-    if informative >= cfg.batch_size:
-      break
-  if not cfg.dynamic_sampling_rounds:  # every group enters the loss, informative or not
-    sel = grpo.Selection(ro, rewards, [(0, g) for g in range(cfg.batch_size)], informative)
-  else:
-    sel = grpo.select_groups([(x.rollout, x.rewards_BxG.reshape(-1)) for x in rounds],
-                             cfg.batch_size, cfg.group_size)
-  return sel, rounds
-
-
-def trained_prompts(cfg: GRPOConfig, sel: grpo.Selection, rounds: list[Round]) -> list[str]:
-  """The prompts whose groups enter the loss: every prompt without dynamic sampling, the
-  informative groups' with it (the fillers' masks are empty)."""
-  if not cfg.dynamic_sampling_rounds:
-    return list(rounds[0].prompts)
-  return [rounds[r].prompts[g] for r, g in sel.picked[:sel.informative]]
-
-
-def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-  tok = ByteTokenizer()
-  rows = [pipeline.prompt_example(p, "", tok, prompt_len) for p in prompts]
-  return (np.stack([r["prompt_tokens"] for r in rows]),
-          np.stack([r["prompt_valid"] for r in rows]))
-
-
-def responses_of(tokens_BxN, mask_BxN) -> list[str]:
-  """Response texts (EOS and padding dropped) of sampled rows."""
-  tok = ByteTokenizer()
-  tokens, mask = jax.device_get((tokens_BxN, mask_BxN))
-  return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
-
-
-def rewards_of(texts, answers) -> np.ndarray:
-  """The verifiable reward: 1.0 iff the response (cut at EOS) is exactly the answer."""
-  return np.array([arithmetic.verify(t, a) for t, a in zip(texts, answers)], np.float32)
-
-
-def rollout_summary(ro: grpo.GroupRollout) -> dict:
-  """Length (response tokens, EOS included), truncation rate and, with a reference, the
-  per-sequence KL estimate sum_t (log pi_old - log pi_ref) of the rollout."""
-  mask = np.asarray(ro.mask_BxT)
-  out = {"length": float(mask.sum(1).mean()),
-         "truncated_frac": float(np.asarray(ro.truncated_B).mean())}
-  if ro.ref_logps_BxT is not None:
-    out["kl_seq"] = float(np.sum(np.asarray(ro.old_logps_BxT - ro.ref_logps_BxT) * mask, 1).mean())
-  return out
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Held-out evaluation of any policy with fixed keys: greedy answers, and --eval_samples
-  temperature samples per prompt through a compiled group rollout with the SFT reference.
-  Batches keep one shape (the last is filled and its extra rows dropped), so evaluating
-  again compiles nothing."""
-  rollout_fn: object  # grpo.make_group_rollout_fn(..., eval_samples, with_ref=True)
-  graphdef: object
-  greedy_cfg: SamplingConfig
-  prompts: list[str]
-  answers: list[str]
-  prompt_len: int
-  batch_size: int
-  n: int
-  ks: list[int]
-  ref_params: object
-  key: jax.Array
-
-  def __call__(self, params) -> dict:
-    m = len(self.prompts)
-    fill = (-m) % self.batch_size
-    ps = self.prompts + self.prompts[:fill]
-    greedy, texts, kls, lengths, truncated = [], [], [], [], []
-    for i in range(0, len(ps), self.batch_size):
-      toks, valid = prompt_batch(ps[i:i + self.batch_size], self.prompt_len)
-      key = jax.random.fold_in(self.key, i)
-      g = sample(self.graphdef, params, toks, valid, key, cfg=self.greedy_cfg)
-      greedy += responses_of(g.tokens_BxN, g.mask_BxN)
-      ro = self.rollout_fn(params, self.ref_params, toks, valid, key)
-      texts += responses_of(ro.tokens_BxT[:, self.prompt_len:], ro.mask_BxT[:, self.prompt_len:])
-      mask = np.asarray(ro.mask_BxT)
-      kls.append(np.sum(np.asarray(ro.old_logps_BxT - ro.ref_logps_BxT) * mask, 1))
-      lengths.append(mask.sum(1))
-      truncated.append(np.asarray(ro.truncated_B))
-    rows = m * self.n
-    kl, length = np.concatenate(kls)[:rows], np.concatenate(lengths)[:rows]
-    truncated = np.concatenate(truncated)[:rows]
-    answers_rows = np.repeat(self.answers, self.n)
-    texts = texts[:rows]
-    correct = np.array([arithmetic.verify(evaluation.first_field(t), a)
-                        for t, a in zip(texts, answers_rows)]).reshape(m, self.n)
-    rewards = rewards_of(texts, answers_rows).reshape(m, self.n).astype(np.float64)
-    per_prompt = correct.mean(1)
-    out = {"accuracy_greedy": evaluation.exact_match_rate(
-               list(zip(greedy[:m], self.answers)), arithmetic.verify),
-           "accuracy_temp1": float(per_prompt.mean()),
-           "accuracy_temp1_se": float(per_prompt.std(ddof=1) / np.sqrt(m)) if m > 1 else 0.0}
-    for k in self.ks:
-      out[f"pass_at_{k}"] = float(evaluation.pass_at_k(self.n, correct.sum(1), k).mean())
-    out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-               zero_variance_frac=float(np.mean(rewards.max(1) == rewards.min(1))),
-               kl=float(kl.mean()), kl_se=float(kl.std(ddof=1) / np.sqrt(rows)),
-               length=float(length.mean()), truncated_frac=float(truncated.mean()))
-    return out
+  def evaluate(params) -> dict:
+    greedy = greedy_responses(g, params, prompts, prompt_len=prompt_len,
+                              batch_size=cfg.eval_batch_size, sampling=sampling, key=key)
+    held = sample_heldout(stage, params, ref_params, None, prompts,
+                          batch_size=cfg.eval_batch_size, key=key, scorer=scorer)
+    return verifiable_metrics(held, greedy, answers, arithmetic.verify, cfg.ks)
+  return evaluate
 
 
 def matched_sft_params(scfg: sft.SFTConfig, workdir: str, records: list[dict], steps: int,
@@ -333,118 +249,60 @@ def run(cfg: GRPOConfig) -> dict:
   with open(os.path.join(sft_dir, "result.json")) as f:
     base_dir = json.load(f)["pretrain_workdir"]
   world = cfg.world_config()
-  train_pairs = arithmetic.split_pairs(world)["train"]
+  pairs = arithmetic.split_pairs(world)
   heldout = builders.load_split(lm.build_world(cfg)["sft"], "test")
   heldout = [heldout[i] for i in range(min(cfg.eval_prompts, len(heldout)))]
-  test_prompts = [pipeline._text(r["prompt"]) for r in heldout]
-  test_answers = [pipeline._text(r["response"]) for r in heldout]
-  prompt_len = worlds.prompt_len([arithmetic.prompt(*p) for p in
-                                  train_pairs + arithmetic.split_pairs(world)["test"]])
-  max_new = worlds.max_new_tokens(cfg)
+  prompt_len = worlds.prompt_len([arithmetic.prompt(*p) for p in pairs["train"] + pairs["test"]])
+  train_prompts = [arithmetic.prompt(*p) for p in pairs["train"]]
+  answers = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p))
+             for p in pairs["train"] + pairs["test"]}
 
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   tok = ByteTokenizer()
-  sampling = SamplingConfig(max_new_tokens=max_new, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            temperature=cfg.temperature)
+  sampling = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, temperature=cfg.temperature)
   with_ref = cfg.kl_coef > 0
-  rollout_fn = grpo.make_group_rollout_fn(g, sampling, cfg.group_size, with_ref=with_ref)
-  advantages_fn = grpo.make_group_advantages_fn(cfg.group_size, estimator=cfg.advantage,
-                                                std_ddof=cfg.std_ddof, std_eps=cfg.adv_eps)
-  loss_fn = grpo.grpo_loss_fn(g, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                              kl_coef=cfg.kl_coef, aggregation=cfg.aggregation,
-                              max_new_tokens=max_new, temperature=cfg.temperature)
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.updates,
-                           warmup_steps=min(cfg.warmup_steps, cfg.updates - 1),
-                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-  optimizer = optim.make_optimizer(ocfg)
-  state = state_lib.init_train_state(jax.tree.map(jnp.copy, sft_params), optimizer,
-                                     jax.random.key(cfg.seed), param_shardings=shardings)
-  batch_keys = ["tokens", "valid", "mask", "old_logps", "advantages"]
-  batch_keys += ["ref_logps"] if with_ref else []
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                               lr_schedule=optim.make_schedule(ocfg)),
-      state_lib.state_shardings(optimizer, state.params, shardings),
-      {k: sharding.batch_sharding(mesh) for k in batch_keys})
-  evaluator = Evaluator(
-      grpo.make_group_rollout_fn(g, sampling, cfg.eval_samples, with_ref=True), g,
-      dataclasses.replace(sampling, greedy=True), test_prompts, test_answers, prompt_len,
-      cfg.eval_batch_size, cfg.eval_samples, cfg.ks, sft_params, jax.random.key(cfg.seed + 1))
-
-  write_config(cfg.workdir, cli.to_dict(cfg))
-  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
-  curve, prompts_seen, start = [], {"trained": [], "rolled_out": []}, 0
-  if data is not None:
-    curve, prompts_seen, start = data["curve"], data["prompts"], int(manager.latest_step())
-    print(f"resumed from iteration {start}")
-  if start == 0:
-    # The train state's own (SFT) params: every compiled function then sees the shardings
-    # it will see in the loop.
-    curve.append({"iteration": 0, **lm.timed("eval SFT", evaluator, state.params)})
-    logger.log(0, curve[-1], split="eval")
-
+  scorer = scorers.VerifierScorer(arithmetic.verify, answers)
+  parts = algorithm_parts(cfg, g, sampling.max_new_tokens)
+  loss_fn, batch_keys = parts.pop("loss_fn"), parts.pop("batch_keys")
+  algorithm = grpo.GroupSampling(
+      RolloutStage(g, sampling, prompt_len, group_size=cfg.group_size, with_ref=with_ref),
+      scorer, train_prompts, sft_params if with_ref else None, cfg.batch_size, cfg.seed,
+      dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,
+                                num_minibatches=cfg.num_minibatches, log_every=cfg.log_every,
+                                eval_every=cfg.eval_every, save_every=cfg.save_every,
+                                keep_checkpoints=cfg.keep_checkpoints)
+  state, train_step = rl_loop.make_trainer(
+      loss_fn, jax.tree.map(jnp.copy, sft_params), shardings, batch_keys, mesh,
+      optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,
+      seed=cfg.seed)
+  evaluate = verifiable_eval(cfg, g, sampling, prompt_len, scorer,
+                             [pipeline._text(r["prompt"]) for r in heldout],
+                             [pipeline._text(r["response"]) for r in heldout], sft_params)
   t_loop = time.perf_counter()
-  with CompileCounter() as counter:
-    for it in range(start, cfg.steps):
-      counter.reset()  # compiles per iteration are logged: after the first there should be none
-      sel, rounds = iteration_rollout(cfg, it, rollout_fn, state.params,
-                                      sft_params if with_ref else None, train_pairs, prompt_len)
-      prompts_seen["trained"].append(trained_prompts(cfg, sel, rounds))
-      prompts_seen["rolled_out"].append([p for x in rounds for p in x.prompts])
-      adv, stats = advantages_fn(sel.rewards_B)
-      batch = grpo.rollout_batch(sel.rollout, adv)
-      state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch,
-                                        np.random.default_rng((cfg.seed, it, 1)))
-      metrics = jax.device_get(metrics)
-      values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
-                **{k: float(v) for k, v in metrics.items()},
-                **{f"{k}_per_token": v for k, v in grpo.per_token(metrics).items()},
-                # the first rollout is the on-policy sample of fresh prompts: its reward and
-                # zero-variance fraction are comparable with and without dynamic sampling
-                **grpo.group_stats(rounds[0].rewards_BxG), **rollout_summary(rounds[0].rollout),
-                "informative_groups": sel.informative / cfg.batch_size,
-                "rollout_rounds": float(len(rounds))}
-      values = {k: float(v) for k, v in values.items()}
-      values["compiles"] = float(counter.count)
-      done = it + 1
-      logger.log(done, values)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
-        print(format_progress(done, cfg.steps, values["loss"], rate, None)
-              + f" | reward {values['reward_mean']:.2f} | zero-var "
-              f"{values['zero_variance_frac']:.2f} | rounds {len(rounds)} | clip "
-              f"{values['clipfrac_per_token']:.3f}"
-              + (f" | kl {values['kl_seq']:.3f}" if with_ref else "")
-              + f" | compiles {counter.count}")
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        curve.append({"iteration": done, **evaluator(state.params)})
-        logger.log(done, curve[-1], split="eval")
-      if manager.should_save(done) or done == cfg.steps:
-        checkpoint.save(manager, done, state, {"curve": curve, "prompts": prompts_seen},
-                        force=done == cfg.steps)
-  manager.wait_until_finished()
-  logger.close()
+  state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
+                             mesh=mesh, evaluate=evaluate, config=cli.to_dict(cfg))
   wall["grpo_s"] = time.perf_counter() - t_loop
 
   _, base_params, _ = lm.init_model(cfg, mesh, init_from=base_dir)
-  table = {"base": evaluator(base_params), "sft": curve[0], "grpo": curve[-1]}
-  answer = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p)) for p in train_pairs}
+  table = {"base": evaluate(base_params), "sft": curve[0], "grpo": curve[-1]}
+  prompts_seen = algorithm.prompts_seen
   matched = {"sft_matched": "trained"}
   if cfg.dynamic_sampling_rounds:
     matched["sft_matched_rolled_out"] = "rolled_out"
   for row, which in matched.items() if cfg.matched_sft else ():
-    records = [{"prompt": p, "response": answer[p]}
+    records = [{"prompt": p, "response": answers[p]}
                for p in dict.fromkeys(p for ps in prompts_seen[which] for p in ps)]
     if not records:
       print(f"{row}: GRPO trained on no prompt (every group had zero variance); no baseline")
       continue
     t1 = time.perf_counter()
-    table[row] = evaluator(matched_sft_params(
+    table[row] = evaluate(matched_sft_params(
         sft_config(cfg), os.path.join(cfg.workdir, row), records, cfg.updates, mesh, g,
         sft_params, shardings))
     wall[f"{row}_s"] = time.perf_counter() - t1
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
-  manager.close()
   result = {"table": table, "curve": curve, "wall": wall, "sft_workdir": sft_dir,
             "updates": cfg.updates,
             **{f"prompts_{k}": sum(map(len, v)) for k, v in prompts_seen.items()}}
@@ -457,25 +315,12 @@ def run(cfg: GRPOConfig) -> dict:
       baselines[label] = table[row]["accuracy_temp1"]
   plots.curve_with_se(curve, "iteration", "accuracy_temp1",
                       os.path.join(cfg.workdir, "grpo_curve.png"),
-                      title=f"{cfg.advantage}, G={cfg.group_size}, kl_coef {cfg.kl_coef}",
+                      title=f"{cfg.algorithm} ({cfg.advantage}), G={cfg.group_size}, "
+                      f"kl_coef {cfg.kl_coef}",
                       xlabel="iteration", ylabel="held-out temperature-1 accuracy",
                       baselines=baselines)
   print(format_table(table, cfg.ks))
   return result
-
-
-def train_on_rollout(cfg: GRPOConfig, mesh, train_step, state, batch, rng):
-  """--epochs passes over the rollout's rows, each in --num_minibatches shuffled minibatches.
-  Returns (state, the last step's metrics)."""
-  rows = cfg.batch_size * cfg.group_size
-  mb = rows // cfg.num_minibatches
-  for _ in range(cfg.epochs):
-    perm = rng.permutation(rows)
-    for j in range(cfg.num_minibatches):
-      idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-      minibatch = {k: v[idx] for k, v in batch.items()}
-      state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
-  return state, metrics
 
 
 def format_table(table: dict, ks) -> str:

@@ -98,6 +98,14 @@ def model_config(cfg: LMConfig):
   return preset(cfg.model, dtype=cfg.dtype)
 
 
+def optim_config(cfg: LMConfig, total_steps: int) -> optim.OptimConfig:
+  """AdamW with warmup and cosine decay over `total_steps` updates, from the config's flags
+  (the warmup capped below the total, for runs shorter than the flagfile's warmup)."""
+  return optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=total_steps,
+                           warmup_steps=min(cfg.warmup_steps, total_steps - 1),
+                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+
+
 def setup(cfg: LMConfig, devices=None):
   """The run's mesh (over `devices`, default all), checked against the batch sizes."""
   runtime.enable_compilation_cache()

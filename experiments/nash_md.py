@@ -41,14 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, lm, pairwise_reward, plots, reward as reward_exp, worlds
-from rlhf_jax import sharding
-from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.rl import loop as rl_loop
+from rlhf_jax.rl.algorithms import nash_md
+from rlhf_jax.rl.evaluation import mean_se, sample_heldout
+from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.train import checkpoint, nash_md, optim
-from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import format_progress, write_config
+from rlhf_jax.train import checkpoint
 from rlhf_jax.worlds import intransitive
 
 JUDGES = ("model", "raters")
@@ -130,17 +130,6 @@ def preference_config(cfg: NashMDConfig) -> reward_exp.RewardConfig:
   return rcfg
 
 
-def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-  from experiments.ppo import prompt_batch as ppo_prompt_batch
-  return ppo_prompt_batch(prompts, prompt_len)
-
-
-def decode(tokens_BxN, mask_BxN) -> list[str]:
-  tok = ByteTokenizer()
-  tokens, mask = jax.device_get((tokens_BxN, mask_BxN))
-  return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
-
-
 def make_judge(cfg: NashMDConfig, world_cfg, model):
   """(prompts, ys, ys_opp) -> P(y > y' | x) float32 [B]."""
   if cfg.judge == "raters":
@@ -148,35 +137,36 @@ def make_judge(cfg: NashMDConfig, world_cfg, model):
   return lambda ps, a, b: model(ps, a, b, batch_size=len(ps)).astype(np.float32)
 
 
-@dataclasses.dataclass
-class Evaluator:
-  """--eval_samples samples per held-out prompt, in batches of the rollout's shape."""
-  sample_fn: object
-  prompts: list[str]
-  prompt_len: int
-  batch_size: int
-  ref_params: object
-  world_cfg: object
-  samples: int
-  key: jax.Array
-
-  def __call__(self, policy_params) -> dict:
-    ps = self.prompts * self.samples
-    n = len(ps)
-    ps += ps[:(-n) % self.batch_size]
-    ys, kls = [], []
-    for i in range(0, len(ps), self.batch_size):
-      toks, valid = prompt_batch(ps[i:i + self.batch_size], self.prompt_len)
-      out = self.sample_fn(policy_params, self.ref_params, toks, valid,
-                           jax.random.fold_in(self.key, i))
-      ys += decode(out.tokens_BxT[:, self.prompt_len:], out.mask_BxT[:, self.prompt_len:])
-      kls.append(np.asarray(jnp.sum(out.logps_BxT - out.ref_logps_BxT, axis=1)))
-    ps, ys, kl = ps[:n], ys[:n], np.concatenate(kls)[:n]
-    g = intransitive.ground_truth(ps, ys, self.world_cfg)
-    out = intransitive.metrics(ps, ys, self.world_cfg)
-    out.update(gold=float(g.mean()), gold_se=float(g.std(ddof=1) / np.sqrt(n)),
-               kl=float(kl.mean()), kl_se=float(kl.std(ddof=1) / np.sqrt(n)), samples=n)
+def style_eval(cfg: NashMDConfig, stage: RolloutStage, prompts, ref_params, world_cfg, *,
+               samples: int, key):
+  """evaluate(policy_params) -> `samples` temperature samples per held-out prompt (fixed
+  keys): the style shares, exploitability and distances of intransitive.metrics, the ground
+  truth ("gold") and the KL to SFT per sequence, each +- its standard error."""
+  def evaluate(policy_params) -> dict:
+    held = sample_heldout(stage, policy_params, ref_params, None, list(prompts) * samples,
+                          batch_size=cfg.batch_size, key=key)
+    ps, ys = held.experience.prompts, held.experience.responses
+    out = intransitive.metrics(ps, ys, world_cfg)
+    gold, gold_se = mean_se(intransitive.ground_truth(ps, ys, world_cfg))
+    kl, kl_se = mean_se(held.kl_B)
+    out.update(gold=gold, gold_se=gold_se, kl=kl, kl_se=kl_se, samples=len(ps))
     return out
+  return evaluate
+
+
+def describe(world_cfg):
+  """An iteration's logged world metrics: the policy's styles, the opponents' style shares
+  and the raters' preference over the judged pairs."""
+  def fn(exp) -> dict:
+    out = {f"rollout_{k}": v for k, v in
+           intransitive.metrics(exp.prompts, exp.responses, world_cfg).items()}
+    out.update({f"opponent_{k}": v for k, v in
+                intransitive.metrics(exp.prompts, exp.extras["opponents"], world_cfg).items()
+                if k.startswith("share_")})
+    out["rater_preference"] = float(
+        intransitive.rater_preference(world_cfg, *exp.extras["pairs"]).mean())
+    return out
+  return fn
 
 
 def run(cfg: NashMDConfig) -> dict:
@@ -207,91 +197,38 @@ def run(cfg: NashMDConfig) -> dict:
   judge = make_judge(cfg, world_cfg, model)
   scfg = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=ByteTokenizer.eos_id,
                         pad_id=ByteTokenizer.pad_id, temperature=cfg.temperature)
-  rollout_fn = nash_md.make_rollout_fn(g, scfg)
+  stage = RolloutStage(g, scfg, prompt_len)
+  algorithm = nash_md.NashMD(stage, judge, split["train"], sft_params, cfg.batch_size,
+                             cfg.group_size, cfg.seed, cfg.mixture_coef, cfg.baseline)
   loss_fn = nash_md.nash_md_loss_fn(g, nash_tau=cfg.nash_tau,
                                     kl_fn=KL_ESTIMATORS[cfg.kl_estimator],
                                     temperature=cfg.temperature)
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.updates,
-                           warmup_steps=min(cfg.warmup_steps, cfg.updates - 1),
-                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-  optimizer = optim.make_optimizer(ocfg)
-  state = state_lib.init_train_state(jax.tree.map(jnp.copy, sft_params), optimizer,
-                                     jax.random.key(cfg.seed), param_shardings=shardings)
-  batch_keys = ("tokens", "valid", "mask", "ref_logps", "preferences", "baseline")
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                               lr_schedule=optim.make_schedule(ocfg)),
-      state_lib.state_shardings(optimizer, state.params, shardings), batch_shardings)
-  evaluator = Evaluator(nash_md.make_sample_fn(g, scfg), test_prompts, prompt_len,
-                        cfg.batch_size, sft_params, world_cfg, cfg.eval_samples,
-                        jax.random.key(cfg.seed + 1))
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, num_minibatches=cfg.num_minibatches,
+                                log_every=cfg.log_every, eval_every=cfg.eval_every,
+                                save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints)
+  state, train_step = rl_loop.make_trainer(
+      loss_fn, jax.tree.map(jnp.copy, sft_params), shardings, nash_md.BATCH_KEYS, mesh,
+      optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,
+      seed=cfg.seed)
+  raw_eval = style_eval(cfg, stage, test_prompts, sft_params, world_cfg,
+                        samples=cfg.eval_samples, key=jax.random.key(cfg.seed + 1))
+  # The SFT point fixes the tau-regularised target every later point is measured against.
+  sft_point = lm.timed("eval SFT", raw_eval, sft_params)
+  target = regularised_target(cfg, sft_point, world_cfg)
 
-  write_config(cfg.workdir, cli.to_dict(cfg))
-  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
-  curve, start = [], 0
-  if data is not None:
-    curve, start = data["curve"], int(manager.latest_step())
-    print(f"resumed from iteration {start}")
-  if start == 0:
-    curve.append({"iteration": 0, **lm.timed("eval SFT", evaluator, sft_params)})
-  target = regularised_target(cfg, curve[0], world_cfg)
-  if start == 0:
-    curve[0].update(target_distance(curve[0], target))
-    logger.log(0, curve[-1], split="eval")
+  def evaluate(params):
+    point = raw_eval(params)
+    point.update(target_distance(point, target))
+    print(f"  eval: {format_point(point)}")
+    return point
 
   t_loop = time.perf_counter()
-  coef = jnp.float32(cfg.mixture_coef)
-  with CompileCounter() as counter:
-    for it in range(start, cfg.steps):
-      counter.reset()  # compiles per iteration are logged: after the first there should be none
-      it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
-      prompts = list(np.repeat(it_rng.choice(split["train"], cfg.batch_size), cfg.group_size))
-      toks, valid = prompt_batch(prompts, prompt_len)
-      ro = rollout_fn(state.params, sft_params, toks, valid,
-                      jax.random.fold_in(jax.random.key(cfg.seed), it), coef)
-      ys = decode(ro.policy.tokens_BxT[:, prompt_len:], ro.policy.mask_BxT[:, prompt_len:])
-      ys_opp = decode(ro.opponent_tokens_BxN, ro.opponent_mask_BxN)
-      i, j = nash_md.group_pairs(cfg.rows, cfg.group_size)
-      pairs = ([prompts[k] for k in i], [ys[k] for k in i], [ys_opp[k] for k in j])
-      prefs = judge(*pairs).reshape(cfg.rows, cfg.group_size).mean(1)
-      scores = prefs - 0.5
-      baseline = (nash_md.leave_one_out_baseline(
-          scores, cfg.group_size if cfg.group_size > 1 else None) if cfg.baseline
-                  else np.zeros_like(scores))
-      batch = {"tokens": ro.policy.tokens_BxT, "valid": ro.policy.valid_BxT,
-               "mask": ro.policy.mask_BxT, "ref_logps": ro.policy.ref_logps_BxT,
-               "preferences": jnp.asarray(prefs), "baseline": jnp.asarray(baseline)}
-      state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch, it_rng)
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      values.update({f"rollout_{k}": v for k, v in
-                     intransitive.metrics(prompts, ys, world_cfg).items()})
-      values.update({f"opponent_{k}": v for k, v in
-                     intransitive.metrics(prompts, ys_opp, world_cfg).items()
-                     if k.startswith("share_")})
-      values["preference"] = float(prefs.mean())  # the judge's, over every judged pair
-      values["rater_preference"] = float(
-          intransitive.rater_preference(world_cfg, *pairs).mean())
-      values["compiles"] = float(counter.count)
-      done = it + 1
-      logger.log(done, values)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
-        print(format_progress(done, cfg.steps, values["loss"], rate, None)
-              + f" | P(y>y') {values['preference']:.3f} | kl {values['kl']:.2f}"
-              f" | styles {_shares(values, 'rollout_')}")
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        point = evaluator(state.params)
-        curve.append({"iteration": done, **point, **target_distance(point, target)})
-        logger.log(done, curve[-1], split="eval")
-        print(f"  eval: {format_point(curve[-1])}")
-      if manager.should_save(done) or done == cfg.steps:
-        checkpoint.save(manager, done, state, {"curve": curve}, force=done == cfg.steps)
-  manager.wait_until_finished()
-  logger.close()
+  state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
+                             mesh=mesh, evaluate=evaluate, config=cli.to_dict(cfg),
+                             describe=describe(world_cfg),
+                             initial_point={**sft_point, **target_distance(sft_point, target)})
   wall["nash_md_s"] = time.perf_counter() - t_loop
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
-  manager.close()
   nash = intransitive.nash_equilibrium(intransitive.preference_matrix(world_cfg))
   result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
             "nash": nash.tolist(), "judge": cfg.judge,
@@ -331,17 +268,6 @@ def target_distance(point: dict, target) -> dict:
     return {}
   pi = np.array([point[f"share_{n}"] for n in intransitive.STYLES] + [point["share_malformed"]])
   return {"tau_distance": float(0.5 * np.abs(pi - target).sum())}
-
-
-def train_on_rollout(cfg: NashMDConfig, mesh, train_step, state, batch, rng):
-  """One pass over the rollout in --num_minibatches shuffled minibatches."""
-  mb = cfg.rows // cfg.num_minibatches
-  perm = rng.permutation(cfg.rows)
-  for j in range(cfg.num_minibatches):
-    idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-    state, metrics = train_step(state, sharding.shard_batch(
-        {k: v[idx] for k, v in batch.items()}, mesh))
-  return state, metrics
 
 
 def _shares(m: dict, prefix: str = "") -> str:

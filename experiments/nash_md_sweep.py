@@ -44,7 +44,7 @@ from experiments import cli, lm, nash_md, plots, ppo, reward as reward_exp, worl
 from experiments.sweeps import aggregate, parse_seeds
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.train import nash_md as nash_lib
+from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.worlds import intransitive
 
 METHODS = ("nash_md", "nash_md_raters", "bt_ppo")
@@ -88,16 +88,16 @@ def _run_args(cfg: NashMDSweepConfig, flagfile: str, seed: int, workdir: str) ->
 
 
 def final_evaluator(ncfg: nash_md.NashMDConfig, samples: int, sft_dir: str):
-  """evaluate(workdir or None for SFT) -> the nash_md.Evaluator's numbers, the same prompts,
+  """evaluate(workdir or None for SFT) -> nash_md.style_eval's numbers, the same prompts,
   samples and keys for every policy."""
   ncfg = ncfg.effective()
   mesh = lm.setup(ncfg)
   g, sft_params, _ = lm.init_model(ncfg, mesh, init_from=sft_dir)
   scfg = SamplingConfig(max_new_tokens=worlds.max_new_tokens(ncfg),
                         eos_id=ByteTokenizer.eos_id, pad_id=ByteTokenizer.pad_id)
-  ev = nash_md.Evaluator(nash_lib.make_sample_fn(g, scfg), worlds.test_prompts(ncfg),
-                         worlds.world_prompt_len(ncfg), ncfg.batch_size, sft_params,
-                         ncfg.world_config(), samples, jax.random.key(12345))
+  ev = nash_md.style_eval(ncfg, RolloutStage(g, scfg, worlds.world_prompt_len(ncfg)),
+                          worlds.test_prompts(ncfg), sft_params, ncfg.world_config(),
+                          samples=samples, key=jax.random.key(12345))
 
   def evaluate(workdir):
     params = sft_params if workdir is None else lm.init_model(ncfg, mesh, init_from=workdir)[1]

@@ -31,21 +31,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
-from rlhf_jax import sharding
-from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.losses import ppo as ppo_losses
-from rlhf_jax.losses.sft import ptx_loss
-from rlhf_jax.logprobs import shifted_logps
+from rlhf_jax.rl import loop as rl_loop, scorers
+from rlhf_jax.rl.algorithms import ppo
+from rlhf_jax.rl.evaluation import mean_se, sample_heldout
+from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.train import checkpoint, optim, ppo, reward
-from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import format_progress, write_config
+from rlhf_jax.train import checkpoint, reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,78 +105,23 @@ class PPOConfig(lm.LMConfig):
     return self.steps * self.ppo_epochs * self.num_minibatches
 
 
-def prompt_batch(prompts, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-  tok = ByteTokenizer()
-  rows = [pipeline.prompt_example(p, "", tok, prompt_len) for p in prompts]
-  return (np.stack([r["prompt_tokens"] for r in rows]),
-          np.stack([r["prompt_valid"] for r in rows]))
+def preference_eval(cfg: PPOConfig, stage: RolloutStage, scorer, prompts, ref_params,
+                    value_params):
+  """evaluate(policy_params) -> the held-out row of a preference world: GOLD_EVAL_SAMPLES
+  temperature samples per test prompt (fixed keys), the world's summary (gold, words, its
+  own columns), the proxy reward and the KL to SFT per sequence, each +- its standard error."""
+  key = jax.random.key(cfg.seed + 1)
 
-
-def responses_of(rollout: ppo.Rollout, prompt_len: int) -> list[str]:
-  tok = ByteTokenizer()
-  tokens, mask = jax.device_get((rollout.tokens_BxT[:, prompt_len:],
-                                 rollout.mask_BxT[:, prompt_len:]))
-  return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
-
-
-def make_reward_fn(rms: reward_exp.RewardModels, cfg: PPOConfig):
-  """(tokens_BxT, valid_BxT) -> normalised (aggregated) proxy rewards_B."""
-  def reward_fn(tokens, valid):
-    return reward.ensemble_scores(rms.graphdef, rms.params, tokens, valid,
-                                  aggregate=cfg.aggregate, uwo_coef=cfg.uwo_coef,
-                                  norm_stats=(rms.norm_mean, rms.norm_std))
-  return reward_fn
-
-
-def with_ptx(loss_fn, graphdef, ptx_coef: float):
-  """PPO-ptx: loss_sum + ptx_coef * mean pretraining NLL * (this microbatch's PPO token
-  count), so after the step divides by the PPO token count the objective is
-  PPO mean + ptx_coef * NLL mean (exact with one microbatch; with several, each microbatch's
-  NLL mean is weighted by its share of response tokens)."""
-  if ptx_coef == 0:
-    return loss_fn
-
-  def loss(params, batch, rng):
-    loss_sum, aux = loss_fn(params, batch, rng)
-    logits = nnx.merge(graphdef, params["policy"])(batch["ptx_tokens"],
-                                                   valid_BxT=batch["ptx_valid"]).logits_BxTxV
-    term, _ = ptx_loss(shifted_logps(logits.astype(jnp.float32), batch["ptx_tokens"]),
-                       batch["ptx_loss_mask"], ptx_coef=ptx_coef)  # ptx_coef * mean NLL
-    return loss_sum + term * aux["denominator"], {**aux, "ptx": term * aux["denominator"]}
-  return loss
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Held-out evaluation of any policy: GOLD_EVAL_SAMPLES samples per test prompt through
-  the (compiled) rollout, in batches of the rollout's own shape, so it compiles nothing new."""
-  world: str
-  rollout_fn: object
-  reward_fn: object
-  prompts: list[str]
-  prompt_len: int
-  batch_size: int
-  ref_params: object
-  value_params: object
-  key: jax.Array
-
-  def __call__(self, policy_params) -> dict:
-    ps = self.prompts * worlds.GOLD_EVAL_SAMPLES
-    ps += ps[:(-len(ps)) % self.batch_size]  # fill the last batch; extra rows are dropped
-    ys, kls, proxy = [], [], []
-    for i in range(0, len(ps), self.batch_size):
-      toks, valid = prompt_batch(ps[i:i + self.batch_size], self.prompt_len)
-      ro = self.rollout_fn(policy_params, self.ref_params, self.value_params, toks, valid,
-                           jax.random.fold_in(self.key, i))
-      ys += responses_of(ro, self.prompt_len)
-      kls.append(np.asarray(jnp.sum((ro.old_logps_BxT - ro.ref_logps_BxT) * ro.mask_BxT, 1)))
-      proxy.append(np.asarray(self.reward_fn(ro.tokens_BxT, ro.valid_BxT)))
-    n = len(self.prompts) * worlds.GOLD_EVAL_SAMPLES
-    kl, proxy, ps, ys = np.concatenate(kls)[:n], np.concatenate(proxy)[:n], ps[:n], ys[:n]
-    out = worlds.summary(self.world, ps, ys)
-    out.update(proxy=float(proxy.mean()), proxy_se=float(proxy.std(ddof=1) / np.sqrt(n)),
-               kl=float(kl.mean()), kl_se=float(kl.std(ddof=1) / np.sqrt(n)))
+  def evaluate(policy_params) -> dict:
+    ps = list(prompts) * worlds.GOLD_EVAL_SAMPLES
+    held = sample_heldout(stage, policy_params, ref_params, value_params, ps,
+                          batch_size=cfg.batch_size, key=key, scorer=scorer)
+    out = worlds.summary(cfg.world, held.experience.prompts, held.experience.responses)
+    proxy, proxy_se = mean_se(held.experience.rewards_B)
+    kl, kl_se = mean_se(held.kl_B)
+    out.update(proxy=proxy, proxy_se=proxy_se, kl=kl, kl_se=kl_se)
     return out
+  return evaluate
 
 
 def run(cfg: PPOConfig) -> dict:
@@ -204,10 +144,6 @@ def run(cfg: PPOConfig) -> dict:
     raise ValueError(f"a PPO microbatch (--batch_size / --num_minibatches / "
                      f"--num_microbatches) must be divisible by the data-parallel size "
                      f"{data_parallel}")
-  split = worlds.split_prompts(cfg)
-  test_prompts = worlds.test_prompts(cfg)
-  prompt_len = worlds.world_prompt_len(cfg)
-  max_new = worlds.max_new_tokens(cfg)
 
   g, sft_params, pol_shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   _, base_params, _ = lm.init_model(cfg, mesh, init_from=base_dir)
@@ -218,100 +154,52 @@ def run(cfg: PPOConfig) -> dict:
   shardings = {"policy": pol_shardings, "value": value_shardings}
 
   tok = ByteTokenizer()
-  scfg_sample = SamplingConfig(max_new_tokens=max_new, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                               temperature=cfg.temperature)
-  rollout_fn = ppo.make_rollout_fn(g, rms.graphdef, scfg_sample)
-  advantages_fn = ppo.make_advantages_fn(cfg.kl_coef, cfg.gae_gamma, cfg.gae_lambda,
-                                         cfg.truncation_penalty)
-  reward_fn = make_reward_fn(rms, cfg)
-  loss_fn = with_ptx(ppo.ppo_loss_fn(g, rms.graphdef, clip_eps=cfg.clip_eps,
-                                     value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
-                                     entropy_coef=cfg.entropy_coef,
-                                     temperature=cfg.temperature), g, cfg.ptx_coef)
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.updates,
-                           warmup_steps=min(cfg.warmup_steps, cfg.updates - 1),
-                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-  optimizer = optim.make_optimizer(ocfg)
-  state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
-                                     param_shardings=shardings)
-  batch_keys = ["tokens", "valid", "mask", "old_logps", "old_values", "advantages", "returns"]
-  if cfg.ptx_coef:
-    batch_keys += ["ptx_tokens", "ptx_valid", "ptx_loss_mask"]
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                               lr_schedule=optim.make_schedule(ocfg)),
-      state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
-  evaluator = Evaluator(cfg.world, rollout_fn, reward_fn, test_prompts, prompt_len, cfg.batch_size,
-                        sft_params, rms.params[0], jax.random.key(cfg.seed + 1))
+  sampling = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, temperature=cfg.temperature)
+  stage = RolloutStage(g, sampling, worlds.world_prompt_len(cfg), value_graphdef=rms.graphdef)
+  scorer = scorers.Penalised(
+      scorers.RewardModelScorer(rms.graphdef, rms.params, cfg.aggregate, cfg.uwo_coef,
+                                rms.norm_mean, rms.norm_std),
+      truncation_penalty=cfg.truncation_penalty)
   ptx_iter = None
   if cfg.ptx_coef:
     corpus = builders.load_split(lm.build_world(cfg)["pretrain"], "train")
     ptx_iter = pipeline.make_train_iterator(
         corpus, batch_size=cfg.batch_size // cfg.num_minibatches, seq_len=cfg.seq_len,
         seed=cfg.seed, tokenizer=tok, kind="lm")
-
-  write_config(cfg.workdir, cli.to_dict(cfg))
-  manager, logger, state, data = lm.resume_run(cfg, state, save_every=cfg.save_every)
-  kl_coef, curve, start = cfg.kl_coef, [], 0
-  if data is not None:
-    kl_coef, curve, start = data["kl_coef"], data["curve"], int(manager.latest_step())
-    if ptx_iter is not None:
-      ptx_iter.set_state(data["ptx"])
-    print(f"resumed from iteration {start}")
-  if start == 0:
-    curve.append({"iteration": 0, **lm.timed("eval SFT", evaluator, sft_params)})
-    logger.log(0, curve[-1], split="eval")
-
+  algorithm = ppo.PPO(stage, scorer, worlds.split_prompts(cfg)["train"], sft_params,
+                      cfg.batch_size, cfg.seed, cfg.kl_coef, cfg.gae_gamma, cfg.gae_lambda,
+                      ppo.AdaptiveKL(cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None,
+                      ptx_iter)
+  loss_fn = ppo.with_ptx(ppo.ppo_loss_fn(g, rms.graphdef, clip_eps=cfg.clip_eps,
+                                         value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
+                                         entropy_coef=cfg.entropy_coef,
+                                         temperature=cfg.temperature), g, cfg.ptx_coef)
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.ppo_epochs,
+                                num_minibatches=cfg.num_minibatches, log_every=cfg.log_every,
+                                eval_every=cfg.eval_every, save_every=cfg.save_every,
+                                keep_checkpoints=cfg.keep_checkpoints)
+  state, train_step = rl_loop.make_trainer(
+      loss_fn, params, shardings, algorithm.batch_keys(), mesh,
+      optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,
+      seed=cfg.seed)
+  heldout = preference_eval(cfg, stage, scorer, worlds.test_prompts(cfg), sft_params,
+                            rms.params[0])
   t_loop = time.perf_counter()
-  with CompileCounter() as counter:
-    for it in range(start, cfg.steps):
-      counter.reset()  # compiles per iteration are logged: after the first there should be none
-      it_rng = np.random.default_rng((cfg.seed, it))  # resume-exact prompt draws and shuffles
-      prompts = list(it_rng.choice(split["train"], cfg.batch_size))
-      toks, valid = prompt_batch(prompts, prompt_len)
-      ro = rollout_fn(state.params["policy"], sft_params, state.params["value"], toks, valid,
-                      jax.random.fold_in(jax.random.key(cfg.seed), it))
-      rewards = reward_fn(ro.tokens_BxT, ro.valid_BxT)
-      batch, stats = advantages_fn(ro, rewards, kl_coef=kl_coef)
-      batch = {k: batch[k] for k in batch_keys if not k.startswith("ptx")}
-      state, metrics = train_on_rollout(cfg, mesh, train_step, state, batch, it_rng, ptx_iter)
-      values = {**{k: float(v) for k, v in jax.device_get(stats).items()},
-                **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      ys = responses_of(ro, prompt_len)
-      values.update({f"rollout_{k}": v for k, v in worlds.summary(cfg.world, prompts, ys).items()})
-      values["compiles"] = float(counter.count)
-      if cfg.adaptive_kl:
-        kl_coef = float(ppo_losses.adaptive_kl_update_horizon(
-            kl_coef, values["kl"], kl_target=cfg.kl_target, n_steps=cfg.batch_size,
-            horizon=cfg.kl_horizon))
-      done = it + 1
-      logger.log(done, values)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
-        print(format_progress(done, cfg.steps, values["loss"], rate, None)
-              + f" | score {values['score']:+.2f} | gold {values['rollout_gold']:.2f}"
-              f" | kl {values['kl']:.2f} | kl_coef {kl_coef:.3f}")
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        curve.append({"iteration": done, **evaluator(state.params["policy"])})
-        logger.log(done, curve[-1], split="eval")
-      if manager.should_save(done) or done == cfg.steps:
-        data = {"kl_coef": kl_coef, "curve": curve}
-        if ptx_iter is not None:
-          data["ptx"] = ptx_iter.get_state()
-        checkpoint.save(manager, done, state, data, force=done == cfg.steps)
-  manager.wait_until_finished()
-  logger.close()
+  state, curve = rl_loop.run(
+      loop_cfg, algorithm, state=state, train_step=train_step, mesh=mesh,
+      evaluate=lambda p: heldout(p["policy"]), config=cli.to_dict(cfg),
+      describe=lambda exp: {f"rollout_{k}": v for k, v in
+                            worlds.summary(cfg.world, exp.prompts, exp.responses).items()})
   wall["ppo_s"] = time.perf_counter() - t_loop
 
-  table = {"base": evaluator(base_params), "sft": curve[0], "ppo": curve[-1]}
+  table = {"base": heldout(base_params), "sft": curve[0], "ppo": curve[-1]}
   if cfg.matched_sft:
-    table["sft_matched"] = evaluator(sft.continued_sft(
+    table["sft_matched"] = heldout(sft.continued_sft(
         scfg, os.path.join(cfg.workdir, "matched_sft"), cfg.updates, mesh, g, sft_params,
         pol_shardings))
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params["policy"])
-  manager.close()
-  result = {"table": table, "curve": curve, "final_kl_coef": kl_coef, "wall": wall,
+  result = {"table": table, "curve": curve, "final_kl_coef": algorithm.kl_coef, "wall": wall,
             "reward_workdir": rm_dir, "updates": cfg.updates}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -319,23 +207,6 @@ def run(cfg: PPOConfig) -> dict:
                      title=f"PPO, kl_coef {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}")
   print(format_table(table, cfg.world))
   return result
-
-
-def train_on_rollout(cfg: PPOConfig, mesh, train_step, state, batch, rng, ptx_iter):
-  """--ppo_epochs passes over the rollout, each in --num_minibatches shuffled minibatches
-  (plus a pretraining batch per update for PPO-ptx). Returns (state, last step's metrics)."""
-  mb = cfg.batch_size // cfg.num_minibatches
-  for _ in range(cfg.ppo_epochs):
-    perm = rng.permutation(cfg.batch_size)
-    for j in range(cfg.num_minibatches):
-      idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-      minibatch = {k: v[idx] for k, v in batch.items()}
-      if ptx_iter is not None:
-        lm_batch = next(ptx_iter)
-        minibatch.update(ptx_tokens=lm_batch["tokens"], ptx_valid=lm_batch["valid"],
-                         ptx_loss_mask=lm_batch["loss_mask"])
-      state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
-  return state, metrics
 
 
 def format_table(table: dict, world: str) -> str:

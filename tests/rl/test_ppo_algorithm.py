@@ -1,4 +1,4 @@
-"""PPO machinery (rlhf_jax.train.ppo): rollout alignment, KL-shaped rewards + GAE against a
+"""PPO (rlhf_jax.rl.algorithms.ppo and the rollout stage with a value head): rollout alignment, KL-shaped rewards + GAE against a
 NumPy float64 reference, ratio exactly 1 at step 0, compile-once iterations, and a toy reward
 that PPO raises."""
 import jax
@@ -12,7 +12,9 @@ import helpers
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models.transformer import ScalarHeadModel
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.train import ppo, step
+from rlhf_jax.rl import rollout as rollout_lib, scorers
+from rlhf_jax.rl.algorithms import ppo
+from rlhf_jax.train import step
 from rlhf_jax.train.state import init_train_state
 
 CFG = helpers.nano(n_layers=1)
@@ -45,7 +47,7 @@ def prompts(seed, b=B, p=P):
 @pytest.fixture(scope="module")
 def rollout_data():
   pg, policy, ref, vg, value = models()
-  rollout_fn = ppo.make_rollout_fn(pg, vg, SCFG)
+  rollout_fn = rollout_lib.make_rollout_fn(pg, SCFG, value_graphdef=vg)
   tokens, valid = prompts(0)
   ro = rollout_fn(policy, ref, value, tokens, valid, jax.random.key(3))
   return pg, policy, ref, vg, value, ro
@@ -64,7 +66,7 @@ def test_rollout_layout_and_old_logps_equal_sampler(rollout_data):
 
 def test_value_alignment(rollout_data):
   # Hand example: head output at column t sees tokens <= t, so V(s_t) = head[t - 1].
-  np.testing.assert_array_equal(ppo.shift_values(jnp.array([[1., 2., 3., 4.]])), [[0, 1, 2, 3]])
+  np.testing.assert_array_equal(rollout_lib.shift_values(jnp.array([[1., 2., 3., 4.]])), [[0, 1, 2, 3]])
   # On the rollout: V(s_{P+j}) is the value model run on the prefix tokens[:, :P+j] alone,
   # read at its last column; the bootstrap value reads the whole row's last real token.
   _, _, _, vg, value, ro = rollout_data
@@ -109,7 +111,7 @@ def hand_rollout():
   lengths = np.array([5, 3, 1])
   mask = np.concatenate([np.zeros((b, p)), np.arange(n)[None] < lengths[:, None]], 1)
   z = lambda: (rng.normal(size=(b, p + n)) * mask).astype(np.float32)
-  return ppo.Rollout(
+  return rollout_lib.Rollout(
       tokens_BxT=np.ones((b, p + n), np.int32), valid_BxT=mask > 0, mask_BxT=mask.astype(np.float32),
       old_logps_BxT=z() - 2, ref_logps_BxT=z() - 2, values_BxT=z(),
       bootstrap_values_B=rng.normal(size=b).astype(np.float32),
@@ -121,8 +123,11 @@ def test_advantages_match_numpy(source, rollout_data):
   ro = hand_rollout() if source == "hand" else rollout_data[-1]
   rewards = np.linspace(-1.0, 2.0, ro.mask_BxT.shape[0]).astype(np.float32)
   kw = dict(kl_coef=0.3, gamma=0.9, lam=0.8, penalty=0.5)
-  fn = ppo.make_advantages_fn(0.3, 0.9, 0.8, truncation_penalty=0.5)
-  batch, stats = fn(ro, rewards)
+  fn = ppo.make_advantages_fn(0.9, 0.8)
+  # The truncation penalty is the scorer's (scorers.Penalised), applied before the advantages.
+  exp = rollout_lib.Experience(ro, [], [], 1)
+  penalised = scorers.Penalised(lambda e: rewards, truncation_penalty=0.5)(exp)
+  batch, stats = fn(ro, penalised, np.float32(0.3))
   r, adv, ret = numpy_advantages(ro, rewards, **kw)
   # Token rewards: r - kl_coef·(old - ref) (+ penalty), 4 roundings at the logps' size. GAE
   # and returns: 3 roundings per step of the backward recursion over the T columns, at the
@@ -138,14 +143,15 @@ def test_advantages_match_numpy(source, rollout_data):
   kl_B = ((np.asarray(ro.old_logps_BxT, np.float64) - ro.ref_logps_BxT) * mask).sum(1)
   np.testing.assert_allclose(stats["kl"], kl_B.mean(), rtol=1e-5, atol=1e-6)
   # kl_coef is traced: a new coefficient changes the rewards (and does not recompile).
-  batch2, _ = fn(ro, rewards, kl_coef=0.0)
+  batch2, _ = fn(ro, penalised, np.float32(0.0))
   r0, _, _ = numpy_advantages(ro, rewards, **{**kw, "kl_coef": 0.0})
   np.testing.assert_allclose(batch2["token_rewards"], r0, **helpers.f32_tol(4, scale=size))
 
 
 def test_step0_ratio_is_one(rollout_data):
   pg, policy, ref, vg, value, ro = rollout_data
-  batch, _ = ppo.make_advantages_fn(0.1, 1.0, 0.95)(ro, jnp.arange(B, dtype=jnp.float32))
+  batch, _ = ppo.make_advantages_fn(1.0, 0.95)(ro, jnp.arange(B, dtype=jnp.float32),
+                                                   np.float32(0.1))
   loss_fn = jax.jit(ppo.ppo_loss_fn(pg, vg, **LOSS_KW))
   loss_sum, aux = loss_fn({"policy": policy, "value": value}, batch, None)
   n = float(aux["denominator"])
@@ -171,8 +177,8 @@ def toy():
   one PPO iteration = rollout -> toy reward -> advantages -> 2 compiled train steps."""
   pg, policy, ref, vg, value = models(1, std=0.1)
   scfg = SamplingConfig(max_new_tokens=TOY_N, eos_id=V, pad_id=PAD)  # EOS never sampled
-  rollout_fn = ppo.make_rollout_fn(pg, vg, scfg)
-  adv_fn = ppo.make_advantages_fn(0.01, 1.0, 0.95)
+  rollout_fn = rollout_lib.make_rollout_fn(pg, scfg, value_graphdef=vg)
+  adv_fn = ppo.make_advantages_fn(1.0, 0.95)
   opt = optax.adam(3e-2)
   train_step = step.compile_train_step(step.make_train_step(
       ppo.ppo_loss_fn(pg, vg, **LOSS_KW), opt, num_microbatches=2))
@@ -187,7 +193,7 @@ def toy():
   def iteration(state, key, tokens, valid):
     ro = rollout_fn(state.params["policy"], ref, state.params["value"], tokens, valid, key)
     rewards = reward_fn(ro)
-    batch, _ = adv_fn(ro, rewards)
+    batch, _ = adv_fn(ro, rewards, np.float32(0.01))
     for _ in range(2):
       state, metrics = train_step(state, batch)
     return state, rewards, metrics

@@ -1,9 +1,9 @@
-"""Host-side pieces of Nash-MD-PG (rlhf_jax.train.nash_md): the leave-one-out baseline and
+"""Host-side pieces of Nash-MD-PG (rlhf_jax.rl.algorithms.nash_md): the leave-one-out baseline and
 the within-group (response, opponent) pairs, against explicit loops."""
 import numpy as np
 import pytest
 
-from rlhf_jax.train import nash_md
+from rlhf_jax.rl.algorithms import nash_md
 
 
 @pytest.mark.parametrize("group_size", [None, 2, 3])

@@ -1,4 +1,4 @@
-"""GRPO machinery (rlhf_jax.train.grpo) and the pass@k estimator (rlhf_jax.evaluation):
+"""The group family (rlhf_jax.rl.algorithms.grpo, the rollout stage with groups) and the pass@k estimator (rlhf_jax.evaluation):
 group rollout layout and prefix sharing, no reference forward at kl_coef 0, advantages and
 group statistics, the step-contract loss for every aggregation against a NumPy float64
 reference, exact gradient accumulation, and pass@k against brute-force enumeration."""
@@ -14,7 +14,9 @@ import helpers
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.evaluation import pass_at_k
 from rlhf_jax.sampling import SamplingConfig
-from rlhf_jax.train import grpo, step
+from rlhf_jax.rl import rollout as rollout_lib
+from rlhf_jax.rl.algorithms import grpo
+from rlhf_jax.train import step
 from rlhf_jax.train.state import init_train_state
 
 CFG = helpers.nano(n_layers=1)
@@ -22,6 +24,12 @@ V = CFG.vocab_size
 PAD, EOS = 0, 7
 B, G, P, N = 2, 4, 5, 6  # prompts, group size, prompt slots, new tokens
 SCFG = SamplingConfig(max_new_tokens=N, eos_id=EOS, pad_id=PAD)
+
+
+def group_rollout_fn(g, *, with_ref):
+  """rollout(policy, ref, tokens, valid, key) of G samples per prompt, no value head."""
+  fn = rollout_lib.make_rollout_fn(g, SCFG, group_size=G, with_ref=with_ref)
+  return lambda policy, ref, tokens, valid, key: fn(policy, ref, None, tokens, valid, key)
 
 
 def prompts(seed, b=B, p=P):
@@ -43,7 +51,7 @@ def models():
 def rollout(models):
   g, policy, ref = models
   tokens, valid = prompts(0)
-  fn = grpo.make_group_rollout_fn(g, SCFG, G, with_ref=True)
+  fn = group_rollout_fn(g, with_ref=True)
   return tokens, valid, fn(policy, ref, tokens, valid, jax.random.key(3))
 
 
@@ -86,16 +94,16 @@ def test_no_reference_forward_without_kl(models):
   key = jax.random.key(0)
   counts = {}
   for with_ref, r in ((True, ref), (False, None)):
-    fn = grpo.make_group_rollout_fn(g, SCFG, G, with_ref=with_ref)
+    fn = group_rollout_fn(g, with_ref=with_ref)
     jaxpr = jax.make_jaxpr(lambda p, rp: fn(p, rp, tokens, valid, key))(policy, r)
     # The LM head of a full forward over B*G rows x (P + N) columns.
     counts[with_ref] = _dot_shapes(jaxpr.jaxpr).count((B * G * (P + N), V))
   assert counts == {True: 2, False: 1}
-  ro = grpo.make_group_rollout_fn(g, SCFG, G, with_ref=False)(policy, None, tokens, valid, key)
+  ro = group_rollout_fn(g, with_ref=False)(policy, None, tokens, valid, key)
   assert ro.ref_logps_BxT is None
   assert "ref_logps" not in grpo.rollout_batch(ro, np.zeros(B * G, np.float32))
   with pytest.raises(ValueError, match="ref_params"):
-    grpo.make_group_rollout_fn(g, SCFG, G, with_ref=False)(policy, ref, tokens, valid, key)
+    group_rollout_fn(g, with_ref=False)(policy, ref, tokens, valid, key)
 
 
 def np_advantages(r, estimator, ddof=0, eps=0.0):
@@ -133,13 +141,14 @@ def test_group_advantages_and_stats(estimator, ddof, eps):
 def test_dynamic_sampling_selects_informative_groups_in_round_order(models, rollout):
   g, policy, ref = models
   tokens, valid, first = rollout
-  second = grpo.make_group_rollout_fn(g, SCFG, G, with_ref=True)(
+  second = group_rollout_fn(g, with_ref=True)(
       policy, ref, *prompts(1), jax.random.key(4))
   # Round 0: group 0 flat, group 1 informative; round 1: group 0 informative, group 1 flat.
   r0, r1 = np.array([1, 1, 1, 1, 0, 1, 0, 0.]), np.array([0, 1, 1, 1, 0, 0, 0, 0.])
   sel = grpo.select_groups([(first, r0), (second, r1)], B, G)
   assert sel.picked == [(0, 1), (1, 0)] and sel.informative == 2
-  for field in grpo.GroupRollout._fields:
+  for field in ("tokens_BxT", "valid_BxT", "mask_BxT", "old_logps_BxT", "ref_logps_BxT",
+                "truncated_B", "sampler_logps_BxN"):
     want = np.concatenate([np.asarray(getattr(first, field))[G:],
                            np.asarray(getattr(second, field))[:G]])
     np.testing.assert_array_equal(np.asarray(getattr(sel.rollout, field)), want, err_msg=field)
@@ -196,7 +205,7 @@ def test_loss_matches_numpy_reference(models, rollout, aggregation, beta):
             max_new_tokens=N)
   loss_fn = jax.jit(grpo.grpo_loss_fn(g, **kw))
   loss_sum, aux = loss_fn(policy, batch, jax.random.key(0))
-  logps = np.asarray(jax.jit(lambda p: grpo.policy_forward(
+  logps = np.asarray(jax.jit(lambda p: rollout_lib.policy_forward(
       g, p, batch["tokens"], batch["valid"], 1.0)[0])(policy))
   want = _np_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"],
                   batch["mask"], lo=0.2, hi=0.28, beta=beta, aggregation=aggregation)
@@ -239,7 +248,7 @@ def test_accumulation_is_exact_and_compiles_once(models, rollout, aggregation):
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(p1), jax.tree.leaves(policy))) > 1e-4
   pt = grpo.per_token(m1)
-  assert 0 <= pt["clipfrac"] <= 1
+  assert 0 <= pt["clipfrac_per_token"] <= 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""The ONE online loop every online algorithm runs in:
+
+    for each iteration it (resumed from the latest checkpoint):
+      batch, stats, rng = algorithm.collect(it, params)     rollout -> score -> train rows
+      epochs x minibatches of the compiled train step       (rows shuffled by rng)
+      log (metrics.jsonl + TensorBoard), progress line, compiles counted per iteration
+      every eval_every: evaluate(params) -> a point of the curve
+      every save_every: checkpoint of the train state, the curve and the algorithm's own
+                        resumable state (KL coefficient, prompts seen, ptx data position)
+
+Everything that makes a resumed run bitwise equal to an uninterrupted one lives here: an
+iteration's draws depend only on (seed, it) (the algorithm's collect derives them), the step's
+randomness on (seed, step) (train/step.py), and the checkpoint holds what the loop and the
+algorithm carry between iterations. The loop takes plain values and callables, never an
+experiment's config.
+"""
+import dataclasses
+import time
+from typing import Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.compile_count import CompileCounter
+from rlhf_jax.rl.rollout import Experience
+from rlhf_jax.train import checkpoint, optim, state as state_lib, step as step_lib
+from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  workdir: str
+  iterations: int
+  epochs: int = 1  # passes over each rollout
+  num_minibatches: int = 1  # optimizer updates per pass
+  log_every: int = 1  # iterations between progress lines
+  eval_every: int = 1  # iterations between held-out evaluations (and at the end)
+  save_every: int = 1  # iterations between checkpoints (and at the end)
+  keep_checkpoints: int = 2
+
+  def __post_init__(self):
+    for name in ("iterations", "epochs", "num_minibatches", "log_every", "eval_every",
+                 "save_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+  @property
+  def updates(self) -> int:
+    """Optimizer steps over the whole run."""
+    return self.iterations * self.epochs * self.num_minibatches
+
+
+class Iteration(NamedTuple):
+  batch: dict  # the rollout's training rows (leading dim = rows), the loss_fn's batch keys
+  stats: dict  # scalars logged beside the step's metrics
+  shuffle_rng: np.random.Generator  # orders the rows into minibatches
+  experience: object  # the iteration's (first) Experience, for describe()
+
+
+class Algorithm(Protocol):
+  """An online algorithm as the loop sees it (rlhf_jax/rl/algorithms/)."""
+
+  progress_keys: tuple[str, ...]  # logged values shown on the progress line
+
+  def collect(self, it: int, params) -> Iteration:
+    """Iteration `it`'s training rows from the current params (sample, score, advantages)."""
+
+  def extend_minibatch(self, minibatch: dict) -> dict:
+    """A minibatch as the train step gets it (e.g. PPO-ptx adds a pretraining batch)."""
+
+  def finish_iteration(self, values: dict) -> dict:
+    """Derived values from the iteration's logged ones; updates carried state (adaptive
+    KL). Returns the values to log."""
+
+  def state_dict(self) -> dict:
+    """What the algorithm carries between iterations (saved with every checkpoint)."""
+
+  def load_state_dict(self, data: dict) -> None:
+    """Restores state_dict() from a checkpoint."""
+
+
+def train_on_rollout(train_step, state, batch: dict, rng: np.random.Generator, mesh, *,
+                     epochs: int, num_minibatches: int, extend=lambda b: b):
+  """`epochs` passes over the rollout's rows, each in `num_minibatches` shuffled minibatches.
+  Returns (state, the last step's metrics)."""
+  rows = len(next(iter(batch.values())))
+  if rows % num_minibatches:
+    raise ValueError(f"{rows} rollout rows do not split into {num_minibatches} minibatches")
+  mb = rows // num_minibatches
+  for _ in range(epochs):
+    perm = rng.permutation(rows)
+    for j in range(num_minibatches):
+      idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
+      minibatch = extend({k: v[idx] for k, v in batch.items()})
+      state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
+  return state, metrics
+
+
+def resume(workdir: str, state, *, save_every: int, keep: int):
+  """(manager, logger, state, data): data is the latest checkpoint's extra data with the state
+  restored into `state`'s shapes and shardings; None (and `state` as given) for a fresh run."""
+  manager = checkpoint.make_manager(workdir, save_every=save_every, max_to_keep=keep)
+  logger = MetricsLogger(workdir)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is None:
+    return manager, logger, state, None
+  return manager, logger, *restored
+
+
+def _floats(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
+        evaluate: Callable[[object], dict], config: dict | None = None,
+        describe: Callable[[Experience], dict] | None = None,
+        initial_point: dict | None = None):
+  """Trains `state` (a TrainState) for cfg.iterations; returns (state, curve).
+
+  evaluate(params) -> dict is the held-out evaluation (run before training, at every
+  eval_every and at the end; its points make the curve). describe(experience) -> dict adds
+  world-specific metrics of an iteration's rollout to the log (optional). config is written
+  to <workdir>/config.json. initial_point: the evaluation of the initial params when the
+  caller has it already (it is then not evaluated again on a fresh run)."""
+  if config is not None:
+    write_config(cfg.workdir, config)
+  manager, logger, state, data = resume(cfg.workdir, state, save_every=cfg.save_every,
+                                        keep=cfg.keep_checkpoints)
+  curve, start = [], 0
+  if data is not None:
+    curve, start = data["curve"], int(manager.latest_step())
+    algorithm.load_state_dict(data["algorithm"])
+    print(f"resumed from iteration {start}")
+  if start == 0:
+    t0 = time.perf_counter()
+    curve.append({"iteration": 0, **(initial_point or evaluate(state.params))})
+    print(f"[eval before training] {time.perf_counter() - t0:.1f}s")
+    logger.log(0, curve[-1], split="eval")
+
+  t_loop = time.perf_counter()
+  with CompileCounter() as counter:
+    for it in range(start, cfg.iterations):
+      counter.reset()  # compiles per iteration are logged: after the first there should be none
+      batch, stats, rng, exp = algorithm.collect(it, state.params)
+      state, metrics = train_on_rollout(train_step, state, batch, rng, mesh, epochs=cfg.epochs,
+                                        num_minibatches=cfg.num_minibatches,
+                                        extend=algorithm.extend_minibatch)
+      values = {**_floats(stats), **_floats(metrics)}
+      if describe is not None:
+        values.update(describe(exp))
+      values = algorithm.finish_iteration(values)
+      values["compiles"] = float(counter.count)
+      done = it + 1
+      logger.log(done, values)
+      if done % cfg.log_every == 0 or done == cfg.iterations:
+        rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
+        print(format_progress(done, cfg.iterations, values["loss"], rate, None)
+              + "".join(f" | {k} {values[k]:.3f}" for k in algorithm.progress_keys
+                        if k in values) + f" | compiles {counter.count}")
+      if done % cfg.eval_every == 0 or done == cfg.iterations:
+        curve.append({"iteration": done, **evaluate(state.params)})
+        logger.log(done, curve[-1], split="eval")
+      if manager.should_save(done) or done == cfg.iterations:
+        checkpoint.save(manager, done, state,
+                        {"curve": curve, "algorithm": algorithm.state_dict()},
+                        force=done == cfg.iterations)
+  manager.wait_until_finished()
+  manager.close()
+  logger.close()
+  return state, curve
+
+
+def make_trainer(loss_fn, params, param_shardings, batch_keys, mesh, *,
+                 optim_cfg: optim.OptimConfig, num_microbatches: int, seed: int):
+  """(TrainState born sharded, the train step compiled once with shardings and donation) for
+  an online algorithm's loss_fn over batches with `batch_keys` (rows sharded over the data
+  axes). params are donated to the state: pass a copy of anything you keep (the reference)."""
+  optimizer = optim.make_optimizer(optim_cfg)
+  state = state_lib.init_train_state(params, optimizer, jax.random.key(seed),
+                                     param_shardings=param_shardings)
+  train_step = step_lib.compile_train_step(
+      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=num_microbatches,
+                               lr_schedule=optim.make_schedule(optim_cfg)),
+      state_lib.state_shardings(optimizer, params, param_shardings),
+      {k: sharding.batch_sharding(mesh) for k in batch_keys})
+  return state, train_step

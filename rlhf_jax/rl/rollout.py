@@ -1,0 +1,176 @@
+"""The engine's rollout stage: prompts -> samples (a prompt's prefix once per group) -> the
+per-token quantities every online algorithm trains on, in ONE compiled function per shape.
+
+Layout of every BxT array: T = P + N, the LEFT-padded prompt (P slots) followed by the
+RIGHT-padded response (N = max_new_tokens slots), so response token j sits at column P + j
+and the response block is contiguous. Rows are prompt-major: row i * G + j is sample j of
+prompt i (G = group_size). Alignment (the project's log-prob convention):
+  logps_BxT[:, t]  = log pi(tokens[:, t] | tokens[:, <t])
+  values_BxT[:, t] = V(s_t), s_t = tokens[:, <t], the state BEFORE token t is chosen: the
+                     value head's output at column t - 1 (column 0 gets 0, never a target)
+  mask_BxT         = 1 on response tokens (EOS included), 0 on prompt and padding.
+bootstrap_values_B = V(state after the last response token): GAE bootstraps truncated rows
+from it. The reference forward and the value head are traced only when asked for, so an
+algorithm without them (GRPO at kl_coef 0) compiles neither.
+"""
+import dataclasses
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.data import pipeline
+from rlhf_jax.data.tokenizer import ByteTokenizer, Tokenizer
+from rlhf_jax.logprobs import shifted_entropy, shifted_logps
+from rlhf_jax.models.transformer import last_valid_index
+from rlhf_jax.sampling import SamplingConfig, sample, sample_groups
+
+
+class Rollout(NamedTuple):
+  tokens_BxT: jax.Array  # int32 prompt (left-padded) + response (right-padded)
+  valid_BxT: jax.Array  # bool, real tokens (prompt or response)
+  mask_BxT: jax.Array  # float32, response tokens
+  old_logps_BxT: jax.Array  # sampling policy, training forward, 0 off the mask
+  ref_logps_BxT: Optional[jax.Array]  # reference policy, 0 off the mask; None without one
+  values_BxT: Optional[jax.Array]  # V(s_t) (module docstring), 0 off the mask; None without
+  bootstrap_values_B: Optional[jax.Array]  # V(state after the last response token)
+  truncated_B: jax.Array  # bool, no EOS within max_new_tokens
+  sampler_logps_BxN: jax.Array  # the sampler's own log-probs (response slots)
+
+
+@dataclasses.dataclass
+class Experience:
+  """A rollout with its host-side text: prompts and responses per row (EOS and padding
+  stripped), the rewards a scorer gave them (None until scored), and whatever else an
+  algorithm produced beside it (extras: Nash-MD's opponents and judged pairs)."""
+  rollout: Rollout
+  prompts: list[str]
+  responses: list[str]
+  group_size: int
+  rewards_B: Optional[object] = None
+  extras: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def rows(self) -> int:
+    return len(self.responses)
+
+
+def shift_values(head_BxT):
+  """Value-head outputs (column t sees tokens <= t) -> V(s_t) at column t (0 at t = 0)."""
+  return jnp.pad(head_BxT[:, :-1], ((0, 0), (1, 0)))
+
+
+def policy_forward(graphdef, params, tokens_BxT, valid_BxT, temperature: float):
+  """(shifted logps BxT, shifted entropy BxT) under softmax(logits / temperature)."""
+  logits = nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT).logits_BxTxV
+  logits = logits.astype(jnp.float32) / temperature
+  return shifted_logps(logits, tokens_BxT), shifted_entropy(logits)
+
+
+def encode_prompts(prompts: Sequence[str], prompt_len: int,
+                   tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompt tokens and validity [B, prompt_len] (bos + prompt)."""
+  tok = tokenizer or ByteTokenizer()
+  rows = [pipeline.prompt_example(p, "", tok, prompt_len) for p in prompts]
+  return (np.stack([r["prompt_tokens"] for r in rows]),
+          np.stack([r["prompt_valid"] for r in rows]))
+
+
+def decode_responses(tokens_BxN, mask_BxN, tokenizer: Tokenizer | None = None) -> list[str]:
+  """Response texts of sampled rows: masked-in tokens, EOS dropped."""
+  tok = tokenizer or ByteTokenizer()
+  tokens, mask = jax.device_get((tokens_BxN, mask_BxN))
+  return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
+
+
+def check_sampling_matches_training(cfg: SamplingConfig) -> None:
+  """Importance ratios need the training forward to reproduce the sampling distribution."""
+  if cfg.greedy or cfg.top_k or cfg.top_p < 1.0:
+    raise ValueError("an online algorithm's ratio needs the training forward to reproduce the "
+                     "sampling distribution: use temperature sampling without "
+                     "top-k/top-p/greedy")
+
+
+def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size: int = 1,
+                    with_ref: bool = True, value_graphdef=None):
+  """Returns jitted rollout(policy_params, ref_params, value_params, prompt_tokens_BxP,
+  prompt_valid_BxP, key) -> Rollout of B * group_size rows.
+
+  group_size > 1 samples G responses per prompt from one prefill of the prompt
+  (sampling.sample_groups). The reference shares the policy's graphdef; with_ref=False
+  needs ref_params None and traces no reference forward; value_graphdef None needs
+  value_params None and traces no value head. Log-probs use the sampling temperature."""
+  check_sampling_matches_training(sampling_cfg)
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
+  temp = sampling_cfg.temperature
+
+  @jax.jit
+  def rollout(policy_params, ref_params, value_params, prompt_tokens_BxP, prompt_valid_BxP,
+              key) -> Rollout:
+    if (ref_params is None) == with_ref:
+      raise ValueError(f"with_ref={with_ref} but ref_params is "
+                       f"{'None' if ref_params is None else 'given'}")
+    if (value_params is None) != (value_graphdef is None):
+      raise ValueError("value_params and value_graphdef come together")
+    if group_size == 1:
+      out = sample(policy_graphdef, policy_params, prompt_tokens_BxP, prompt_valid_BxP, key,
+                   cfg=sampling_cfg)
+    else:
+      out = sample_groups(policy_graphdef, policy_params, prompt_tokens_BxP, prompt_valid_BxP,
+                          key, cfg=sampling_cfg, group_size=group_size)
+    repeat = lambda x: jnp.repeat(x, group_size, axis=0) if group_size > 1 else x
+    prompt_valid = repeat(prompt_valid_BxP.astype(bool))
+    tokens = jnp.concatenate([repeat(prompt_tokens_BxP.astype(jnp.int32)), out.tokens_BxN], 1)
+    response = out.mask_BxN.astype(bool)
+    valid = jnp.concatenate([prompt_valid, response], axis=1)
+    mask = jnp.concatenate([jnp.zeros_like(prompt_valid), response], 1).astype(jnp.float32)
+    old_logps, _ = policy_forward(policy_graphdef, policy_params, tokens, valid, temp)
+    ref_logps = values = boot = None
+    if with_ref:
+      ref_logps = policy_forward(policy_graphdef, ref_params, tokens, valid, temp)[0] * mask
+    if value_graphdef is not None:
+      head = nnx.merge(value_graphdef, value_params)(tokens, valid_BxT=valid)
+      boot = jnp.take_along_axis(head, last_valid_index(valid)[:, None], axis=1)[:, 0]
+      values = shift_values(head) * mask
+    return Rollout(tokens, valid, mask, old_logps * mask, ref_logps, values, boot,
+                   ~out.finished_B, out.logps_BxN)
+
+  return rollout
+
+
+@dataclasses.dataclass
+class RolloutStage:
+  """The compiled rollout with its prompt encoding and response decoding: experience(...)
+  turns prompt texts into an Experience. One compile per (prompts, prompt_len) shape."""
+  policy_graphdef: object
+  sampling: SamplingConfig
+  prompt_len: int
+  group_size: int = 1
+  with_ref: bool = True
+  value_graphdef: object = None
+  tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
+
+  def __post_init__(self):
+    self._fn = make_rollout_fn(self.policy_graphdef, self.sampling, group_size=self.group_size,
+                               with_ref=self.with_ref, value_graphdef=self.value_graphdef)
+
+  def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],
+                 key) -> Experience:
+    """G samples of each prompt; prompts are given once per group."""
+    toks, valid = encode_prompts(prompts, self.prompt_len, self.tokenizer)
+    ro = self._fn(policy_params, ref_params if self.with_ref else None, value_params, toks,
+                  valid, key)
+    p = self.prompt_len
+    responses = decode_responses(ro.tokens_BxT[:, p:], ro.mask_BxT[:, p:], self.tokenizer)
+    rows = [q for q in prompts for _ in range(self.group_size)]
+    return Experience(ro, rows, responses, self.group_size)
+
+
+def sequence_kl(rollout: Rollout) -> np.ndarray:
+  """Per-row sum_t (log pi_old - log pi_ref) over the response: the k1 estimate of
+  KL(pi || ref) of each sequence (host float)."""
+  mask = np.asarray(rollout.mask_BxT)
+  return np.sum(np.asarray(rollout.old_logps_BxT - rollout.ref_logps_BxT) * mask, 1)

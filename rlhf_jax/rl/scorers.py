@@ -1,0 +1,84 @@
+"""Scorers: what an online algorithm's responses are worth. A scorer maps an Experience (the
+rollout's arrays and its decoded text) to one reward per row, rewards_B:
+
+  RewardModelScorer   a learned reward model or an ensemble of them (mean / WCO / UWO over
+                      members, each normalised by its SFT-sample statistics first)
+  VerifierScorer      a rule on the text: 1.0 if verify(response, answer) else 0.0 (RLVR)
+  Penalised           another scorer minus length and truncation terms
+
+Pairwise judges answer a different question, P(y > y' | x), for algorithms that compare two
+responses (Nash-MD): any callable (prompts, ys_a, ys_b) -> float32 [B], a learned pairwise
+preference model or the simulated raters' exact probability. Per-token KL to the reference
+is not a scorer's business: the algorithm folds it in where its objective puts it (PPO's
+token rewards, GRPO's k3 term).
+"""
+import dataclasses
+from typing import Callable, Mapping, Protocol, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.rl.rollout import Experience
+from rlhf_jax.train import reward
+
+
+class Scorer(Protocol):
+  def __call__(self, exp: Experience):
+    """rewards_B (float32, host or device) of the experience's rows."""
+
+
+class PairwiseJudge(Protocol):
+  def __call__(self, prompts: Sequence[str], ys_a: Sequence[str],
+               ys_b: Sequence[str]) -> np.ndarray:
+    """P(y_a > y_b | prompt) per pair, float32 [B]."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelScorer:
+  """E reward models sharing one graphdef score each row's prompt + response at its last real
+  token; scores normalised by (norm_mean_E, norm_std_E) and aggregated by `aggregate`."""
+  graphdef: object
+  params: Sequence[object]
+  aggregate: str = "mean"
+  uwo_coef: float = 0.0
+  norm_mean: object = None
+  norm_std: object = None
+
+  def __call__(self, exp: Experience):
+    stats = None if self.norm_mean is None else (self.norm_mean, self.norm_std)
+    return reward.ensemble_scores(self.graphdef, self.params, exp.rollout.tokens_BxT,
+                                  exp.rollout.valid_BxT, aggregate=self.aggregate,
+                                  uwo_coef=self.uwo_coef, norm_stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifierScorer:
+  """1.0 where verify(response, answers[prompt]) holds, else 0.0 (float32)."""
+  verify: Callable[[str, str], bool]
+  answers: Mapping[str, str]
+
+  def __call__(self, exp: Experience) -> np.ndarray:
+    return np.array([self.verify(y, self.answers[p]) for p, y in
+                     zip(exp.prompts, exp.responses)], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalised:
+  """scorer(exp) - truncation_penalty * [no EOS within max_new_tokens]
+  - length_coef * (response tokens): the terms that keep a policy from rambling."""
+  scorer: Scorer
+  truncation_penalty: float = 0.0
+  length_coef: float = 0.0
+
+  def __post_init__(self):
+    if self.truncation_penalty < 0 or self.length_coef < 0:
+      raise ValueError(f"truncation_penalty ({self.truncation_penalty}) and length_coef "
+                       f"({self.length_coef}) must be >= 0")
+
+  def __call__(self, exp: Experience):
+    r = jnp.asarray(self.scorer(exp), jnp.float32)
+    if self.truncation_penalty:
+      r = r - self.truncation_penalty * exp.rollout.truncated_B.astype(jnp.float32)
+    if self.length_coef:
+      r = r - self.length_coef * jnp.sum(exp.rollout.mask_BxT, axis=1)
+    return r
