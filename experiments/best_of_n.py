@@ -44,8 +44,9 @@ import time
 import jax
 import numpy as np
 
-from experiments import cli, comparisons, lm, plots, reward as reward_exp, worlds
+from experiments import cli, lm, plots, reward as reward_exp, worlds
 from rlhf_jax.losses import diagnostics
+from rlhf_jax.rl import comparisons
 from rlhf_jax.train import reward
 from rlhf_jax.train.logging import MetricsLogger, write_config
 from rlhf_jax.worlds import gold
@@ -162,7 +163,7 @@ def run(cfg: BestOfNConfig) -> dict:
   t0 = time.perf_counter()
   proxy = reward_exp.proxy_scores(rms, samples, cfg)
   wall["scoring_s"] = time.perf_counter() - t0
-  gold_NxK = samples.ground_truth_NxK("gold")
+  gold_NxK = samples.ground_truth_NxK(gold.ground_truth)
   words = np.array([[gold.facets(p, y)["words"] for y in ys]
                     for p, ys in zip(samples.prompts, samples.responses)], np.float64)
   per_n = [per_n_row(n, proxy, gold_NxK, words) for n in cfg.n_values]

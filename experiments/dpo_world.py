@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import comparisons, lm, reward, sft, worlds
+from experiments import lm, reward, sft, worlds
 from experiments.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                              train_pairs, with_reference)
 from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.rl import comparisons
 from rlhf_jax.train import preference
 
 
@@ -42,7 +43,7 @@ def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[d
       graphdef, params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
       prompt_len=worlds.world_prompt_len(cfg), max_new_tokens=worlds.max_new_tokens(cfg),
       temperature=1.0, key=jax.random.key(cfg.seed))
-  gold_NxK = samples.ground_truth_NxK(cfg.world)
+  gold_NxK = samples.ground_truth_NxK(worlds.module(cfg.world).ground_truth)
   raters_ = worlds.make_raters(cfg, samples.prompts, samples.responses)
   ranking = raters_.rank(samples.prompts, samples.responses, rng)
   rows = np.arange(len(ranking))

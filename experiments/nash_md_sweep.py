@@ -43,8 +43,8 @@ import numpy as np
 from experiments import cli, lm, nash_md, plots, ppo, reward as reward_exp, worlds
 from experiments.sweeps import aggregate, parse_seeds
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.rl.rollout import RolloutStage
+from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.worlds import intransitive
 
 METHODS = ("nash_md", "nash_md_raters", "bt_ppo")

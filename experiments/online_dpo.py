@@ -33,17 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, comparisons, lm, plots, reward as reward_exp, sft, worlds
+from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
 from rlhf_jax import sharding
-from rlhf_jax.compile_count import CompileCounter
-from rlhf_jax.train import checkpoint, optim, preference, reward
-from rlhf_jax.train import state as state_lib, step as step_lib
-from rlhf_jax.train.logging import format_progress, write_config
+from rlhf_jax.rl import comparisons, loop as rl_loop
+from rlhf_jax.rl.algorithms import online_dpo
+from rlhf_jax.train import checkpoint, preference, reward
 from rlhf_jax.worlds import gold, raters
 
 LABELERS = ("reward_model", "raters")
-PAIR_KEYS = ("chosen_tokens", "chosen_valid", "chosen_mask", "rejected_tokens",
-             "rejected_valid", "rejected_mask", "example_valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,45 +99,23 @@ def check_lengths(cfg: OnlineDPOConfig, prompt_len: int, max_new: int) -> None:
                      f"+ --max_new_tokens ({max_new}) + eos; raise --seq_len")
 
 
-@dataclasses.dataclass
-class Sampler:
-  """K samples per prompt of any policy, always in batches of --eval_batch_size prompt rows
-  of the same prompt_len: training samples and every held-out evaluation share one compiled
-  sampler per temperature."""
-  graphdef: object
-  batch_size: int
-  prompt_len: int
-  max_new: int
-
-  def __call__(self, params, prompts, *, k: int, temperature: float, key):
-    return comparisons.sample_k(self.graphdef, params, prompts, k=k,
-                                batch_size=self.batch_size, prompt_len=self.prompt_len,
-                                max_new_tokens=self.max_new, temperature=temperature, key=key)
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Held-out gold of GOLD_EVAL_SAMPLES temperature-1 samples per test prompt. The key is
-  fixed, so two policies answer the same prompts in the same order (paired win rates)."""
-  sampler: Sampler
-  prompts: list[str]
-  key: jax.Array
-
-  def __call__(self, params) -> tuple[dict, list[float]]:
-    s = self.sampler(params, self.prompts, k=worlds.GOLD_EVAL_SAMPLES, temperature=1.0,
-                     key=self.key)
-    ps = [p for p in s.prompts for _ in range(s.k)]
-    ys = [y for row in s.responses for y in row]
-    return worlds.summary("gold", ps, ys), s.ground_truth_NxK("gold").ravel().tolist()
-
-
-def choose(cfg: OnlineDPOConfig, proxy_Nx2: np.ndarray, gold_Nx2: np.ndarray,
-           rater_temperature: float, rng: np.random.Generator) -> np.ndarray:
-  """Index (0 or 1) of the chosen response of each pair, by --labeler."""
-  if cfg.labeler == "reward_model":
-    return (proxy_Nx2[:, 1] > proxy_Nx2[:, 0]).astype(int)
-  prefers_first = raters.pairwise_labels(gold_Nx2[:, 0], gold_Nx2[:, 1], rater_temperature, rng)
-  return np.where(prefers_first, 0, 1)
+def labeler(cfg: OnlineDPOConfig, rms, rater_temperature: float):
+  """label(samples, rng) -> (chosen_N, stats): --labeler picks each pair's better response;
+  stats: its agreement with gold, the gold and proxy reward and length of the samples."""
+  def label(samples, rng):
+    gold_Nx2 = samples.ground_truth_NxK(gold.ground_truth)
+    proxy_Nx2 = reward_exp.proxy_scores(rms, samples, cfg)
+    if cfg.labeler == "reward_model":
+      chosen = (proxy_Nx2[:, 1] > proxy_Nx2[:, 0]).astype(int)
+    else:
+      first = raters.pairwise_labels(gold_Nx2[:, 0], gold_Nx2[:, 1], rater_temperature, rng)
+      chosen = np.where(first, 0, 1)
+    return chosen, {"label_agreement": label_agreement(gold_Nx2, chosen),
+                    "sample_gold": float(gold_Nx2.mean()),
+                    "sample_proxy": float(proxy_Nx2.mean()),
+                    "sample_words": float(np.mean([len(y.split()) for ys in samples.responses
+                                                   for y in ys]))}
+  return label
 
 
 def label_agreement(gold_Nx2: np.ndarray, chosen_N: np.ndarray) -> float:
@@ -150,34 +125,18 @@ def label_agreement(gold_Nx2: np.ndarray, chosen_N: np.ndarray) -> float:
   return float(np.mean(diff[diff != 0] > 0)) if np.any(diff != 0) else float("nan")
 
 
-def pair_batch(samples: comparisons.Samples, chosen_N: np.ndarray, seq_len: int) -> dict:
-  rows = np.arange(len(chosen_N))
-  pick = lambda side: [samples.responses[n][side[n]] for n in rows]
-  return comparisons.sampled_pairs(samples.prompts, pick(chosen_N), pick(1 - chosen_N),
-                                   samples.finished[rows, chosen_N],
-                                   samples.finished[rows, 1 - chosen_N], seq_len)
+def gold_eval(cfg: OnlineDPOConfig, sample, prompts):
+  """evaluate(params) -> (held-out summary, gold of every sample): GOLD_EVAL_SAMPLES
+  temperature-1 samples per test prompt with a fixed key, so two policies answer the same
+  prompts in the same order (paired win rates)."""
+  key = jax.random.key(cfg.seed + 1)
 
-
-def reference_logps(ref_fn, ref_params, batch: dict, batch_size: int, mesh) -> dict:
-  """The frozen reference's log-probs of every pair of a round, in --batch_size chunks (the
-  last one filled with copies of the first rows, whose outputs are dropped)."""
-  n = len(batch["example_valid"])
-  padded = {k: np.concatenate([v, np.repeat(v[:1], -n % batch_size, 0)])
-            for k, v in batch.items()}
-  outs = [jax.device_get(ref_fn(ref_params, sharding.shard_batch(
-      {k: v[i:i + batch_size] for k, v in padded.items()}, mesh)))
-      for i in range(0, n + (-n % batch_size), batch_size)]
-  return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
-
-
-def step_batches(batch: dict, steps: int, batch_size: int, rng: np.random.Generator):
-  """`steps` batches of `batch_size` pairs: fresh shuffles of the round's pairs, back to back
-  (every pair is seen equally often, up to one pass), so each step has the same shape."""
-  n = len(batch["example_valid"])
-  order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch_size // n))])
-  for j in range(steps):
-    idx = order[j * batch_size:(j + 1) * batch_size]
-    yield {k: v[idx] for k, v in batch.items()}
+  def evaluate(params):
+    s = sample(params, prompts, k=worlds.GOLD_EVAL_SAMPLES, temperature=1.0, key=key)
+    ps = [p for p in s.prompts for _ in range(s.k)]
+    ys = [y for row in s.responses for y in row]
+    return worlds.summary("gold", ps, ys), s.ground_truth_NxK(gold.ground_truth).ravel().tolist()
+  return evaluate
 
 
 def run(cfg: OnlineDPOConfig) -> dict:
@@ -191,125 +150,63 @@ def run(cfg: OnlineDPOConfig) -> dict:
   t0 = time.perf_counter()
   rm_dir = reward_exp.ensure_reward(cfg, rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
-  with open(os.path.join(rm_dir, reward_exp.MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = reward_exp.read_manifest(rm_dir)
   # The SFT stage the reward models were trained on, from their manifest: recomputing its
   # key here would rebuild it if any code changed while the reward stage was being built.
   sft_dir, rater_temperature = manifest["sft_workdir"], manifest["rater_temperature"]
-  scfg = reward_exp.sft_config(rcfg)
   mesh = lm.setup(cfg)
   world = cfg.world_config()
   split = gold.split_prompts(world)
-  test_prompts = split["test"][:min(cfg.eval_prompts, world.num_test)]
-
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   rms = reward_exp.load_reward_models(rcfg, mesh, rm_dir, sft_params)
 
-  # Reference log-probs are precomputed once per round (not in-step with ref_params): each
-  # pair is visited steps_per_round * batch_size / prompts_per_round times, so the reference
-  # forward is paid once per pair instead of once per visit, and the step holds one model.
+  def sample(params, prompts, *, k, temperature, key):  # one compiled sampler per temperature
+    return comparisons.sample_k(g, params, prompts, k=k, batch_size=cfg.eval_batch_size,
+                                prompt_len=prompt_len, max_new_tokens=max_new,
+                                temperature=temperature, key=key)
   ref_fn = jax.jit(preference.reference_logps_fn(g),
                    in_shardings=(shardings, {k: sharding.batch_sharding(mesh)
-                                             for k in PAIR_KEYS}),
+                                             for k in online_dpo.PAIR_KEYS}),
                    out_shardings=sharding.batch_sharding(mesh))
+  algorithm = online_dpo.OnlineDPO(
+      lambda p, prompts, key: sample(p, prompts, k=2, temperature=cfg.sample_temperature,
+                                     key=key),
+      labeler(cfg, rms, rater_temperature), ref_fn, sft_params, split["train"],
+      cfg.prompts_per_round, cfg.steps_per_round, cfg.batch_size, cfg.seq_len, cfg.seed, mesh)
   loss_fn = preference.preference_loss_fn(g, loss=cfg.loss, beta=cfg.beta,
                                           label_smoothing=cfg.label_smoothing,
                                           ipo_tau=cfg.ipo_tau)
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.total_steps,
-                           warmup_steps=min(cfg.warmup_steps, cfg.total_steps - 1),
-                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-  optimizer = optim.make_optimizer(ocfg)
-  # The train state is donated: it gets a copy, sft_params stay the frozen reference.
-  state = state_lib.init_train_state(jax.tree.map(jnp.copy, sft_params), optimizer,
-                                     jax.random.key(cfg.seed), param_shardings=shardings)
-  batch_shardings = {k: sharding.batch_sharding(mesh)
-                     for k in (*PAIR_KEYS, "ref_chosen_logps", "ref_rejected_logps")}
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                               lr_schedule=optim.make_schedule(ocfg)),
-      state_lib.state_shardings(optimizer, sft_params, shardings), batch_shardings)
-  sampler = Sampler(g, cfg.eval_batch_size, prompt_len, max_new)
-  evaluator = Evaluator(sampler, test_prompts, jax.random.key(cfg.seed + 1))
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints)
+  state, train_step = rl_loop.make_trainer(
+      loss_fn, jax.tree.map(jnp.copy, sft_params), shardings, online_dpo.BATCH_KEYS, mesh,
+      optim_cfg=lm.optim_config(cfg, cfg.total_steps), num_microbatches=cfg.num_microbatches,
+      seed=cfg.seed)
+  evaluate = gold_eval(cfg, sample, split["test"][:min(cfg.eval_prompts, world.num_test)])
+  sft_summary, sft_gold = lm.timed("eval SFT", evaluate, sft_params)
+  last = {}
 
-  write_config(cfg.workdir, cli.to_dict(cfg))
-  manager, logger, state, data = lm.resume_run(cfg, state, save_every=1)
-  if data is not None:
-    print(f"resumed from round {data['round']}")
-  else:
-    summary, sft_gold = lm.timed("eval SFT", evaluator, sft_params)
-    data = {"round": 0, "curve": [{"round": 0, **summary}],
-            "gold": {"sft": sft_gold, "policy": sft_gold}}
-    logger.log(0, summary, split="eval")
+  def evaluate_summary(params):
+    last["summary"], last["gold"] = evaluate(params)
+    return last["summary"]
 
-  t_loop, start = time.perf_counter(), data["round"]
-  with CompileCounter() as counter:
-    for r in range(start + 1, cfg.rounds + 1):
-      counter.reset()  # compiles per round are logged: after the first there should be none
-      state, values = train_round(cfg, r, state, sampler, rms, rater_temperature, ref_fn,
-                                  sft_params, train_step, split["train"], mesh)
-      summary, policy_gold = evaluator(state.params)
-      values["compiles"] = float(counter.count)
-      logger.log(r, values)
-      logger.log(r, summary, split="eval")
-      data = {"round": r, "curve": [*data["curve"], {"round": r, **summary}],
-              "gold": {"sft": data["gold"]["sft"], "policy": policy_gold}}
-      checkpoint.save(manager, r, state, data, force=True)
-      rate = (r - start) * cfg.steps_per_round / (time.perf_counter() - t_loop)
-      print(f"round {r}/{cfg.rounds} | "
-            + format_progress(r * cfg.steps_per_round, cfg.total_steps, values["loss"], rate,
-                              None)
-            + f" | agree {values['label_agreement']:.2f} | sample gold "
-            f"{values['sample_gold']:.2f} | held-out gold {summary['gold']:.3f}"
-            f" +- {summary['gold_se']:.3f} | compiles {counter.count}")
-  manager.wait_until_finished()
-  logger.close()
+  t_loop = time.perf_counter()
+  state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step, mesh=mesh,
+                             evaluate=evaluate_summary, config=cli.to_dict(cfg),
+                             initial_point=sft_summary)
   wall["online_dpo_s"] = time.perf_counter() - t_loop
-
-  result = report(cfg, data, wall, rm_dir, scfg, mesh, g, sft_params, shardings, evaluator)
-  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
-  manager.close()
-  return result
-
-
-def train_round(cfg: OnlineDPOConfig, r: int, state, sampler: Sampler, rms, rater_temperature,
-                ref_fn, ref_params, train_step, train_prompts, mesh):
-  """One round: sample pairs from the current policy, label them, take the DPO steps.
-  Every draw depends on (seed, round) only, so a resumed run repeats it exactly."""
-  rng = np.random.default_rng((cfg.seed, r))
-  prompts = list(rng.choice(train_prompts, cfg.prompts_per_round))
-  samples = sampler(state.params, prompts, k=2, temperature=cfg.sample_temperature,
-                    key=jax.random.fold_in(jax.random.key(cfg.seed), r))
-  gold_Nx2, proxy_Nx2 = samples.ground_truth_NxK("gold"), reward_exp.proxy_scores(rms, samples, cfg)
-  chosen = choose(cfg, proxy_Nx2, gold_Nx2, rater_temperature, rng)
-  batch = pair_batch(samples, chosen, cfg.seq_len)
-  batch.update(reference_logps(ref_fn, ref_params, batch, cfg.batch_size, mesh))
-  metrics = []
-  for b in step_batches(batch, cfg.steps_per_round, cfg.batch_size, rng):
-    state, m = train_step(state, sharding.shard_batch(b, mesh))
-    metrics.append(m)
-  metrics = jax.device_get(metrics)
-  values = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-  values["learning_rate"] = float(metrics[-1]["learning_rate"])
-  values.update(label_agreement=label_agreement(gold_Nx2, chosen),
-                sample_gold=float(gold_Nx2.mean()), sample_proxy=float(proxy_Nx2.mean()),
-                sample_words=float(np.mean([len(y.split()) for ys in samples.responses
-                                            for y in ys])))
-  return state, values
-
-
-def report(cfg: OnlineDPOConfig, data: dict, wall: dict, rm_dir: str, scfg, mesh, g,
-           sft_params, shardings, evaluator: Evaluator) -> dict:
-  """The end table (win rates on paired held-out samples), result.json and the figure."""
+  if "gold" not in last:  # a finished run resumed: no round ran, evaluate the final policy
+    evaluate_summary(state.params)
   rng = np.random.default_rng(cfg.seed)
-  curve, golds = data["curve"], data["gold"]
   table = {"sft": curve[0],
-           "online_dpo": {**curve[-1], **worlds.win_rate(golds["policy"], golds["sft"], rng)}}
+           "online_dpo": {**curve[-1], **worlds.win_rate(last["gold"], sft_gold, rng)}}
   if cfg.matched_sft:
-    matched = sft.continued_sft(scfg, os.path.join(cfg.workdir, "matched_sft"),
-                                cfg.total_steps, mesh, g, sft_params, shardings)
-    summary, matched_gold = evaluator(matched)
-    table["sft_matched"] = {**summary, **worlds.win_rate(matched_gold, golds["sft"], rng)}
-    table["online_dpo"]["vs_matched"] = worlds.win_rate(golds["policy"], matched_gold, rng)
+    matched = sft.continued_sft(reward_exp.sft_config(rcfg),
+                                os.path.join(cfg.workdir, "matched_sft"), cfg.total_steps, mesh,
+                                g, sft_params, shardings)
+    summary, matched_gold = evaluate(matched)
+    table["sft_matched"] = {**summary, **worlds.win_rate(matched_gold, sft_gold, rng)}
+    table["online_dpo"]["vs_matched"] = worlds.win_rate(last["gold"], matched_gold, rng)
+  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   result = {"table": table, "curve": curve, "labeler": cfg.labeler, "loss": cfg.loss,
             "optimizer_steps": cfg.total_steps, "wall": wall, "reward_workdir": rm_dir}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
@@ -317,7 +214,8 @@ def report(cfg: OnlineDPOConfig, data: dict, wall: dict, rm_dir: str, scfg, mesh
   baselines = {"SFT": curve[0]["gold"]}
   if "sft_matched" in table:
     baselines["SFT, matched compute"] = table["sft_matched"]["gold"]
-  plots.curve_with_se(curve, "round", "gold", os.path.join(cfg.workdir, "online_dpo_gold.png"),
+  plots.curve_with_se(curve, "iteration", "gold",
+                      os.path.join(cfg.workdir, "online_dpo_gold.png"),
                       title=f"online {cfg.loss}, labeler {cfg.labeler}", xlabel="round",
                       ylabel="held-out gold reward", baselines=baselines)
   print(format_table(table))

@@ -34,10 +34,11 @@ import random
 import jax
 import numpy as np
 
-from experiments import cli, comparisons, lm, reward as reward_exp, worlds
+from experiments import cli, lm, reward as reward_exp, worlds
 from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.rl import comparisons
 from rlhf_jax.train import checkpoint, pairwise
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config

@@ -157,10 +157,8 @@ def run(cfg: PPOConfig) -> dict:
   sampling = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
   stage = RolloutStage(g, sampling, worlds.world_prompt_len(cfg), value_graphdef=rms.graphdef)
-  scorer = scorers.Penalised(
-      scorers.RewardModelScorer(rms.graphdef, rms.params, cfg.aggregate, cfg.uwo_coef,
-                                rms.norm_mean, rms.norm_std),
-      truncation_penalty=cfg.truncation_penalty)
+  scorer = scorers.Penalised(reward_exp.scorer(rms, cfg),
+                             truncation_penalty=cfg.truncation_penalty)
   ptx_iter = None
   if cfg.ptx_coef:
     corpus = builders.load_split(lm.build_world(cfg)["pretrain"], "train")

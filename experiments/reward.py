@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, comparisons, lm, sft, stages, worlds
+from experiments import cli, lm, sft, stages, worlds
 from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.losses import bradley_terry as bt
 from rlhf_jax.models.transformer import ScalarHeadModel
+from rlhf_jax.rl import comparisons, scorers
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config
@@ -154,33 +155,16 @@ def _batches(examples: list[dict], batch_size: int):
     yield {key: np.stack([r[key] for r in chunk]) for key in chunk[0]}
 
 
-def score_samples(graphdef, params, samples: comparisons.Samples, cfg) -> np.ndarray:
-  """Reward-model scores N x K of every sampled response, in fixed-shape batches."""
-  flat_p = [p for p in samples.prompts for _ in range(samples.k)]
-  flat_y = [y for ys in samples.responses for y in ys]
-  tokens, valid = comparisons.encode_sequences(flat_p, flat_y, samples.finished.ravel(),
-                                               cfg.seq_len)
-  score = reward.score_fn(graphdef)
-  bs = cfg.eval_batch_size
-  out = []
-  for i in range(0, len(tokens), bs):
-    t, v = tokens[i:i + bs], valid[i:i + bs]
-    pad = bs - len(t)
-    t = np.concatenate([t, np.repeat(t[:1], pad, 0)]) if pad else t
-    v = np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v
-    out.append(np.asarray(score(params, t, v))[:bs - pad])
-  return np.concatenate(out).reshape(len(samples.prompts), samples.k)
-
-
 def proxy_scores(rms: "RewardModels", samples: comparisons.Samples, cfg) -> np.ndarray:
-  """Normalised, --aggregate'd proxy reward N x K of every sample (as PPO scores rollouts):
-  each member scores all samples in fixed-shape batches (one compile), then the members'
-  normalised scores are aggregated."""
-  members_ExNK = np.stack([score_samples(rms.graphdef, p, samples, cfg).ravel()
-                           for p in rms.params])
-  proxy = reward.aggregate_scores(jnp.asarray(members_ExNK), aggregate=cfg.aggregate,
-                                  uwo_coef=cfg.uwo_coef, norm_stats=(rms.norm_mean, rms.norm_std))
-  return np.asarray(proxy, np.float64).reshape(len(samples.prompts), samples.k)
+  """Normalised, --aggregate'd proxy reward N x K of every sample, as PPO scores rollouts."""
+  return scorer(rms, cfg).score_samples(samples, seq_len=cfg.seq_len,
+                                        batch_size=cfg.eval_batch_size)
+
+
+def scorer(rms: "RewardModels", cfg) -> scorers.RewardModelScorer:
+  """The reward models as the engine's scorer, aggregated by --aggregate."""
+  return scorers.RewardModelScorer(rms.graphdef, rms.params, cfg.aggregate, cfg.uwo_coef,
+                                   rms.norm_mean, rms.norm_std)
 
 
 def run(cfg: RewardConfig) -> dict:
@@ -227,8 +211,9 @@ def run(cfg: RewardConfig) -> dict:
                                eval_fn=eval_fn,
                                tokens_per_batch=cfg.batch_size * cfg.ranking_k * cfg.seq_len)
     member_dirs.append(os.path.relpath(mcfg.workdir, cfg.workdir))
-    member_scores.append(score_samples(rm_graphdef, final.params, test_s, cfg))
-    train_scores.append(score_samples(rm_graphdef, final.params, train_s, cfg))
+    kw = dict(seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
+    member_scores.append(scorers.member_scores(rm_graphdef, final.params, test_s, **kw))
+    train_scores.append(scorers.member_scores(rm_graphdef, final.params, train_s, **kw))
 
   # Normalisation statistics of each member on the SFT samples (Coste 2024): members of an
   # ensemble live on arbitrary scales; PPO and best-of-n aggregate normalised scores.
@@ -244,7 +229,7 @@ def run(cfg: RewardConfig) -> dict:
   temperature = raters_.temperature if cfg.world == "gold" else None
   result.update(rater_temperature=temperature, rater_agreement_target=cfg.rater_agreement,
                 sft_workdir=sft_dir, train_prompts=cfg.num_rankings, ranking_k=cfg.ranking_k,
-                sft_train_gold=float(train_s.ground_truth_NxK(cfg.world).mean()))
+                sft_train_gold=float(train_s.ground_truth_NxK(worlds.module(cfg.world).ground_truth).mean()))
   manifest = {"members": member_dirs, "norm_mean": np.asarray(norm_mean).tolist(),
               "norm_std": np.asarray(norm_std).tolist(), "rater_temperature": temperature,
               "sft_workdir": sft_dir, "reward_model": "bt"}

@@ -57,6 +57,11 @@ class Iteration(NamedTuple):
   stats: dict  # scalars logged beside the step's metrics
   shuffle_rng: np.random.Generator  # orders the rows into minibatches
   experience: object  # the iteration's (first) Experience, for describe()
+  # The optimizer steps' row indices; None: epochs x num_minibatches shuffles (epoch_order).
+  order: list | None = None
+  # Logged step metrics: the last step's ("last"), or the mean over the iteration's steps
+  # ("mean", with the last learning rate).
+  metrics: str = "last"
 
 
 class Algorithm(Protocol):
@@ -81,21 +86,39 @@ class Algorithm(Protocol):
     """Restores state_dict() from a checkpoint."""
 
 
-def train_on_rollout(train_step, state, batch: dict, rng: np.random.Generator, mesh, *,
-                     epochs: int, num_minibatches: int, extend=lambda b: b):
-  """`epochs` passes over the rollout's rows, each in `num_minibatches` shuffled minibatches.
-  Returns (state, the last step's metrics)."""
-  rows = len(next(iter(batch.values())))
+def epoch_order(rows: int, rng: np.random.Generator, *, epochs: int,
+                num_minibatches: int) -> list[np.ndarray]:
+  """Row indices of each optimizer step: `epochs` passes over the rows, each shuffled and cut
+  into `num_minibatches` minibatches."""
   if rows % num_minibatches:
     raise ValueError(f"{rows} rollout rows do not split into {num_minibatches} minibatches")
   mb = rows // num_minibatches
+  order = []
   for _ in range(epochs):
     perm = rng.permutation(rows)
-    for j in range(num_minibatches):
-      idx = jnp.asarray(perm[j * mb:(j + 1) * mb])
-      minibatch = extend({k: v[idx] for k, v in batch.items()})
-      state, metrics = train_step(state, sharding.shard_batch(minibatch, mesh))
+    order += [perm[j * mb:(j + 1) * mb] for j in range(num_minibatches)]
+  return order
+
+
+def train_on_rollout(train_step, state, batch: dict, order, mesh, *, extend=lambda b: b):
+  """One optimizer step per entry of `order` (row indices of the batch). Returns (state, the
+  steps' metrics, on device)."""
+  metrics = []
+  for idx in order:
+    minibatch = extend({k: v[jnp.asarray(idx)] for k, v in batch.items()})
+    state, m = train_step(state, sharding.shard_batch(minibatch, mesh))
+    metrics.append(m)
   return state, metrics
+
+
+def _step_metrics(metrics: list, how: str) -> dict:
+  if how == "last":
+    return _floats(metrics[-1])
+  host = jax.device_get(metrics)
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  if "learning_rate" in out:
+    out["learning_rate"] = float(host[-1]["learning_rate"])
+  return out
 
 
 def resume(workdir: str, state, *, save_every: int, keep: int):
@@ -145,13 +168,15 @@ def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
   with CompileCounter() as counter:
     for it in range(start, cfg.iterations):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
-      batch, stats, rng, exp = algorithm.collect(it, state.params)
-      state, metrics = train_on_rollout(train_step, state, batch, rng, mesh, epochs=cfg.epochs,
-                                        num_minibatches=cfg.num_minibatches,
+      step = algorithm.collect(it, state.params)
+      rows = len(next(iter(step.batch.values())))
+      order = step.order if step.order is not None else epoch_order(
+          rows, step.shuffle_rng, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches)
+      state, metrics = train_on_rollout(train_step, state, step.batch, order, mesh,
                                         extend=algorithm.extend_minibatch)
-      values = {**_floats(stats), **_floats(metrics)}
+      values = {**_floats(step.stats), **_step_metrics(metrics, step.metrics)}
       if describe is not None:
-        values.update(describe(exp))
+        values.update(describe(step.experience))
       values = algorithm.finish_iteration(values)
       values["compiles"] = float(counter.count)
       done = it + 1

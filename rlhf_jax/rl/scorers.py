@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.rl import comparisons
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import reward
 
@@ -44,11 +45,44 @@ class RewardModelScorer:
   norm_mean: object = None
   norm_std: object = None
 
+  @property
+  def _norm_stats(self):
+    return None if self.norm_mean is None else (self.norm_mean, self.norm_std)
+
   def __call__(self, exp: Experience):
-    stats = None if self.norm_mean is None else (self.norm_mean, self.norm_std)
     return reward.ensemble_scores(self.graphdef, self.params, exp.rollout.tokens_BxT,
                                   exp.rollout.valid_BxT, aggregate=self.aggregate,
-                                  uwo_coef=self.uwo_coef, norm_stats=stats)
+                                  uwo_coef=self.uwo_coef, norm_stats=self._norm_stats)
+
+  def score_samples(self, samples: comparisons.Samples, *, seq_len: int,
+                    batch_size: int) -> np.ndarray:
+    """The same aggregated reward of K sampled texts per prompt (best-of-n, online DPO's
+    labeler), each re-encoded as it was sampled: float64 N x K."""
+    members_ExNK = np.stack([member_scores(self.graphdef, p, samples, seq_len=seq_len,
+                                           batch_size=batch_size).ravel()
+                             for p in self.params])
+    proxy = reward.aggregate_scores(jnp.asarray(members_ExNK), aggregate=self.aggregate,
+                                    uwo_coef=self.uwo_coef, norm_stats=self._norm_stats)
+    return np.asarray(proxy, np.float64).reshape(len(samples.prompts), samples.k)
+
+
+def member_scores(graphdef, params, samples: comparisons.Samples, *, seq_len: int,
+                  batch_size: int) -> np.ndarray:
+  """One reward model's scores N x K of every sampled response ([bos] + prompt + response,
+  + [eos] only where the sampler emitted it), in fixed-shape batches (one compile)."""
+  flat_p = [p for p in samples.prompts for _ in range(samples.k)]
+  flat_y = [y for ys in samples.responses for y in ys]
+  tokens, valid = comparisons.encode_sequences(flat_p, flat_y, samples.finished.ravel(),
+                                               seq_len)
+  score = reward.score_fn(graphdef)
+  out = []
+  for i in range(0, len(tokens), batch_size):
+    t, v = tokens[i:i + batch_size], valid[i:i + batch_size]
+    pad = batch_size - len(t)
+    t = np.concatenate([t, np.repeat(t[:1], pad, 0)]) if pad else t
+    v = np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v
+    out.append(np.asarray(score(params, t, v))[:batch_size - pad])
+  return np.concatenate(out).reshape(len(samples.prompts), samples.k)
 
 
 @dataclasses.dataclass(frozen=True)

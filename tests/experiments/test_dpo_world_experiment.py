@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import cli, comparisons, dpo, dpo_world
+from experiments import cli, dpo, dpo_world
 from helpers import apply, make_model
+from rlhf_jax.rl import comparisons
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.train import preference

@@ -39,7 +39,7 @@ def test_smoke_logs_rounds_table_and_figure(dpo_run, gold_stages):
       assert math.isfinite(row[key]), (name, key, row)
   dpo_row = result["table"]["online_dpo"]
   assert dpo_row["win_rate_lo"] <= dpo_row["win_rate"] <= dpo_row["win_rate_hi"]
-  assert [c["round"] for c in result["curve"]] == [0, 1, 2]
+  assert [c["iteration"] for c in result["curve"]] == [0, 1, 2]
   assert os.path.getsize(os.path.join(cfg.workdir, "online_dpo_gold.png")) > 1000
   train = read_metrics(str(cfg.workdir), split="train")
   assert [r["step"] for r in train] == [1, 2]
@@ -64,7 +64,7 @@ def test_rounds_after_the_first_compile_nothing(dpo_run):
 def test_finished_run_resumes_without_training_again(dpo_run, capsys):
   cfg, result = dpo_run
   again = online_dpo.run(cfg)
-  assert "resumed from round 2" in capsys.readouterr().out
+  assert "resumed from iteration 2" in capsys.readouterr().out
   assert again["curve"] == result["curve"]
   assert len(read_metrics(str(cfg.workdir), split="train")) == 2
 
@@ -76,7 +76,7 @@ def test_interrupted_run_resumes_at_the_next_round_with_the_same_result(gold_sta
   shutil.rmtree(os.path.join(cfg.workdir, "checkpoints", "2"))  # as if killed in round 2
   capsys.readouterr()
   again = online_dpo.run(cfg)
-  assert "resumed from round 1" in capsys.readouterr().out
+  assert "resumed from iteration 1" in capsys.readouterr().out
   assert again["curve"] == first["curve"]
   assert again["table"] == first["table"]
   assert first["labeler"] == "reward_model" and set(first["table"]) == {"sft", "online_dpo"}

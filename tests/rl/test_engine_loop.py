@@ -30,7 +30,7 @@ ITERATIONS, SEED = 3, 5
 
 
 # ---------------------------------------------------------------------------------------
-# train_on_rollout with a recording train step
+# epoch_order and train_on_rollout with a recording train step
 
 def test_train_on_rollout_visits_every_row_once_per_epoch():
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -43,9 +43,10 @@ def test_train_on_rollout_visits_every_row_once_per_epoch():
     return state + 1, {"loss": jnp.float32(state)}
 
   extend = lambda mb: {**mb, "extra": mb["row"] * 0 + 7}
-  state, metrics = loop.train_on_rollout(train_step, 0, batch, np.random.default_rng(0), mesh,
-                                         epochs=epochs, num_minibatches=mbs, extend=extend)
-  assert state == epochs * mbs == len(seen) and float(metrics["loss"]) == state - 1
+  order = loop.epoch_order(rows, np.random.default_rng(0), epochs=epochs, num_minibatches=mbs)
+  state, metrics = loop.train_on_rollout(train_step, 0, batch, order, mesh, extend=extend)
+  assert state == epochs * mbs == len(seen) == len(metrics)
+  assert [float(m["loss"]) for m in metrics] == list(range(state))
   for mb in seen:
     assert len(mb["row"]) == rows // mbs
     np.testing.assert_array_equal(mb["x"], 10 * mb["row"])  # keys gathered by the same rows
@@ -57,8 +58,7 @@ def test_train_on_rollout_visits_every_row_once_per_epoch():
   assert not np.array_equal(passes[0], passes[1])  # reshuffled every epoch
   assert not np.array_equal(passes[0], np.arange(rows))  # shuffled at all
   with pytest.raises(ValueError, match="do not split into 3 minibatches"):
-    loop.train_on_rollout(train_step, 0, {"row": jnp.arange(10)}, np.random.default_rng(0),
-                          mesh, epochs=1, num_minibatches=3)
+    loop.epoch_order(10, np.random.default_rng(0), epochs=1, num_minibatches=3)
 
 
 @pytest.mark.parametrize("name", ["iterations", "epochs", "num_minibatches", "log_every",

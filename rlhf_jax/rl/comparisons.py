@@ -1,10 +1,13 @@
-"""Comparison data from a policy's own samples, labelled by the simulated raters.
+"""Comparison data from a policy's own samples: K responses per prompt, for raters to rank.
 
 InstructGPT's reward-model data (Ouyang 2022 sec 3.5): K responses per prompt sampled from
-the SFT policy, ranked by labellers. Here the labellers are the world's simulated raters
-(experiments/worlds.py: on the gold world, Plackett-Luce on the hidden gold reward at a
-temperature calibrated so two raters agree --rater_agreement of the time on these pairs). The same samples serve the DPO family (pairs: the rater's best vs
-worst of K) and best-of-n.
+the SFT policy, ranked by labellers (here a world's simulated raters). The same samples serve
+the DPO family (pairs: the rater's best vs worst of K), online DPO (K = 2 from the current
+policy) and best-of-n.
+
+sample_k keys batch i of its prompt stream with fold_in(key, i) (the held-out evaluations of
+rl/evaluation.py key by prompt offset instead); the reward stages' data were made this way,
+so it stays.
 
 Sequences are encoded exactly as the policy produced them: [bos] + prompt + response, + [eos]
 only when the sampler emitted EOS (a response cut at max_new_tokens has none), right-padded.
@@ -16,7 +19,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from experiments import worlds
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.sampling import SamplingConfig, sample
@@ -33,9 +35,11 @@ class Samples:
   def k(self) -> int:
     return len(self.responses[0])
 
-  def ground_truth_NxK(self, world: str) -> np.ndarray:
-    """The world's ground truth ("gold") of every sample, float64 N x K."""
-    return worlds.ground_truth_NxK(world, self.prompts, self.responses)
+  def ground_truth_NxK(self, ground_truth) -> np.ndarray:
+    """ground_truth(prompts, responses) -> float64 [n] of every sample, as N x K."""
+    flat = ground_truth([p for p in self.prompts for _ in range(self.k)],
+                        [y for ys in self.responses for y in ys])
+    return np.asarray(flat, np.float64).reshape(len(self.prompts), self.k)
 
 
 def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: int,
