@@ -49,7 +49,7 @@ from rlhf_jax.losses import diagnostics
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import reward
 from rlhf_jax.train.logging import MetricsLogger, write_config
-from rlhf_jax.worlds import gold
+from rlhf_jax.worlds import gold, registry
 
 PER_N_KEYS = ("gold", "gold_se", "proxy", "proxy_se", "kl_bound", "kl_exact", "words")
 # The sampling stream of best-of-n: not the reward stage's (seed, seed + 10_000), so the
@@ -136,7 +136,7 @@ def run(cfg: BestOfNConfig) -> dict:
   cfg = cfg.effective()
   rcfg = reward_exp.reward_config(cfg)
   reward_exp.check_ensemble(cfg, rcfg)
-  prompt_len = worlds.prompt_len(gold.all_prompts())
+  prompt_len = registry.prompt_len(gold.all_prompts())
   max_new = worlds.max_new_tokens(cfg)
   if cfg.seq_len < prompt_len + max_new:
     raise ValueError(f"--seq_len={cfg.seq_len} cannot hold a prompt and its response: the "

@@ -56,7 +56,7 @@ from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.worlds import raters
+from rlhf_jax.worlds import raters, registry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
@@ -120,7 +120,7 @@ class DPOConfig(lm.LMConfig):
   def world_mode(self) -> bool:
     """World mode (a preference world): pairs come from the SFT policy's samples ranked by
     the world's simulated raters."""
-    return self.world in worlds.PREFERENCE_WORLDS
+    return self.world in registry.PREFERENCE_WORLDS
 
   def _check_world_mode(self):
     if self.data_files:

@@ -15,11 +15,12 @@ import numpy as np
 from experiments import lm, reward, sft, worlds
 from experiments.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                              train_pairs, with_reference)
-from rlhf_jax import sharding
+from rlhf_jax import evaluation, sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import preference
+from rlhf_jax.worlds import heldout, registry
 
 
 def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
@@ -43,12 +44,12 @@ def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[d
       graphdef, params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
       prompt_len=worlds.world_prompt_len(cfg), max_new_tokens=worlds.max_new_tokens(cfg),
       temperature=1.0, key=jax.random.key(cfg.seed))
-  gold_NxK = samples.ground_truth_NxK(worlds.module(cfg.world).ground_truth)
+  gold_NxK = samples.ground_truth_NxK(worlds.ground_truth(cfg))
   raters_ = worlds.make_raters(cfg, samples.prompts, samples.responses)
   ranking = raters_.rank(samples.prompts, samples.responses, rng)
   rows = np.arange(len(ranking))
   margin = gold_NxK[rows, ranking[:, 0]] - gold_NxK[rows, ranking[:, -1]]
-  stats = {"rater_temperature": raters_.temperature if cfg.world == "gold" else None,
+  stats = {"rater_temperature": getattr(raters_, "temperature", None),
            "pair_gold_margin": float(margin.mean()),
            "pair_gold_agreement": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
            "sample_gold": float(gold_NxK.mean())}
@@ -58,10 +59,10 @@ def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[d
 def world_eval(cfg: DPOConfig, graphdef, params, prompts, key) -> tuple[dict, np.ndarray]:
   """(summary, ground truth per sample) of GOLD_EVAL_SAMPLES temperature-1 samples per prompt; the same
   key for every policy, so rows line up prompt by prompt for the win rate."""
-  ps = list(prompts) * worlds.GOLD_EVAL_SAMPLES
-  ys = worlds.sample_responses(graphdef, params, ps, batch_size=cfg.eval_batch_size,
+  ps = list(prompts) * heldout.EVAL_SAMPLES
+  ys = heldout.sample_responses(graphdef, params, ps, batch_size=cfg.eval_batch_size,
                                max_new=worlds.max_new_tokens(cfg), key=key)
-  return worlds.summary(cfg.world, ps, ys), worlds.module(cfg.world).ground_truth(ps, ys)
+  return worlds.summary(cfg, ps, ys), worlds.ground_truth(cfg)(ps, ys)
 
 
 def displacement(records, ches, sft_logps, policy_logps) -> tuple[list[dict], dict]:
@@ -100,7 +101,7 @@ def run_world(cfg: DPOConfig) -> dict:
                              split["train"])
   encode = pairs.make_encoder(ByteTokenizer(), cfg.seq_len, "pairs")
   keys = list(encode(records[0]))
-  # The report's log-probs are sums over response tokens (MATH.md), whatever the loss uses.
+  # The report's log-probs are sums over response tokens (docs/math.md, conventions), whatever the loss uses.
   logps_fn = jit_pair_fn(preference.reference_logps_fn(graphdef), shardings, mesh, keys)
   ches_fn = jit_pair_fn(lambda p, b: {"ches": preference.ches_fn(graphdef)(p, b)}, shardings,
                         mesh, keys)
@@ -147,7 +148,7 @@ def run_world(cfg: DPOConfig) -> dict:
   rng = np.random.default_rng(cfg.seed)
   for name, params in policies.items():
     row, g = world_eval(cfg, graphdef, params, test_prompts, key)
-    table[name] = {**row, **worlds.win_rate(g, sft_gold, rng)}
+    table[name] = {**row, **evaluation.win_rate(g, sft_gold, rng)}
   wall["report_s"] = time.perf_counter() - t0
   result = {"loss": cfg.loss, "table": table, "ches": ches_summary, "labels": labels,
             "train": summary["train"], "wall": wall, "sft_workdir": sft_dir,
@@ -160,8 +161,8 @@ def run_world(cfg: DPOConfig) -> dict:
 
 
 def format_world(result: dict, world: str) -> str:
-  extra = worlds.WORLD_COLUMNS[world]
-  lines = [f"held-out (test prompts x {worlds.GOLD_EVAL_SAMPLES} samples)   gold             "
+  extra = registry.get(world).columns
+  lines = [f"held-out (test prompts x {heldout.EVAL_SAMPLES} samples)   gold             "
            "win rate vs SFT [95% CI]   words" + "".join(f"  {k:>15}" for k in extra)]
   for name, m in result["table"].items():
     win = (f"{m['win_rate']:.3f} [{m['win_rate_lo']:.3f}, {m['win_rate_hi']:.3f}]"

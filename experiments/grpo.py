@@ -43,6 +43,7 @@ import dataclasses
 import json
 import os
 import time
+
 import jax
 import jax.numpy as jnp
 
@@ -55,7 +56,7 @@ from rlhf_jax.rl.evaluation import greedy_responses, sample_heldout, verifiable_
 from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint
-from rlhf_jax.worlds import arithmetic
+from rlhf_jax.worlds import arithmetic, registry
 
 
 ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
@@ -78,7 +79,7 @@ class GRPOConfig(lm.LMConfig):
                             choices=grpo.ADVANTAGES)
   group_size: int = cli.flag(8, "Samples per prompt (G >= 2).")
   std_ddof: int = cli.flag(0, "--advantage=grpo: delta degrees of freedom of the group std "
-                           "(0: population std as in MATH.md's worked example; 1: TRL).")
+                           "(0: population std, the GRPO paper's form; 1: TRL's).")
   adv_eps: float = cli.flag(1e-4, "--advantage=grpo: added to the group std (>= 0).")
   clip_eps_low: float = cli.flag(0.2, "Ratio clip below 1 (1 - eps_low), in (0, 1).")
   clip_eps_high: float = cli.flag(0.2, "Ratio clip above 1 (1 + eps_high), > 0; larger than "
@@ -252,7 +253,7 @@ def run(cfg: GRPOConfig) -> dict:
   pairs = arithmetic.split_pairs(world)
   heldout = builders.load_split(lm.build_world(cfg)["sft"], "test")
   heldout = [heldout[i] for i in range(min(cfg.eval_prompts, len(heldout)))]
-  prompt_len = worlds.prompt_len([arithmetic.prompt(*p) for p in pairs["train"] + pairs["test"]])
+  prompt_len = registry.prompt_len([arithmetic.prompt(*p) for p in pairs["train"] + pairs["test"]])
   train_prompts = [arithmetic.prompt(*p) for p in pairs["train"]]
   answers = {arithmetic.prompt(*p): str(arithmetic.correct_answer(*p))
              for p in pairs["train"] + pairs["test"]}

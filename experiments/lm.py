@@ -21,6 +21,7 @@ from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 from rlhf_jax.train.lm import lm_loss_fn
 from rlhf_jax.train.logging import MetricsLogger
+from rlhf_jax.worlds import registry
 
 PARAMS_DIR = "params"  # <workdir>/params: the stage's final parameters
 
@@ -47,7 +48,8 @@ class LMConfig:
   mesh_fsdp: int = flag(1, "FSDP mesh axis size (-1: fill).")
   mesh_tensor: int = flag(1, "Tensor-parallel mesh axis size (-1: fill).")
   data_dir: str = flag("workdirs/data", "Where the world's TFDS datasets are materialised.")
-  world: str = flag("arithmetic", "Embedded world (experiments/worlds.py).", choices=worlds.NAMES)
+  world: str = flag("arithmetic", "Embedded world (rlhf_jax/worlds/registry.py).",
+                    choices=registry.NAMES)
   world_seed: int = flag(0, "Seed of the world (splits, corrupted pairs, corpora).")
   error_rate: float = flag(0.4, "arithmetic: fraction of pretraining statements with "
                            "systematic errors.")

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
-from rlhf_jax import sharding
+from rlhf_jax import evaluation, sharding
 from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
 from rlhf_jax.train import checkpoint, preference, reward
-from rlhf_jax.worlds import gold, raters
+from rlhf_jax.worlds import gold, heldout, raters, registry
 
 LABELERS = ("reward_model", "raters")
 
@@ -132,10 +132,10 @@ def gold_eval(cfg: OnlineDPOConfig, sample, prompts):
   key = jax.random.key(cfg.seed + 1)
 
   def evaluate(params):
-    s = sample(params, prompts, k=worlds.GOLD_EVAL_SAMPLES, temperature=1.0, key=key)
+    s = sample(params, prompts, k=heldout.EVAL_SAMPLES, temperature=1.0, key=key)
     ps = [p for p in s.prompts for _ in range(s.k)]
     ys = [y for row in s.responses for y in row]
-    return worlds.summary("gold", ps, ys), s.ground_truth_NxK(gold.ground_truth).ravel().tolist()
+    return worlds.summary(cfg, ps, ys), s.ground_truth_NxK(gold.ground_truth).ravel().tolist()
   return evaluate
 
 
@@ -143,7 +143,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
   cfg = cfg.effective()
   rcfg = reward_exp.reward_config(cfg)
   reward_exp.check_ensemble(cfg, rcfg)
-  prompt_len = worlds.prompt_len(gold.all_prompts())
+  prompt_len = registry.prompt_len(gold.all_prompts())
   max_new = worlds.max_new_tokens(cfg)
   check_lengths(cfg, prompt_len, max_new)
   wall = {}
@@ -198,14 +198,14 @@ def run(cfg: OnlineDPOConfig) -> dict:
     evaluate_summary(state.params)
   rng = np.random.default_rng(cfg.seed)
   table = {"sft": curve[0],
-           "online_dpo": {**curve[-1], **worlds.win_rate(last["gold"], sft_gold, rng)}}
+           "online_dpo": {**curve[-1], **evaluation.win_rate(last["gold"], sft_gold, rng)}}
   if cfg.matched_sft:
     matched = sft.continued_sft(reward_exp.sft_config(rcfg),
                                 os.path.join(cfg.workdir, "matched_sft"), cfg.total_steps, mesh,
                                 g, sft_params, shardings)
     summary, matched_gold = evaluate(matched)
-    table["sft_matched"] = {**summary, **worlds.win_rate(matched_gold, sft_gold, rng)}
-    table["online_dpo"]["vs_matched"] = worlds.win_rate(last["gold"], matched_gold, rng)
+    table["sft_matched"] = {**summary, **evaluation.win_rate(matched_gold, sft_gold, rng)}
+    table["online_dpo"]["vs_matched"] = evaluation.win_rate(last["gold"], matched_gold, rng)
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   result = {"table": table, "curve": curve, "labeler": cfg.labeler, "loss": cfg.loss,
             "optimizer_steps": cfg.total_steps, "wall": wall, "reward_workdir": rm_dir}
@@ -223,7 +223,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
 
 
 def format_table(table: dict) -> str:
-  lines = [f"held-out (test prompts x {worlds.GOLD_EVAL_SAMPLES} samples)   gold"
+  lines = [f"held-out (test prompts x {heldout.EVAL_SAMPLES} samples)   gold"
            "            words   win rate vs SFT [95% CI]"]
   for name, m in table.items():
     win = (f"{m['win_rate']:.3f} [{m['win_rate_lo']:.3f}, {m['win_rate_hi']:.3f}]"

@@ -14,7 +14,7 @@ Builds (or reuses) the SFT stage and its pretraining stage, then:
    BT-like order, whose game is solved by pure formal); the base writes the three styles
    about equally. Responses are compared with surrounding whitespace stripped (the base puts
    a space after the prompt, SFT does not; the world ignores it too);
-2. labels each pair with one draw of the world's raters (P(a > b) = worlds.Raters.preference);
+2. labels each pair with one draw of the world's raters (P(a > b) = rlhf_jax.worlds.raters.Raters.preference);
 3. trains one ScalarHeadModel from the SFT backbone on [bos] x a [eos] b [eos], both orders
    of each pair, with the logistic loss (rlhf_jax/train/pairwise.py);
 4. reports held-out accuracy on fresh rater labels and on the majority ("truth") preference,
@@ -184,7 +184,7 @@ def run(cfg) -> dict:
 
   probs = predict(rm_graphdef, final.params, test_s.prompts, ha, hb, seq_len=cfg.seq_len,
                   batch_size=cfg.eval_batch_size)
-  truth = worlds.module(cfg.world).truth_better(test_s.prompts, ha, hb)
+  truth = worlds.world(cfg).truth_better(worlds.world_config(cfg), test_s.prompts, ha, hb)
   result = evaluate(probs, h_labels, h_p, truth)
   result.update(sft_workdir=sft_dir, train_pairs=cfg.num_rankings, test_pairs=len(probs),
                 final_eval=summary["eval"], wall_s=summary["wall_s"])

@@ -41,6 +41,7 @@ from rlhf_jax.rl.evaluation import mean_se, sample_heldout
 from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, reward
+from rlhf_jax.worlds import heldout, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +75,9 @@ class PPOConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world not in worlds.PREFERENCE_WORLDS:
+    if self.world not in registry.PREFERENCE_WORLDS:
       raise ValueError(f"experiments.ppo needs a preference world "
-                       f"(--world={'|'.join(worlds.PREFERENCE_WORLDS)}), got {self.world!r}")
+                       f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
     for name in ("ppo_epochs", "num_minibatches", "kl_horizon"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +86,7 @@ class PPOConfig(lm.LMConfig):
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if self.kl_target <= 0 or self.clip_eps <= 0 or self.temperature <= 0:
       raise ValueError("--kl_target, --clip_eps and --temperature must be > 0")
-    longest = worlds.module(self.world).MAX_PRETRAIN_BYTES
+    longest = registry.get(self.world).max_pretrain_bytes
     if self.ptx_coef and self.seq_len < longest + 2:
       raise ValueError(f"--ptx_coef > 0 trains on pretraining texts of up to {longest} bytes: "
                        f"--seq_len={self.seq_len} must be >= {longest + 2}")
@@ -113,10 +114,10 @@ def preference_eval(cfg: PPOConfig, stage: RolloutStage, scorer, prompts, ref_pa
   key = jax.random.key(cfg.seed + 1)
 
   def evaluate(policy_params) -> dict:
-    ps = list(prompts) * worlds.GOLD_EVAL_SAMPLES
+    ps = list(prompts) * heldout.EVAL_SAMPLES
     held = sample_heldout(stage, policy_params, ref_params, value_params, ps,
                           batch_size=cfg.batch_size, key=key, scorer=scorer)
-    out = worlds.summary(cfg.world, held.experience.prompts, held.experience.responses)
+    out = worlds.summary(cfg, held.experience.prompts, held.experience.responses)
     proxy, proxy_se = mean_se(held.experience.rewards_B)
     kl, kl_se = mean_se(held.kl_B)
     out.update(proxy=proxy, proxy_se=proxy_se, kl=kl, kl_se=kl_se)
@@ -188,7 +189,7 @@ def run(cfg: PPOConfig) -> dict:
       loop_cfg, algorithm, state=state, train_step=train_step, mesh=mesh,
       evaluate=lambda p: heldout(p["policy"]), config=cli.to_dict(cfg),
       describe=lambda exp: {f"rollout_{k}": v for k, v in
-                            worlds.summary(cfg.world, exp.prompts, exp.responses).items()})
+                            worlds.summary(cfg, exp.prompts, exp.responses).items()})
   wall["ppo_s"] = time.perf_counter() - t_loop
 
   table = {"base": heldout(base_params), "sft": curve[0], "ppo": curve[-1]}
@@ -208,7 +209,7 @@ def run(cfg: PPOConfig) -> dict:
 
 
 def format_table(table: dict, world: str) -> str:
-  extra = worlds.WORLD_COLUMNS[world]
+  extra = registry.get(world).columns
   lines = ["held-out (test prompts x 4 samples)   gold           proxy          "
            "KL to SFT       words" + "".join(f"  {k:>15}" for k in extra)]
   for name, m in table.items():

@@ -33,7 +33,7 @@ def run(cfg: PretrainConfig) -> dict:
             **worlds.heldout_metrics(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
-  print(f"pretrain held-out: {lm.format_metrics(result, worlds.headline(cfg.world))}")
+  print(f"pretrain held-out: {lm.format_metrics(result, worlds.headline(cfg))}")
   return result
 
 

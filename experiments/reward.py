@@ -39,7 +39,7 @@ from rlhf_jax.rl import comparisons, scorers
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config
-from rlhf_jax.worlds import raters
+from rlhf_jax.worlds import raters, registry
 
 MANIFEST = "reward_models.json"
 REWARD_MODELS = ("bt", "pairwise")
@@ -66,9 +66,9 @@ class RewardConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world not in worlds.PREFERENCE_WORLDS:
+    if self.world not in registry.PREFERENCE_WORLDS:
       raise ValueError(f"experiments.reward needs a preference world "
-                       f"(--world={'|'.join(worlds.PREFERENCE_WORLDS)}), got {self.world!r}")
+                       f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
     if (self.world == "intransitive" or self.reward_model == "pairwise") and self.ranking_k != 2:
       raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world and the pairwise "
                        "model compare pairs (a cyclic preference has no K-way ranking model); "
@@ -219,17 +219,17 @@ def run(cfg: RewardConfig) -> dict:
   # ensemble live on arbitrary scales; PPO and best-of-n aggregate normalised scores.
   norm_mean, norm_std = bt.fit_reward_normalization(
       np.stack([s.ravel() for s in train_scores]))
-  labels = worlds.pair_labels(cfg.world, raters_, test_s.prompts, test_s.responses)
+  labels = worlds.pair_labels(cfg, raters_, test_s.prompts, test_s.responses)
   # The ensemble's score: the mean of the members' normalised scores.
   ens = np.mean([(s - m) / sd for s, m, sd in
                  zip(member_scores, np.asarray(norm_mean), np.asarray(norm_std))], 0)
   result = evaluate(member_scores, ens, test_rank, labels)
-  result.update(worlds.reward_pair_metrics(cfg.world, test_s.prompts, test_s.responses, ens,
-                                           labels))
-  temperature = raters_.temperature if cfg.world == "gold" else None
+  result.update(worlds.world(cfg).reward_pair_metrics(
+      worlds.world_config(cfg), test_s.prompts, test_s.responses, ens, labels["rater"]))
+  temperature = getattr(raters_, "temperature", None)
   result.update(rater_temperature=temperature, rater_agreement_target=cfg.rater_agreement,
                 sft_workdir=sft_dir, train_prompts=cfg.num_rankings, ranking_k=cfg.ranking_k,
-                sft_train_gold=float(train_s.ground_truth_NxK(worlds.module(cfg.world).ground_truth).mean()))
+                sft_train_gold=float(train_s.ground_truth_NxK(worlds.ground_truth(cfg)).mean()))
   manifest = {"members": member_dirs, "norm_mean": np.asarray(norm_mean).tolist(),
               "norm_std": np.asarray(norm_std).tolist(), "rater_temperature": temperature,
               "sft_workdir": sft_dir, "reward_model": "bt"}

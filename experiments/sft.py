@@ -75,7 +75,7 @@ def run(cfg: SFTConfig) -> dict:
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   print("held-out            base  ->  SFT")
-  for name in worlds.headline(cfg.world):
+  for name in worlds.headline(cfg):
     print(f"  {name:<16} {before[name]:7.3f} -> {after[name]:7.3f}")
   return result
 

@@ -63,3 +63,18 @@ def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
     if ni - ci >= k:
       out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1, dtype=np.float64))
   return out
+
+
+def win_rate(gold_a, gold_b, rng: np.random.Generator, *, n_boot: int = 2000,
+             level: float = 0.95) -> dict:
+  """How often policy A's response beats policy B's on the same prompt by gold reward (ties
+  count 1/2), with a percentile bootstrap confidence interval over prompts-samples.
+
+  gold_a, gold_b: paired gold rewards [N] (row i: both policies answering prompt i)."""
+  a, b = np.asarray(gold_a, np.float64), np.asarray(gold_b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+    raise ValueError(f"need two paired 1-D arrays of >= 2 rewards, got {a.shape} and {b.shape}")
+  wins = (a > b) + 0.5 * (a == b)
+  boots = wins[rng.integers(0, wins.size, (n_boot, wins.size))].mean(axis=1)
+  lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+  return {"win_rate": float(wins.mean()), "win_rate_lo": float(lo), "win_rate_hi": float(hi)}

@@ -1,4 +1,4 @@
-"""Every number a run reports goes to the workdir (design principle 6).
+"""Every number a run reports goes to the workdir, so nothing is known only from a terminal.
 
   <workdir>/metrics.jsonl   one JSON object per log call: {"step", "split", "time", "metrics"}
   <workdir>/tb/             TensorBoard scalars, tag "<split>/<name>"

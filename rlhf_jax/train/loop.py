@@ -3,7 +3,7 @@
 `train` resumes automatically: if the manager holds a checkpoint, the state (params,
 optimizer, step, rng) and the data iterator's position are restored from it, and since
 the step's randomness is fold_in(seed key, step) (step.py), the resumed run computes
-exactly what the uninterrupted one would have (design principle 5).
+exactly what the uninterrupted one would have.
 
 Host work per step is one dispatch and one `next(train_iter)`: the step counter is a
 Python int, metrics are fetched only at log steps, so the device runs ahead otherwise.

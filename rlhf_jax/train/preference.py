@@ -4,7 +4,7 @@
 
 One policy forward covers both sides: chosen and rejected rows are concatenated along the
 batch (2B rows), which halves the number of kernel launches and keeps the two sides on the
-same devices. Sequence log-probs are sums over the response tokens (MATH.md), or means with
+same devices. Sequence log-probs are sums over the response tokens (docs/math.md, conventions), or means with
 average=True (TRL's IPO).
 
 Reference log-probs come from one of two places:

@@ -1,7 +1,7 @@
 """The train state: a pure pytree of arrays, so it can be jitted, donated and checkpointed.
 
 Why not nnx.Optimizer: it is mutable, and a train step here is a pure function compiled
-once with donation (design principle 2). Params are any pytree of arrays (e.g. the state
+once with donation (one compile per shape, updated in place). Params are any pytree of arrays (e.g. the state
 from nnx.split); the module that owns the model merges them back where it needs a module.
 
 The rng is stored as raw uint32 key data (jax.random.key_data), not a typed key: typed

@@ -7,7 +7,7 @@ Loss contract (every trainer in the project uses it):
 loss_sum is a SUM over the loss's units (target tokens, or examples); aux is a dict of
 metric SUMS over the same units and must contain "denominator": how many units loss_sum
 covers (e.g. the number of non-masked target tokens). Sums, not means, are what make
-gradient accumulation and data parallelism exact (design principle 9): the step sums
+gradient accumulation and data parallelism exact: the step sums
 grads of loss_sum over microbatches and divides once by the step's GLOBAL denominator.
 Under jit, arrays are global, so the denominator is already the count over all devices.
 

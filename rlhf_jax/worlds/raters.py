@@ -1,7 +1,7 @@
 """Simulated raters: noisy rankings of K completions drawn from a hidden reward.
 
 Why: proxy reward models must learn from labels as noisy as human ones, not from r* itself.
-A rater ranks K completions by Plackett-Luce on r*/T (MATH.md; Rafailov 2023 A.3):
+A rater ranks K completions by Plackett-Luce on r*/T (docs/math.md; Rafailov 2023 A.3):
   P(tau) = prod_k exp(r_tau(k)/T) / sum_{j>=k} exp(r_tau(j)/T),
 i.e. repeatedly pick the next best with a softmax over the remaining r/T. K = 2 is
 Bradley-Terry: P(a > b) = s((r_a - r_b)/T). Sampling uses the Gumbel-max form of the same
@@ -16,8 +16,12 @@ pair distribution (pairs with large reward gaps are easy), so calibrate T on rew
 differences of the very pairs that will be rated (e.g. pairs of SFT-policy samples) and
 re-calibrate if that distribution changes.
 
-Use with the gold world: rewards = gold.gold_rewards(prompts, responses) reshaped to [N, K].
+Use with the gold world: rewards = gold.gold_rewards(prompts, responses) reshaped to [N, K]
+(RewardRaters does it). Worlds with their own noise model give WorldRaters their functions.
 """
+import dataclasses
+from typing import Callable, Protocol
+
 import numpy as np
 
 INSTRUCTGPT_AGREEMENT = 0.726
@@ -92,3 +96,43 @@ def temperature_for_agreement(reward_diffs, target: float = INSTRUCTGPT_AGREEMEN
     mid = 0.5 * (lo + hi)
     lo, hi = (mid, hi) if agreement(diffs, np.exp(mid)) > target else (lo, mid)
   return float(np.exp(0.5 * (lo + hi)))
+
+
+class Raters(Protocol):
+  """A world's simulated raters, as comparison data and online labelers use them."""
+
+  def preference(self, prompts, ys_a, ys_b) -> np.ndarray:
+    """P(a rater prefers a over b), per pair, float64."""
+
+  def rank(self, prompts, responses_NxK, rng: np.random.Generator) -> np.ndarray:
+    """One rater's ranking of each prompt's K responses, indices best first [N, K]."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardRaters:
+  """Plackett-Luce raters on a hidden reward r*(prompt, response) at a temperature."""
+  reward: Callable  # (prompts, responses) -> float64 [N]
+  temperature: float
+
+  def preference(self, prompts, ys_a, ys_b) -> np.ndarray:
+    return preference_probability(self.reward(prompts, ys_a) - self.reward(prompts, ys_b),
+                                  self.temperature)
+
+  def rank(self, prompts, responses_NxK, rng: np.random.Generator) -> np.ndarray:
+    k = len(responses_NxK[0])
+    flat = self.reward([p for p in prompts for _ in range(k)],
+                       [y for ys in responses_NxK for y in ys])
+    return sample_rankings(np.asarray(flat).reshape(len(prompts), k), self.temperature, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldRaters:
+  """Raters with a world's own noise model, given as its two functions."""
+  preference_fn: Callable  # (prompts, ys_a, ys_b) -> P(a > b)
+  rank_fn: Callable  # (prompts, responses_NxK, rng) -> rankings [N, K]
+
+  def preference(self, prompts, ys_a, ys_b) -> np.ndarray:
+    return self.preference_fn(prompts, ys_a, ys_b)
+
+  def rank(self, prompts, responses_NxK, rng: np.random.Generator) -> np.ndarray:
+    return self.rank_fn(prompts, responses_NxK, rng)
