@@ -75,7 +75,7 @@ class GRPOConfig(lm.LMConfig):
   reinforce_group_baseline: bool = cli.flag(
       False, "--algorithm=reinforce_pp: subtract each group's mean reward first "
       "(REINFORCE++-baseline).")
-  advantage: str = cli.flag("grpo", "Group advantage estimator (grpo, gspo).",
+  advantage: str = cli.flag("grpo", "Group advantage estimator of --algorithm=grpo and gspo.",
                             choices=grpo.ADVANTAGES)
   group_size: int = cli.flag(8, "Samples per prompt (G >= 2).")
   std_ddof: int = cli.flag(0, "--advantage=grpo: delta degrees of freedom of the group std "
@@ -111,10 +111,12 @@ class GRPOConfig(lm.LMConfig):
     if self.advantage == "rloo" and self.group_size < 2:
       raise ValueError(f"--advantage=rloo needs --group_size >= 2 (its baseline is the mean "
                        f"of the other G - 1 samples), got --group_size={self.group_size}")
-    if self.group_size < 2:
+    if self.group_size < 1 or (self.group_size < 2 and (self.algorithm != "reinforce_pp"
+                                                       or self.reinforce_group_baseline)):
       raise ValueError(f"--group_size={self.group_size}: a group of one sample has zero "
-                       f"advantage under every estimator (nothing to learn); pass "
-                       f"--group_size=2 or more (e.g. --group_size=8)")
+                       f"advantage under every group estimator (nothing to learn); pass "
+                       f"--group_size=2 or more (e.g. --group_size=8), or "
+                       f"--algorithm=reinforce_pp, whose baseline is the whole batch")
     if self.std_ddof not in (0, 1):
       raise ValueError(f"--std_ddof must be 0 or 1, got {self.std_ddof}")
     if self.kl_coef < 0:

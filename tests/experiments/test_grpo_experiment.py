@@ -120,6 +120,24 @@ def test_kl_path_and_other_estimators(arith_stages, tmp_path):
   assert all(r["metrics"]["rollout_rounds"] == 1 for r in train)  # no dynamic sampling
 
 
+@pytest.mark.parametrize("extra", [
+    ["--algorithm=gspo", "--clip_eps_low=3e-4", "--clip_eps_high=4e-4", "--kl_coef=0.05"],
+    ["--algorithm=reinforce_pp", "--clip_eps_high=0.2", "--kl_coef=0.01", "--group_size=1",
+     "--dynamic_sampling_rounds=0", "--num_minibatches=1"],
+])
+def test_gspo_and_reinforce_pp_run_through_the_engine(arith_stages, tmp_path, extra):
+  """The two algorithms that exist only as engine modules (rl/algorithms/gspo.py,
+  reinforce_pp.py) train, log their metrics and compile nothing after the first iteration."""
+  cfg = _config(arith_stages, tmp_path / "alg", "--nomatched_sft", *extra)
+  result = grpo.run(cfg)
+  train = read_metrics(str(cfg.workdir), split="train")
+  assert [r["metrics"]["compiles"] for r in train][1:] == [0.0, 0.0]
+  for r in train:
+    for key in ("loss", "clipfrac", "grad_norm", "reward_mean", "kl_seq"):
+      assert math.isfinite(r["metrics"][key]), key
+  assert set(result["table"]) == {"base", "sft", "grpo"}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--group_size=1"], r"--group_size=1: .* pass --group_size=2 or more"),
     (["--advantage=rloo", "--group_size=1"], r"--advantage=rloo needs --group_size >= 2"),
