@@ -44,7 +44,8 @@ import time
 import jax
 import numpy as np
 
-from experiments import cli, lm, plots, reward as reward_exp, worlds
+from experiments import cli, plots
+from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, worlds
 from rlhf_jax.losses import diagnostics
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import reward
@@ -59,15 +60,15 @@ SAMPLE_STREAM = 20_000
 
 @dataclasses.dataclass(frozen=True)
 class BestOfNConfig(lm.LMConfig):
-  reward_flagfile: str = cli.flag("experiments/configs/reward_gold_tiny.flags",
+  reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  n_max: int = cli.flag(64, "SFT samples per held-out prompt; every n in --ns divides it.")
-  ns: str = cli.flag("1,2,4,8,16,32,64", "Comma-separated n of best-of-n to report.")
-  aggregate: str = cli.flag("mean", "Ensemble aggregation of reward-model scores.",
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  n_max: int = config.flag(64, "SFT samples per held-out prompt; every n in --ns divides it.")
+  ns: str = config.flag("1,2,4,8,16,32,64", "Comma-separated n of best-of-n to report.")
+  aggregate: str = config.flag("mean", "Ensemble aggregation of reward-model scores.",
                             choices=reward.AGGREGATES)
-  uwo_coef: float = cli.flag(0.5, "Variance penalty of --aggregate=uwo.")
-  sample_temperature: float = cli.flag(1.0, "Temperature of the SFT samples.")
+  uwo_coef: float = config.flag(0.5, "Variance penalty of --aggregate=uwo.")
+  sample_temperature: float = config.flag(1.0, "Temperature of the SFT samples.")
 
   def __post_init__(self):
     super().__post_init__()
@@ -134,8 +135,8 @@ def per_n_row(n: int, proxy_NxK, gold_NxK, words_NxK) -> dict:
 
 def run(cfg: BestOfNConfig) -> dict:
   cfg = cfg.effective()
-  rcfg = reward_exp.reward_config(cfg)
-  reward_exp.check_ensemble(cfg, rcfg)
+  rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
+  reward_stage.check_ensemble(cfg, rcfg)
   prompt_len = registry.prompt_len(gold.all_prompts())
   max_new = worlds.max_new_tokens(cfg)
   if cfg.seq_len < prompt_len + max_new:
@@ -143,16 +144,16 @@ def run(cfg: BestOfNConfig) -> dict:
                      f"reward models score {prompt_len} + {max_new} tokens")
   wall = {}
   t0 = time.perf_counter()
-  rm_dir = reward_exp.ensure_reward(cfg, rcfg)
+  rm_dir = chain.ensure("reward", rcfg)
   # The SFT the reward models were trained on, as the stage recorded it: looking it up again
   # by key would rebuild it if the code changed while the reward stage was being built.
-  sft_dir = reward_exp.read_manifest(rm_dir)["sft_workdir"]
+  sft_dir = reward_stage.read_manifest(rm_dir)["sft_workdir"]
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
   world = cfg.world_config()
   test_prompts = gold.split_prompts(world)["test"][:min(cfg.eval_prompts, world.num_test)]
   g, sft_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
-  rms = reward_exp.load_reward_models(rcfg, mesh, rm_dir, sft_params)
+  rms = reward_stage.load_reward_models(rcfg, mesh, rm_dir, sft_params)
 
   t0 = time.perf_counter()
   samples = comparisons.sample_k(
@@ -161,7 +162,7 @@ def run(cfg: BestOfNConfig) -> dict:
       key=jax.random.key(cfg.seed + SAMPLE_STREAM))
   wall["sampling_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  proxy = reward_exp.proxy_scores(rms, samples, cfg)
+  proxy = reward_stage.proxy_scores(rms, samples, cfg)
   wall["scoring_s"] = time.perf_counter() - t0
   gold_NxK = samples.ground_truth_NxK(gold.ground_truth)
   words = np.array([[gold.facets(p, y)["words"] for y in ys]
@@ -178,7 +179,7 @@ def run(cfg: BestOfNConfig) -> dict:
 
 def write_outputs(cfg: BestOfNConfig, result: dict, samples: comparisons.Samples,
                   proxy_NxK: np.ndarray) -> None:
-  write_config(cfg.workdir, cli.to_dict(cfg))
+  write_config(cfg.workdir, config.to_dict(cfg))
   logger = MetricsLogger(cfg.workdir)
   for row in result["per_n"]:
     logger.log(row["n"], {k: row[k] for k in PER_N_KEYS}, split="eval")

@@ -1,79 +1,17 @@
-"""Typed configs <-> absl flags.
-
-Every experiment's config is a frozen dataclass whose fields carry their help text
-(`flag(default, "help")`); `parse(Config, argv)` defines those flags on a FRESH FlagValues,
-parses argv (flagfiles, then command-line overrides, in order), and builds the config, whose
-__post_init__ validates it. Nothing touches absl's global FLAGS, so tests and the stage cache
-can parse several experiments' flagfiles in one process, and invalid values fail here, before
-anything compiles.
-"""
-import dataclasses
+"""`python -m experiments.X --flagfile=... --flag=value`: a typed config (rlhf_jax/pipeline/
+config.py) parsed from the command line, then run."""
 import sys
-import typing
-from typing import Any, Sequence, TypeVar
 
-from absl import flags
+from absl import app, flags, logging
 
-C = TypeVar("C")
-
-
-def flag(default: Any, help: str, *, choices: Sequence[str] | None = None):
-  """A config field that is also a flag. `choices` makes a string flag an enum."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _define(field: dataclasses.Field, hint, fv: flags.FlagValues) -> None:
-  name, default, meta = field.name, field.default, field.metadata
-  if "help" not in meta:
-    raise TypeError(f"config field {name} needs a help string: use cli.flag(default, help)")
-  help_text = meta["help"]
-  if meta.get("choices"):
-    flags.DEFINE_enum(name, default, list(meta["choices"]), help_text, flag_values=fv)
-  elif hint is bool:
-    flags.DEFINE_bool(name, default, help_text, flag_values=fv)
-  elif hint is int:
-    flags.DEFINE_integer(name, default, help_text, flag_values=fv)
-  elif hint is float:
-    flags.DEFINE_float(name, default, help_text, flag_values=fv)
-  elif hint is str:
-    flags.DEFINE_string(name, default, help_text, flag_values=fv)
-  else:
-    raise TypeError(f"config field {name}: unsupported flag type {hint}")
-
-
-def define_flags(config_cls, fv: flags.FlagValues) -> None:
-  hints = typing.get_type_hints(config_cls)
-  for field in dataclasses.fields(config_cls):
-    _define(field, hints[field.name], fv)
-
-
-def parse(config_cls: type[C], argv: Sequence[str]) -> C:
-  """Builds config_cls from flags such as ["--flagfile=x.flags", "--steps=3"].
-
-  Raises ValueError naming the flag for unknown flags, unparsable values and values the
-  config rejects."""
-  fv = flags.FlagValues()
-  define_flags(config_cls, fv)
-  try:
-    unparsed = fv(["prog", *argv], known_only=False)
-  except flags.Error as e:
-    raise ValueError(f"bad flags for {config_cls.__name__}: {e}") from None
-  if len(unparsed) > 1:
-    raise ValueError(f"unexpected positional arguments {unparsed[1:]}")
-  return config_cls(**{f.name: fv[f.name].value for f in dataclasses.fields(config_cls)})
-
-
-def to_dict(config) -> dict[str, Any]:
-  return dataclasses.asdict(config)
+from rlhf_jax.pipeline import config
 
 
 def main(config_cls, run) -> None:
-  """`python -m experiments.X --flagfile=... --flag=value`: parse into config_cls, then run.
+  """Parses the command line into config_cls, then calls run(config).
 
   absl's global FLAGS are marked parsed with no flags of their own (libraries that read them,
   such as absl logging, see defaults); the experiment's flags live in the typed config."""
-  from absl import app, logging
-
   def parser(argv):
     flags.FLAGS([argv[0]])
     return argv
@@ -81,6 +19,6 @@ def main(config_cls, run) -> None:
   def main_fn(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped to a file
-    run(parse(config_cls, argv[1:]))
+    run(config.parse(config_cls, argv[1:]))
 
   app.run(main_fn, flags_parser=parser)

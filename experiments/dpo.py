@@ -9,7 +9,7 @@ World mode (--world=gold|sycophancy|intransitive, no --data_files; experiments/d
 builds or reuses the SFT stage (--sft_flagfile, cached under --stage_root with its pretraining
 stage); policy and frozen reference start from the SFT params. --num_pairs train prompts
 (drawn with replacement) get --ranking_k SFT samples each, ranked by the world's simulated
-raters (experiments/worlds.py; gold: calibrated to --rater_agreement); a pair is the rater's
+raters (rlhf_jax/worlds/registry.py; gold: calibrated to --rater_agreement); a pair is the rater's
 first vs last response. KTO trains on the same rankings, unpaired: first
 = desirable, last = undesirable. Training never sees the gold reward; the report does:
   ches.jsonl   per training pair: CHES under the SFT model (Razin 2024) and the change of the
@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import cli, lm, worlds
+from experiments import cli
+from rlhf_jax.pipeline import config, lm, worlds
 from rlhf_jax import memory, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
@@ -64,37 +65,37 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(lm.LMConfig):
-  workdir: str = cli.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
-  init_hf: str = cli.flag("", "Hugging Face model directory to start from (policy and reference).")
-  init_from: str = cli.flag("", "Params of an earlier stage (its workdir or params/ dir).")
-  tokenizer: str = cli.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
-  data_files: str = cli.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
-  data_format: str = cli.flag("pairs", "Preference file format.",
+  workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
+  init_hf: str = config.flag("", "Hugging Face model directory to start from (policy and reference).")
+  init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
+  tokenizer: str = config.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
+  data_files: str = config.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
+  data_format: str = config.flag("pairs", "Preference file format.",
                               choices=pf.PREFERENCE_FORMATS)
-  test_fraction: float = cli.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
-  on_error: str = cli.flag("raise", "Malformed records: fail the build or skip and count them.",
+  test_fraction: float = config.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
+  on_error: str = config.flag("raise", "Malformed records: fail the build or skip and count them.",
                            choices=file_datasets.ON_ERROR)
-  loss: str = cli.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
+  loss: str = config.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
                        choices=preference.LOSSES)
-  beta: float = cli.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
-  label_smoothing: float = cli.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
-  ipo_tau: float = cli.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
-  average_logps: bool = cli.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
-  precompute_ref: bool = cli.flag(True, "Precompute reference log-probs once (else per step).")
-  export_hf: str = cli.flag("", "Directory to export the trained policy to (HF layout).")
-  dry_run: bool = cli.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
-  sft_flagfile: str = cli.flag("experiments/configs/sft_gold_tiny.flags",
+  beta: float = config.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
+  label_smoothing: float = config.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
+  ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
+  average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
+  precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
+  export_hf: str = config.flag("", "Directory to export the trained policy to (HF layout).")
+  dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
+  sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
                                "World mode: flagfile of the SFT stage that policy and "
                                "reference start from and whose samples are ranked.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  num_pairs: int = cli.flag(256, "World mode: training prompts (drawn with replacement), "
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  num_pairs: int = config.flag(256, "World mode: training prompts (drawn with replacement), "
                             "one rater-labelled pair each.")
-  ranking_k: int = cli.flag(4, "World mode: SFT samples ranked per prompt; the pair is the "
+  ranking_k: int = config.flag(4, "World mode: SFT samples ranked per prompt; the pair is the "
                             "rater's first vs last.")
-  rater_agreement: float = cli.flag(raters.INSTRUCTGPT_AGREEMENT,
+  rater_agreement: float = config.flag(raters.INSTRUCTGPT_AGREEMENT,
                                     "--world=gold: target agreement of two independent "
                                     "raters, in (0.5, 1).")
-  matched_sft: bool = cli.flag(False, "World mode: also continue SFT for --steps steps (the "
+  matched_sft: bool = config.flag(False, "World mode: also continue SFT for --steps steps (the "
                                "matched-compute baseline) and report it.")
 
   def __post_init__(self):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import lm, reward, sft, worlds
+from rlhf_jax.pipeline import chain, lm, reward, sft, worlds
 from experiments.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                              train_pairs, with_reference)
 from rlhf_jax import evaluation, sharding
@@ -90,7 +90,7 @@ def run_world(cfg: DPOConfig) -> dict:
   """World mode (module docstring): SFT stage -> rater pairs -> DPO-family training -> report."""
   wall = {}
   t0 = time.perf_counter()
-  sft_dir = reward.ensure_sft(cfg)
+  sft_dir = chain.ensure("sft", chain.upstream_config("sft", cfg.sft_flagfile, cfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
   split = worlds.split_prompts(cfg)
@@ -143,7 +143,7 @@ def run_world(cfg: DPOConfig) -> dict:
   policies = {"policy": final.params}
   if cfg.matched_sft:
     policies["sft_matched"] = sft.continued_sft(
-        reward.sft_config(cfg), os.path.join(cfg.workdir, "matched_sft"), cfg.steps, mesh,
+        chain.upstream_config("sft", cfg.sft_flagfile, cfg), os.path.join(cfg.workdir, "matched_sft"), cfg.steps, mesh,
         graphdef, sft_params, shardings)
   rng = np.random.default_rng(cfg.seed)
   for name, params in policies.items():

@@ -3,7 +3,7 @@
     python -m experiments.grpo --flagfile=experiments/configs/grpo_tiny.flags
 
 In an empty workdir this builds what it lacks, each stage cached under --stage_root
-(experiments/stages.py): pretrain -> a deliberately short SFT (--sft_flagfile) -> GRPO:
+(rlhf_jax/pipeline/chain.py): pretrain -> a deliberately short SFT (--sft_flagfile) -> GRPO:
 
   policy     starts from SFT; the reference (k3 KL anchor, --kl_coef) is the frozen SFT model
   rollout    --batch_size train prompts per iteration, --group_size temperature samples each;
@@ -47,7 +47,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments import cli, lm, plots, sft, stages, worlds
+from experiments import cli, plots
+from rlhf_jax.pipeline import chain, config, lm, sft, worlds
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import loop as rl_loop, scorers
@@ -64,42 +65,43 @@ ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(lm.LMConfig):
-  sft_flagfile: str = cli.flag("experiments/configs/sft_grpo_tiny.flags",
+  sft_flagfile: str = config.flag("experiments/configs/sft_grpo_tiny.flags",
                                "Flagfile of the SFT stage the policy starts from.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  algorithm: str = cli.flag("grpo", "Online algorithm over the groups: grpo (token-level "
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  algorithm: str = config.flag("grpo", "Online algorithm over the groups: grpo (token-level "
                             "clipped ratio, --advantage, --aggregation), gspo (sequence-level "
                             "ratio and clip, --advantage), reinforce_pp (REINFORCE++: k1 KL "
                             "in the token reward, batch-normalised returns).",
                             choices=ALGORITHMS)
-  reinforce_group_baseline: bool = cli.flag(
+  reinforce_group_baseline: bool = config.flag(
       False, "--algorithm=reinforce_pp: subtract each group's mean reward first "
       "(REINFORCE++-baseline).")
-  advantage: str = cli.flag("grpo", "Group advantage estimator of --algorithm=grpo and gspo.",
+  advantage: str = config.flag("grpo", "Group advantage estimator of --algorithm=grpo and gspo.",
                             choices=grpo.ADVANTAGES)
-  group_size: int = cli.flag(8, "Samples per prompt (G >= 2).")
-  std_ddof: int = cli.flag(0, "--advantage=grpo: delta degrees of freedom of the group std "
+  group_size: int = config.flag(8, "Samples per prompt (G >= 2).")
+  std_ddof: int = config.flag(0, "--advantage=grpo: delta degrees of freedom of the group std "
                            "(0: population std, the GRPO paper's form; 1: TRL's).")
-  adv_eps: float = cli.flag(1e-4, "--advantage=grpo: added to the group std (>= 0).")
-  clip_eps_low: float = cli.flag(0.2, "Ratio clip below 1 (1 - eps_low), in (0, 1).")
-  clip_eps_high: float = cli.flag(0.2, "Ratio clip above 1 (1 + eps_high), > 0; larger than "
+  adv_eps: float = config.flag(1e-4, "--advantage=grpo: added to the group std (>= 0).")
+  clip_eps_low: float = config.flag(0.2, "Ratio clip below 1 (1 - eps_low), in (0, 1).")
+  clip_eps_high: float = config.flag(0.2, "Ratio clip above 1 (1 + eps_high), > 0; larger than "
                                   "--clip_eps_low is DAPO's clip-higher.")
-  kl_coef: float = cli.flag(0.04, "k3 KL-to-SFT coefficient (>= 0; 0: no reference forward "
-                            "in training).")
-  aggregation: str = cli.flag("token", "Loss normaliser: token (DAPO), sequence (GRPO), "
+  kl_coef: float = config.flag(0.04, "KL-to-SFT coefficient (>= 0; 0: no reference forward in "
+                               "training): of the k3 term in the loss (grpo, gspo), of the k1 "
+                               "penalty in each token's reward (reinforce_pp).")
+  aggregation: str = config.flag("token", "Loss normaliser: token (DAPO), sequence (GRPO), "
                               "group (Dr. GRPO's constant).", choices=tuple(grpo.AGGREGATIONS))
-  epochs: int = cli.flag(1, "Passes over each rollout.")
-  num_minibatches: int = cli.flag(2, "Optimizer updates per pass over a rollout.")
-  temperature: float = cli.flag(1.0, "Sampling temperature of rollouts and held-out samples "
+  epochs: int = config.flag(1, "Passes over each rollout.")
+  num_minibatches: int = config.flag(2, "Optimizer updates per pass over a rollout.")
+  temperature: float = config.flag(1.0, "Sampling temperature of rollouts and held-out samples "
                                 "(and of the training forward, so the first ratio is 1).")
-  eval_samples: int = cli.flag(16, "Temperature samples per held-out prompt (n of pass@k).")
-  pass_k: str = cli.flag("1,4,8", "Comma-separated k of the held-out pass@k (each < "
+  eval_samples: int = config.flag(16, "Temperature samples per held-out prompt (n of pass@k).")
+  pass_k: str = config.flag("1,4,8", "Comma-separated k of the held-out pass@k (each < "
                          "--eval_samples).")
-  dynamic_sampling_rounds: int = cli.flag(
+  dynamic_sampling_rounds: int = config.flag(
       0, "DAPO's dynamic sampling: zero-variance groups leave the loss and are replaced by "
       "informative groups of up to this many further rollouts of fresh prompts per iteration "
       "(0: off, every group enters the loss).")
-  matched_sft: bool = cli.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
+  matched_sft: bool = config.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
                                "takes on the prompts of GRPO's updates (matched compute; with "
                                "dynamic sampling also on every prompt rolled out).")
 
@@ -166,17 +168,8 @@ class GRPOConfig(lm.LMConfig):
     return [int(k) for k in self.pass_k.split(",")]
 
 
-SHARED_WITH_SFT = sft.SHARED_WITH_PRETRAIN + ("stage_root",)
-
-
 def sft_config(cfg: GRPOConfig) -> sft.SFTConfig:
-  return stages.upstream_config(sft.SFTConfig, cfg.sft_flagfile, cfg, SHARED_WITH_SFT)
-
-
-def ensure_sft(cfg: GRPOConfig) -> str:
-  scfg = sft_config(cfg)
-  return stages.ensure_stage("sft", sft.stage_key_config(scfg), cfg.stage_root,
-                             lambda workdir: sft.run(dataclasses.replace(scfg, workdir=workdir)))
+  return chain.upstream_config("sft", cfg.sft_flagfile, cfg)
 
 
 def check_mesh(cfg: GRPOConfig, mesh) -> None:
@@ -247,7 +240,7 @@ def run(cfg: GRPOConfig) -> dict:
   check_mesh(cfg, mesh)
   wall = {}
   t0 = time.perf_counter()
-  sft_dir = ensure_sft(cfg)
+  sft_dir = chain.ensure("sft", sft_config(cfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
   with open(os.path.join(sft_dir, "result.json")) as f:
     base_dir = json.load(f)["pretrain_workdir"]
@@ -285,7 +278,7 @@ def run(cfg: GRPOConfig) -> dict:
                              [pipeline._text(r["response"]) for r in heldout], sft_params)
   t_loop = time.perf_counter()
   state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
-                             mesh=mesh, evaluate=evaluate, config=cli.to_dict(cfg))
+                             mesh=mesh, evaluate=evaluate, config=config.to_dict(cfg))
   wall["grpo_s"] = time.perf_counter() - t_loop
 
   _, base_params, _ = lm.init_model(cfg, mesh, init_from=base_dir)

@@ -30,6 +30,7 @@ import os
 
 
 from experiments import cli, grpo, plots, sweeps
+from rlhf_jax.pipeline import config
 from rlhf_jax.train.logging import read_metrics
 
 POLICIES = ("sft", "grpo", "sft_matched", "sft_matched_rolled_out")
@@ -41,15 +42,15 @@ METRICS = ("accuracy_greedy", "accuracy_temp1", "reward_mean", "zero_variance_fr
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSweepConfig:
-  grpo_flagfile: str = cli.flag("experiments/configs/grpo_tiny.flags",
+  grpo_flagfile: str = config.flag("experiments/configs/grpo_tiny.flags",
                                 "Flagfile of the GRPO runs.")
-  seeds: str = cli.flag("0,1,2", "Comma-separated GRPO seeds.")
-  workdir: str = cli.flag("workdirs/grpo_sweep", "Root of the per-seed GRPO workdirs.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  data_dir: str = cli.flag("workdirs/data", "Where the world's datasets are materialised.")
-  out_dir: str = cli.flag("experiments/results/grpo", "Where the JSON summary and figure go.")
-  smoke: bool = cli.flag(False, "GRPO --smoke runs (for tests of the plumbing).")
-  model: str = cli.flag("", "Override the flagfile's --model (empty: keep it).")
+  seeds: str = config.flag("0,1,2", "Comma-separated GRPO seeds.")
+  workdir: str = config.flag("workdirs/grpo_sweep", "Root of the per-seed GRPO workdirs.")
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  data_dir: str = config.flag("workdirs/data", "Where the world's datasets are materialised.")
+  out_dir: str = config.flag("experiments/results/grpo", "Where the JSON summary and figure go.")
+  smoke: bool = config.flag(False, "GRPO --smoke runs (for tests of the plumbing).")
+  model: str = config.flag("", "Override the flagfile's --model (empty: keep it).")
 
   def __post_init__(self):
     sweeps.parse_seeds(self.seeds)
@@ -88,7 +89,7 @@ def run(cfg: GRPOSweepConfig) -> dict:
   curves, summaries, runs = {}, [], {}
   ks = None
   for seed in cfg.seed_list:
-    gcfg = cli.parse(grpo.GRPOConfig, [
+    gcfg = config.parse(grpo.GRPOConfig, [
         f"--flagfile={cfg.grpo_flagfile}", f"--seed={seed}", f"--stage_root={cfg.stage_root}",
         f"--data_dir={cfg.data_dir}", f"--workdir={os.path.join(cfg.workdir, f'seed_{seed}')}",
         "--matched_sft", *(["--smoke"] if cfg.smoke else []),

@@ -5,7 +5,7 @@ it gets is measured: exploitability and distance to the equilibrium over trainin
     python -m experiments.nash_md --flagfile=experiments/configs/nash_md_tiny.flags
 
 In an empty workdir this builds what it lacks, each stage cached under --stage_root
-(experiments/stages.py): pretrain -> SFT -> pairwise preference model
+(rlhf_jax/pipeline/chain.py): pretrain -> SFT -> pairwise preference model
 (experiments.reward --reward_model=pairwise, named by --reward_flagfile). Then, per
 iteration, for --batch_size train prompts:
 
@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, lm, pairwise_reward, plots, reward as reward_exp, worlds
+from experiments import cli, plots
+from rlhf_jax.pipeline import chain, config, lm, pairwise, reward as reward_stage, worlds
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.rl import loop as rl_loop
@@ -57,30 +58,30 @@ KL_ESTIMATORS = {"k1": kl_lib.k1, "k3": kl_lib.k3}
 
 @dataclasses.dataclass(frozen=True)
 class NashMDConfig(lm.LMConfig):
-  reward_flagfile: str = cli.flag(
+  reward_flagfile: str = config.flag(
       "experiments/configs/reward_pairwise_intransitive_tiny.flags",
       "Flagfile of the pairwise preference-model stage (--reward_model=pairwise); it names the "
       "SFT stage. With --judge=raters only that SFT stage is built.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  judge: str = cli.flag("model", "Who says P(y > y' | x): the learned pairwise preference "
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  judge: str = config.flag("model", "Who says P(y > y' | x): the learned pairwise preference "
                         "model, or the simulated raters (their exact probability).",
                         choices=JUDGES)
-  nash_tau: float = cli.flag(0.02, "KL(pi || mu) regularisation tau of the game (>= 0).")
-  mixture_coef: float = cli.flag(0.125, "Geometric-mixture coefficient a = eta * tau of the "
+  nash_tau: float = config.flag(0.02, "KL(pi || mu) regularisation tau of the game (>= 0).")
+  mixture_coef: float = config.flag(0.125, "Geometric-mixture coefficient a = eta * tau of the "
                                  "opponent pi_mix ∝ pi^(1-a) mu^a, in [0, 1].")
-  kl_estimator: str = cli.flag("k1", "Per-token KL estimator of the penalty (both unbiased "
+  kl_estimator: str = config.flag("k1", "Per-token KL estimator of the penalty (both unbiased "
                                "for KL(pi || mu); the loss is exact for either).",
                                choices=tuple(KL_ESTIMATORS))
-  group_size: int = cli.flag(1, "Responses per prompt, each judged against all of the "
+  group_size: int = config.flag(1, "Responses per prompt, each judged against all of the "
                              "group's group_size opponents (the mean preference), with the "
                              "leave-one-out baseline taken within the group (>= 2); 1: one "
                              "opponent per response and the baseline over the batch.")
-  baseline: bool = cli.flag(True, "Subtract the leave-one-out mean of p - 1/2 (within the "
+  baseline: bool = config.flag(True, "Subtract the leave-one-out mean of p - 1/2 (within the "
                             "prompt's group, or over the batch at --group_size=1).")
-  num_minibatches: int = cli.flag(1, "Optimizer updates per rollout (one pass).")
-  temperature: float = cli.flag(1.0, "Sampling temperature of y, y' (and of the training "
+  num_minibatches: int = config.flag(1, "Optimizer updates per rollout (one pass).")
+  temperature: float = config.flag(1.0, "Sampling temperature of y, y' (and of the training "
                                 "forward).")
-  eval_samples: int = cli.flag(8, "Temperature-1 samples per held-out prompt at evaluation.")
+  eval_samples: int = config.flag(8, "Temperature-1 samples per held-out prompt at evaluation.")
 
   def __post_init__(self):
     super().__post_init__()
@@ -119,10 +120,10 @@ class NashMDConfig(lm.LMConfig):
     return self.batch_size * self.group_size
 
 
-def preference_config(cfg: NashMDConfig) -> reward_exp.RewardConfig:
+def preference_config(cfg: NashMDConfig) -> reward_stage.RewardConfig:
   """The preference stage's config; refuses a scalar (BT) stage where a pairwise model is
   needed, from the flags alone."""
-  rcfg = reward_exp.reward_config(cfg)
+  rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
   if cfg.judge == "model" and rcfg.reward_model != "pairwise":
     raise ValueError(f"--judge=model needs a pairwise preference model, but "
                      f"{cfg.reward_flagfile} trains a {rcfg.reward_model!r} (scalar) reward "
@@ -175,10 +176,10 @@ def run(cfg: NashMDConfig) -> dict:
   wall = {}
   t0 = time.perf_counter()
   if cfg.judge == "model":
-    pref_dir = reward_exp.ensure_reward(cfg, rcfg)
-    sft_dir = reward_exp.read_manifest(pref_dir)["sft_workdir"]
+    pref_dir = chain.ensure("reward", rcfg)
+    sft_dir = reward_stage.read_manifest(pref_dir)["sft_workdir"]
   else:
-    pref_dir, sft_dir = None, reward_exp.ensure_sft(rcfg)
+    pref_dir, sft_dir = None, chain.ensure("sft", chain.upstream_config("sft", rcfg.sft_flagfile, rcfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -192,7 +193,7 @@ def run(cfg: NashMDConfig) -> dict:
   prompt_len = worlds.world_prompt_len(cfg)
 
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
-  model = (pairwise_reward.load_preference_model(rcfg, mesh, pref_dir, sft_params)
+  model = (pairwise.load_preference_model(rcfg, mesh, pref_dir, sft_params)
            if cfg.judge == "model" else None)
   judge = make_judge(cfg, world_cfg, model)
   scfg = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=ByteTokenizer.eos_id,
@@ -224,7 +225,7 @@ def run(cfg: NashMDConfig) -> dict:
 
   t_loop = time.perf_counter()
   state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
-                             mesh=mesh, evaluate=evaluate, config=cli.to_dict(cfg),
+                             mesh=mesh, evaluate=evaluate, config=config.to_dict(cfg),
                              describe=describe(world_cfg),
                              initial_point={**sft_point, **target_distance(sft_point, target)})
   wall["nash_md_s"] = time.perf_counter() - t_loop

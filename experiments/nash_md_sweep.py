@@ -40,7 +40,8 @@ import time
 import jax
 import numpy as np
 
-from experiments import cli, lm, nash_md, plots, ppo, reward as reward_exp, worlds
+from experiments import cli, nash_md, plots, ppo
+from rlhf_jax.pipeline import config, lm, reward as reward_stage, worlds
 from experiments.sweeps import aggregate, parse_seeds
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl.rollout import RolloutStage
@@ -54,22 +55,22 @@ FINAL_KEYS = ("share_formal", "share_casual", "share_poetic", "share_malformed",
 
 @dataclasses.dataclass(frozen=True)
 class NashMDSweepConfig:
-  nash_flagfile: str = cli.flag("experiments/configs/nash_md_tiny.flags",
+  nash_flagfile: str = config.flag("experiments/configs/nash_md_tiny.flags",
                                 "Flagfile of the Nash-MD runs.")
-  ppo_flagfile: str = cli.flag("experiments/configs/ppo_intransitive_tiny.flags",
+  ppo_flagfile: str = config.flag("experiments/configs/ppo_intransitive_tiny.flags",
                                "Flagfile of the BT-PPO runs (a Bradley-Terry reward stage).")
-  seeds: str = cli.flag("0,1,2", "Comma-separated RL seeds.")
-  bt_ppo: bool = cli.flag(True, "Also run BT-PPO (otherwise Nash-MD only).")
-  raters_judge: bool = cli.flag(True, "Also run Nash-MD with the raters as judge (their exact "
+  seeds: str = config.flag("0,1,2", "Comma-separated RL seeds.")
+  bt_ppo: bool = config.flag(True, "Also run BT-PPO (otherwise Nash-MD only).")
+  raters_judge: bool = config.flag(True, "Also run Nash-MD with the raters as judge (their exact "
                                 "preference probability): the learned model's share of the "
                                 "gap to the equilibrium.")
-  workdir: str = cli.flag("workdirs/nash_md_sweep", "Root of the per-run workdirs.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  data_dir: str = cli.flag("workdirs/data", "Where the world's datasets are materialised.")
-  model: str = cli.flag("", "Model preset override for every run ('' keeps the flagfiles').")
-  out_dir: str = cli.flag("experiments/results/nash_md", "Where the JSON and figure go.")
-  final_eval_samples: int = cli.flag(16, "Samples per held-out prompt of the final evaluation.")
-  smoke: bool = cli.flag(False, "--smoke runs (for tests of the plumbing).")
+  workdir: str = config.flag("workdirs/nash_md_sweep", "Root of the per-run workdirs.")
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  data_dir: str = config.flag("workdirs/data", "Where the world's datasets are materialised.")
+  model: str = config.flag("", "Model preset override for every run ('' keeps the flagfiles').")
+  out_dir: str = config.flag("experiments/results/nash_md", "Where the JSON and figure go.")
+  final_eval_samples: int = config.flag(16, "Samples per held-out prompt of the final evaluation.")
+  smoke: bool = config.flag(False, "--smoke runs (for tests of the plumbing).")
 
   def __post_init__(self):
     parse_seeds(self.seeds)
@@ -113,7 +114,7 @@ def run(cfg: NashMDSweepConfig) -> dict:
     for method, extra in (("nash_md", []), ("nash_md_raters", ["--judge=raters"])):
       if method not in runs:
         continue
-      ncfg = cli.parse(nash_md.NashMDConfig, _run_args(
+      ncfg = config.parse(nash_md.NashMDConfig, _run_args(
           cfg, cfg.nash_flagfile, seed, os.path.join(cfg.workdir, f"{method}_seed_{seed}"))
           + extra)
       t0 = time.perf_counter()
@@ -122,11 +123,11 @@ def run(cfg: NashMDSweepConfig) -> dict:
                            "sft_workdir": result["sft_workdir"],
                            "wall_s": time.perf_counter() - t0})
     if cfg.bt_ppo:
-      pcfg = cli.parse(ppo.PPOConfig, _run_args(
+      pcfg = config.parse(ppo.PPOConfig, _run_args(
           cfg, cfg.ppo_flagfile, seed, os.path.join(cfg.workdir, f"bt_ppo_seed_{seed}")))
       t0 = time.perf_counter()
       result = ppo.run(pcfg)
-      sft_dir = reward_exp.read_manifest(result["reward_workdir"])["sft_workdir"]
+      sft_dir = reward_stage.read_manifest(result["reward_workdir"])["sft_workdir"]
       runs["bt_ppo"].append({"seed": seed, "workdir": pcfg.workdir, "curve": result["curve"],
                              "sft_workdir": sft_dir, "wall_s": time.perf_counter() - t0})
 

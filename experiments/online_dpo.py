@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
+from experiments import cli, plots
+from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
 from rlhf_jax import evaluation, sharding
 from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
@@ -45,24 +46,24 @@ LABELERS = ("reward_model", "raters")
 
 @dataclasses.dataclass(frozen=True)
 class OnlineDPOConfig(lm.LMConfig):
-  workdir: str = cli.flag("workdirs/online_dpo", "Run directory: checkpoints, metrics.jsonl, "
+  workdir: str = config.flag("workdirs/online_dpo", "Run directory: checkpoints, metrics.jsonl, "
                           "tb/, result.json, online_dpo_gold.png.")
-  reward_flagfile: str = cli.flag("experiments/configs/reward_gold_tiny.flags",
+  reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  rounds: int = cli.flag(6, "Sample -> label -> train rounds.")
-  prompts_per_round: int = cli.flag(64, "Train prompts sampled per round (one pair each).")
-  steps_per_round: int = cli.flag(8, "Optimizer steps of --batch_size pairs per round.")
-  loss: str = cli.flag("dpo", "Pairwise objective.", choices=preference.PAIR_LOSSES)
-  beta: float = cli.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
-  label_smoothing: float = cli.flag(0.1, "cDPO label-flip probability eps in [0, 0.5].")
-  ipo_tau: float = cli.flag(0.1, "IPO regularisation tau (> 0).")
-  labeler: str = cli.flag("reward_model", "Who labels each round's pairs.", choices=LABELERS)
-  aggregate: str = cli.flag("mean", "Ensemble aggregation of reward-model scores.",
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  rounds: int = config.flag(6, "Sample -> label -> train rounds.")
+  prompts_per_round: int = config.flag(64, "Train prompts sampled per round (one pair each).")
+  steps_per_round: int = config.flag(8, "Optimizer steps of --batch_size pairs per round.")
+  loss: str = config.flag("dpo", "Pairwise objective.", choices=preference.PAIR_LOSSES)
+  beta: float = config.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
+  label_smoothing: float = config.flag(0.1, "cDPO label-flip probability eps in [0, 0.5].")
+  ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0).")
+  labeler: str = config.flag("reward_model", "Who labels each round's pairs.", choices=LABELERS)
+  aggregate: str = config.flag("mean", "Ensemble aggregation of reward-model scores.",
                             choices=reward.AGGREGATES)
-  uwo_coef: float = cli.flag(0.5, "Variance penalty of --aggregate=uwo.")
-  sample_temperature: float = cli.flag(1.0, "Temperature of the policy samples of a round.")
-  matched_sft: bool = cli.flag(False, "Also continue SFT for as many optimizer steps as "
+  uwo_coef: float = config.flag(0.5, "Variance penalty of --aggregate=uwo.")
+  sample_temperature: float = config.flag(1.0, "Temperature of the policy samples of a round.")
+  matched_sft: bool = config.flag(False, "Also continue SFT for as many optimizer steps as "
                                "online DPO takes (the matched-compute baseline) and report it.")
 
   def __post_init__(self):
@@ -104,7 +105,7 @@ def labeler(cfg: OnlineDPOConfig, rms, rater_temperature: float):
   stats: its agreement with gold, the gold and proxy reward and length of the samples."""
   def label(samples, rng):
     gold_Nx2 = samples.ground_truth_NxK(gold.ground_truth)
-    proxy_Nx2 = reward_exp.proxy_scores(rms, samples, cfg)
+    proxy_Nx2 = reward_stage.proxy_scores(rms, samples, cfg)
     if cfg.labeler == "reward_model":
       chosen = (proxy_Nx2[:, 1] > proxy_Nx2[:, 0]).astype(int)
     else:
@@ -141,16 +142,16 @@ def gold_eval(cfg: OnlineDPOConfig, sample, prompts):
 
 def run(cfg: OnlineDPOConfig) -> dict:
   cfg = cfg.effective()
-  rcfg = reward_exp.reward_config(cfg)
-  reward_exp.check_ensemble(cfg, rcfg)
+  rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
+  reward_stage.check_ensemble(cfg, rcfg)
   prompt_len = registry.prompt_len(gold.all_prompts())
   max_new = worlds.max_new_tokens(cfg)
   check_lengths(cfg, prompt_len, max_new)
   wall = {}
   t0 = time.perf_counter()
-  rm_dir = reward_exp.ensure_reward(cfg, rcfg)
+  rm_dir = chain.ensure("reward", rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
-  manifest = reward_exp.read_manifest(rm_dir)
+  manifest = reward_stage.read_manifest(rm_dir)
   # The SFT stage the reward models were trained on, from their manifest: recomputing its
   # key here would rebuild it if any code changed while the reward stage was being built.
   sft_dir, rater_temperature = manifest["sft_workdir"], manifest["rater_temperature"]
@@ -158,7 +159,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
   world = cfg.world_config()
   split = gold.split_prompts(world)
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
-  rms = reward_exp.load_reward_models(rcfg, mesh, rm_dir, sft_params)
+  rms = reward_stage.load_reward_models(rcfg, mesh, rm_dir, sft_params)
 
   def sample(params, prompts, *, k, temperature, key):  # one compiled sampler per temperature
     return comparisons.sample_k(g, params, prompts, k=k, batch_size=cfg.eval_batch_size,
@@ -191,7 +192,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
 
   t_loop = time.perf_counter()
   state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step, mesh=mesh,
-                             evaluate=evaluate_summary, config=cli.to_dict(cfg),
+                             evaluate=evaluate_summary, config=config.to_dict(cfg),
                              initial_point=sft_summary)
   wall["online_dpo_s"] = time.perf_counter() - t_loop
   if "gold" not in last:  # a finished run resumed: no round ran, evaluate the final policy
@@ -200,7 +201,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
   table = {"sft": curve[0],
            "online_dpo": {**curve[-1], **evaluation.win_rate(last["gold"], sft_gold, rng)}}
   if cfg.matched_sft:
-    matched = sft.continued_sft(reward_exp.sft_config(rcfg),
+    matched = sft.continued_sft(chain.upstream_config("sft", rcfg.sft_flagfile, rcfg),
                                 os.path.join(cfg.workdir, "matched_sft"), cfg.total_steps, mesh,
                                 g, sft_params, shardings)
     summary, matched_gold = evaluate(matched)

@@ -9,7 +9,7 @@ the gold reward r* (what it was meant to improve), against KL to SFT. Overoptimi
 as proxy still rising after gold has peaked. Writes <out_dir>/overoptimisation.json (every
 curve, per-seed peak/final numbers and their mean and spread) and <out_dir>/overoptimisation.png.
 Results committed under experiments/results/ come from this command (about 30 minutes on 2
-CPU cores with cached stages); tests/experiments/test_overoptimisation_slow.py reruns it.
+CPU cores with cached stages); `pytest -m slow tests/experiments/test_overoptimisation.py` reruns it.
 """
 import dataclasses
 import json
@@ -18,18 +18,19 @@ import os
 import numpy as np
 
 from experiments import cli, plots, ppo, sweeps
+from rlhf_jax.pipeline import config
 
 
 @dataclasses.dataclass(frozen=True)
 class OveroptimisationConfig:
-  ppo_flagfile: str = cli.flag("experiments/configs/ppo_overoptimisation.flags",
+  ppo_flagfile: str = config.flag("experiments/configs/ppo_overoptimisation.flags",
                                "Flagfile of the PPO runs (a small --kl_coef).")
-  seeds: str = cli.flag("0,1,2", "Comma-separated PPO seeds.")
-  workdir: str = cli.flag("workdirs/overoptimisation", "Root of the per-seed PPO workdirs.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  out_dir: str = cli.flag("experiments/results/overoptimisation",
+  seeds: str = config.flag("0,1,2", "Comma-separated PPO seeds.")
+  workdir: str = config.flag("workdirs/overoptimisation", "Root of the per-seed PPO workdirs.")
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  out_dir: str = config.flag("experiments/results/overoptimisation",
                           "Where the JSON summary and the figure go.")
-  smoke: bool = cli.flag(False, "PPO --smoke runs (for tests of the plumbing).")
+  smoke: bool = config.flag(False, "PPO --smoke runs (for tests of the plumbing).")
 
   def __post_init__(self):
     sweeps.parse_seeds(self.seeds)
@@ -65,7 +66,7 @@ def figure(out: dict, path: str) -> None:
 def run(cfg: OveroptimisationConfig) -> dict:
   curves, summaries = {}, []
   for seed in cfg.seed_list:
-    pcfg = cli.parse(ppo.PPOConfig, [
+    pcfg = config.parse(ppo.PPOConfig, [
         f"--flagfile={cfg.ppo_flagfile}", f"--seed={seed}", f"--stage_root={cfg.stage_root}",
         f"--workdir={os.path.join(cfg.workdir, f'seed_{seed}')}",
         *(["--smoke"] if cfg.smoke else [])])

@@ -3,7 +3,7 @@
     python -m experiments.ppo --flagfile=experiments/configs/ppo_tiny.flags
 
 In an empty workdir this builds what it lacks, each stage cached under --stage_root by a key
-of its own and its upstream flags and the code version (experiments/stages.py):
+of its own and its upstream flags and the code version (rlhf_jax/pipeline/chain.py):
 pretrain -> SFT -> reward model(s) -> PPO. Then:
 
   policy    starts from SFT; the reference (KL anchor) is the frozen SFT model
@@ -32,7 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments import cli, lm, plots, reward as reward_exp, sft, worlds
+from experiments import cli, plots
+from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import loop as rl_loop, scorers
@@ -46,31 +47,31 @@ from rlhf_jax.worlds import heldout, registry
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig(lm.LMConfig):
-  reward_flagfile: str = cli.flag("experiments/configs/reward_gold_tiny.flags",
+  reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  ppo_epochs: int = cli.flag(2, "Passes over each rollout.")
-  num_minibatches: int = cli.flag(2, "Optimizer updates per pass over a rollout.")
-  kl_coef: float = cli.flag(0.05, "Initial (or fixed) per-token KL penalty coefficient (>= 0).")
-  adaptive_kl: bool = cli.flag(False, "Adapt kl_coef towards --kl_target (Ziegler 2019).")
-  kl_target: float = cli.flag(4.0, "Target KL to SFT per sequence (nats) of the adaptive "
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  ppo_epochs: int = config.flag(2, "Passes over each rollout.")
+  num_minibatches: int = config.flag(2, "Optimizer updates per pass over a rollout.")
+  kl_coef: float = config.flag(0.05, "Initial (or fixed) per-token KL penalty coefficient (>= 0).")
+  adaptive_kl: bool = config.flag(False, "Adapt kl_coef towards --kl_target (Ziegler 2019).")
+  kl_target: float = config.flag(4.0, "Target KL to SFT per sequence (nats) of the adaptive "
                               "controller.")
-  kl_horizon: int = cli.flag(2000, "Adaptive controller horizon (sequences).")
-  clip_eps: float = cli.flag(0.2, "Policy ratio clip range.")
-  value_clip_eps: float = cli.flag(0.2, "Value clip range around the rollout's values.")
-  vf_coef: float = cli.flag(0.5, "Value-loss weight.")
-  entropy_coef: float = cli.flag(0.0, "Entropy bonus weight.")
-  gae_gamma: float = cli.flag(1.0, "GAE discount.")
-  gae_lambda: float = cli.flag(0.95, "GAE lambda.")
-  temperature: float = cli.flag(1.0, "Sampling temperature of rollouts (and of the "
+  kl_horizon: int = config.flag(2000, "Adaptive controller horizon (sequences).")
+  clip_eps: float = config.flag(0.2, "Policy ratio clip range.")
+  value_clip_eps: float = config.flag(0.2, "Value clip range around the rollout's values.")
+  vf_coef: float = config.flag(0.5, "Value-loss weight.")
+  entropy_coef: float = config.flag(0.0, "Entropy bonus weight.")
+  gae_gamma: float = config.flag(1.0, "GAE discount.")
+  gae_lambda: float = config.flag(0.95, "GAE lambda.")
+  temperature: float = config.flag(1.0, "Sampling temperature of rollouts (and of the "
                                 "training forward, so the first ratio is exactly 1).")
-  truncation_penalty: float = cli.flag(0.0, "Subtracted from the reward of responses cut at "
+  truncation_penalty: float = config.flag(0.0, "Subtracted from the reward of responses cut at "
                                        "max_new_tokens without EOS (>= 0).")
-  ptx_coef: float = cli.flag(0.0, "PPO-ptx: weight of the pretraining NLL (0: off).")
-  aggregate: str = cli.flag("mean", "Ensemble aggregation of reward-model scores.",
+  ptx_coef: float = config.flag(0.0, "PPO-ptx: weight of the pretraining NLL (0: off).")
+  aggregate: str = config.flag("mean", "Ensemble aggregation of reward-model scores.",
                             choices=reward.AGGREGATES)
-  uwo_coef: float = cli.flag(0.5, "Variance penalty of --aggregate=uwo.")
-  matched_sft: bool = cli.flag(False, "Also continue SFT for as many optimizer steps as PPO "
+  uwo_coef: float = config.flag(0.5, "Variance penalty of --aggregate=uwo.")
+  matched_sft: bool = config.flag(False, "Also continue SFT for as many optimizer steps as PPO "
                                "takes (the matched-compute baseline) and report it.")
 
   def __post_init__(self):
@@ -127,16 +128,16 @@ def preference_eval(cfg: PPOConfig, stage: RolloutStage, scorer, prompts, ref_pa
 
 def run(cfg: PPOConfig) -> dict:
   cfg = cfg.effective()
-  rcfg = reward_exp.reward_config(cfg)
-  reward_exp.check_ensemble(cfg, rcfg)
+  rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
+  reward_stage.check_ensemble(cfg, rcfg)
   wall = {}
   t0 = time.perf_counter()
-  rm_dir = reward_exp.ensure_reward(cfg, rcfg)
+  rm_dir = chain.ensure("reward", rcfg)
   wall["upstream_stages_s"] = time.perf_counter() - t0
-  scfg = reward_exp.sft_config(rcfg)
+  scfg = chain.upstream_config("sft", rcfg.sft_flagfile, rcfg)
   # The SFT and base models the reward stage was built from, as it recorded them (looking
   # them up again would rebuild them if the code changed while this run was going).
-  sft_dir = reward_exp.read_manifest(rm_dir)["sft_workdir"]
+  sft_dir = reward_stage.read_manifest(rm_dir)["sft_workdir"]
   with open(os.path.join(sft_dir, "result.json")) as f:
     base_dir = json.load(f)["pretrain_workdir"]
   mesh = lm.setup(cfg)
@@ -148,8 +149,8 @@ def run(cfg: PPOConfig) -> dict:
 
   g, sft_params, pol_shardings = lm.init_model(cfg, mesh, init_from=sft_dir)
   _, base_params, _ = lm.init_model(cfg, mesh, init_from=base_dir)
-  rms = reward_exp.load_reward_models(rcfg, mesh, rm_dir, sft_params)
-  _, _, value_shardings = reward_exp.init_reward_model(rcfg, mesh, sft_params, cfg.seed)
+  rms = reward_stage.load_reward_models(rcfg, mesh, rm_dir, sft_params)
+  _, _, value_shardings = reward_stage.init_reward_model(rcfg, mesh, sft_params, cfg.seed)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the train state is donated
   params = {"policy": copy(sft_params), "value": copy(rms.params[0])}
   shardings = {"policy": pol_shardings, "value": value_shardings}
@@ -158,7 +159,7 @@ def run(cfg: PPOConfig) -> dict:
   sampling = SamplingConfig(max_new_tokens=worlds.max_new_tokens(cfg), eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
   stage = RolloutStage(g, sampling, worlds.world_prompt_len(cfg), value_graphdef=rms.graphdef)
-  scorer = scorers.Penalised(reward_exp.scorer(rms, cfg),
+  scorer = scorers.Penalised(reward_stage.scorer(rms, cfg),
                              truncation_penalty=cfg.truncation_penalty)
   ptx_iter = None
   if cfg.ptx_coef:
@@ -187,7 +188,7 @@ def run(cfg: PPOConfig) -> dict:
   t_loop = time.perf_counter()
   state, curve = rl_loop.run(
       loop_cfg, algorithm, state=state, train_step=train_step, mesh=mesh,
-      evaluate=lambda p: heldout(p["policy"]), config=cli.to_dict(cfg),
+      evaluate=lambda p: heldout(p["policy"]), config=config.to_dict(cfg),
       describe=lambda exp: {f"rollout_{k}": v for k, v in
                             worlds.summary(cfg, exp.prompts, exp.responses).items()})
   wall["ppo_s"] = time.perf_counter() - t_loop

@@ -2,40 +2,11 @@
 
     python -m experiments.pretrain --flagfile=experiments/configs/pretrain_tiny.flags
 
-Writes <workdir>/{config.json, metrics.jsonl, tb/, checkpoints/, params/} and reports the
-base model's held-out metrics (experiments/worlds.py).
+Writes <workdir>/{config.json, metrics.jsonl, tb/, checkpoints/, params/, result.json} and
+prints the base model's held-out metrics. The stage itself: rlhf_jax/pipeline/pretrain.py.
 """
-import dataclasses
-import json
-import os
-
-import jax
-
-from experiments import cli, lm, worlds
-from rlhf_jax.data import builders
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig(lm.LMConfig):
-  pass
-
-
-def run(cfg: PretrainConfig) -> dict:
-  cfg = cfg.effective()
-  mesh = lm.setup(cfg)
-  datasets = lm.timed("build world data", lm.build_world, cfg)
-  graphdef, params, shardings = lm.init_model(cfg, mesh)
-  heldout = builders.load_split(datasets["sft"], "test")
-  params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings,
-                                builders.load_split(datasets["pretrain"], "train"), kind="lm",
-                                eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
-  result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
-            **worlds.heldout_metrics(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"pretrain held-out: {lm.format_metrics(result, worlds.headline(cfg))}")
-  return result
-
+from experiments import cli
+from rlhf_jax.pipeline import chain, pretrain
 
 if __name__ == "__main__":
-  cli.main(PretrainConfig, run)
+  cli.main(pretrain.PretrainConfig, lambda cfg: chain.run_stage("pretrain", cfg))

@@ -20,6 +20,7 @@ import json
 import os
 
 from experiments import cli, dpo, plots, ppo, sweeps
+from rlhf_jax.pipeline import config
 
 # The held-out numbers reported per policy (keys of worlds.summary on this world).
 POLICY_METRICS = ("sycophancy_rate", "gold")
@@ -27,17 +28,17 @@ POLICY_METRICS = ("sycophancy_rate", "gold")
 
 @dataclasses.dataclass(frozen=True)
 class SycophancyConfig:
-  ppo_flagfile: str = cli.flag("experiments/configs/ppo_sycophancy_tiny.flags",
+  ppo_flagfile: str = config.flag("experiments/configs/ppo_sycophancy_tiny.flags",
                                "Flagfile of the PPO runs (it names the reward stage).")
-  dpo_flagfile: str = cli.flag("experiments/configs/dpo_sycophancy_tiny.flags",
+  dpo_flagfile: str = config.flag("experiments/configs/dpo_sycophancy_tiny.flags",
                                "Flagfile of the DPO runs.")
-  seeds: str = cli.flag("0,1,2", "Comma-separated seeds (reward model, PPO and DPO).")
-  workdir: str = cli.flag("workdirs/sycophancy", "Root of the per-seed workdirs.")
-  stage_root: str = cli.flag("workdirs/stages", "Where cached upstream stages live.")
-  out_dir: str = cli.flag("experiments/results/sycophancy",
+  seeds: str = config.flag("0,1,2", "Comma-separated seeds (reward model, PPO and DPO).")
+  workdir: str = config.flag("workdirs/sycophancy", "Root of the per-seed workdirs.")
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  out_dir: str = config.flag("experiments/results/sycophancy",
                           "Where the JSON summary and the figure go.")
-  smoke: bool = cli.flag(False, "--smoke runs of every stage (for tests of the plumbing).")
-  extra_flags: str = cli.flag("", "Space-separated flags passed to every run (tests: "
+  smoke: bool = config.flag(False, "--smoke runs of every stage (for tests of the plumbing).")
+  extra_flags: str = config.flag("", "Space-separated flags passed to every run (tests: "
                               "--model=nano --data_dir=...).")
 
   def __post_init__(self):
@@ -51,7 +52,7 @@ class SycophancyConfig:
 def reward_flagfile(cfg: SycophancyConfig, seed: int, workdir: str) -> str:
   """A per-seed flagfile: the PPO flagfile's reward stage with --seed=seed, so each seed
   trains its own reward model (the bias it learns from the raters is itself random)."""
-  base = cli.parse(ppo.PPOConfig, [f"--flagfile={cfg.ppo_flagfile}"]).reward_flagfile
+  base = config.parse(ppo.PPOConfig, [f"--flagfile={cfg.ppo_flagfile}"]).reward_flagfile
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "reward.flags")
   with open(path, "w") as f:
@@ -94,13 +95,13 @@ def run(cfg: SycophancyConfig) -> dict:
   for seed in cfg.seed_list:
     workdir = os.path.join(cfg.workdir, f"seed_{seed}")
     common = [f"--seed={seed}", f"--stage_root={cfg.stage_root}", *extra]
-    ppo_result = ppo.run(cli.parse(ppo.PPOConfig, [
+    ppo_result = ppo.run(config.parse(ppo.PPOConfig, [
         f"--flagfile={cfg.ppo_flagfile}",
         f"--reward_flagfile={reward_flagfile(cfg, seed, workdir)}", *common,
         f"--workdir={os.path.join(workdir, 'ppo')}"]))
     with open(os.path.join(ppo_result["reward_workdir"], "result.json")) as f:
       rm = json.load(f)
-    dpo_result = dpo.run(cli.parse(dpo.DPOConfig, [
+    dpo_result = dpo.run(config.parse(dpo.DPOConfig, [
         f"--flagfile={cfg.dpo_flagfile}", *common, f"--workdir={os.path.join(workdir, 'dpo')}"]))
     summaries.append({"seed": seed,
                       **seed_summary(rm, ppo_result["table"], dpo_result["table"])})

@@ -151,7 +151,7 @@ def gold_reward(prompt: str, response: str) -> float:
   return float(gold_rewards([prompt], [response])[0])
 
 
-# The preference-world protocol (experiments/worlds.py): the ground truth is r* itself, and
+# The preference-world interface (registry.py): the ground truth is r* itself, and
 # the raters are Plackett-Luce on r* at a temperature the experiments calibrate on the pairs
 # they rate (raters.py), so rater functions live there.
 ground_truth = gold_rewards

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from experiments import cli, ppo, reward
+from experiments import ppo
+from rlhf_jax.pipeline import chain, config, reward
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FLAGS_DIR = os.path.join(REPO_ROOT, "experiments", "configs")
@@ -32,9 +33,9 @@ def gold_stages(tmp_path_factory):
   root = tmp_path_factory.mktemp("gold")
   args = ["--smoke", "--model=nano", f"--stage_root={root}/stages", f"--data_dir={root}/data",
           f"--reward_flagfile={FLAGS_DIR}/reward_gold_tiny.flags"]
-  cfg = cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags", *args,
+  cfg = config.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags", *args,
                                   f"--workdir={root}/unused"]).effective()
-  reward_dir = reward.ensure_reward(cfg, reward.reward_config(cfg))
+  reward_dir = chain.ensure("reward", chain.upstream_config("reward", cfg.reward_flagfile, cfg))
   return {"root": root, "args": args, "reward_dir": reward_dir}
 
 
@@ -44,6 +45,6 @@ def intransitive_stages(tmp_path_factory):
   preference-model stage}."""
   root = tmp_path_factory.mktemp("intransitive")
   args = ["--smoke", "--model=nano", f"--stage_root={root}/stages", f"--data_dir={root}/data"]
-  rcfg = cli.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}", *args,
+  rcfg = config.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}", *args,
                                          f"--workdir={root}/unused"])
-  return {"root": root, "args": args, "pairwise_dir": reward.ensure_reward(rcfg, rcfg)}
+  return {"root": root, "args": args, "pairwise_dir": chain.ensure("reward", rcfg)}

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import best_of_n, cli
+from experiments import best_of_n
+from rlhf_jax.pipeline import config
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 from rlhf_jax.worlds import gold
@@ -18,7 +19,7 @@ from conftest import FLAGS_DIR
 
 
 def _config(gold_stages, workdir, *extra):
-  return cli.parse(best_of_n.BestOfNConfig, [f"--flagfile={FLAGS_DIR}/best_of_n_tiny.flags",
+  return config.parse(best_of_n.BestOfNConfig, [f"--flagfile={FLAGS_DIR}/best_of_n_tiny.flags",
                                              *gold_stages["args"], f"--workdir={workdir}",
                                              *extra])
 

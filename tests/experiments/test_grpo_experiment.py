@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from experiments import cli, grpo
+from experiments import grpo
+from rlhf_jax.pipeline import config
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
@@ -24,7 +25,7 @@ def arith_stages(tmp_path_factory):
 
 
 def _config(stages, workdir, *extra):
-  return cli.parse(grpo.GRPOConfig, [f"--flagfile={FLAGS_DIR}/grpo_tiny.flags", *stages["args"],
+  return config.parse(grpo.GRPOConfig, [f"--flagfile={FLAGS_DIR}/grpo_tiny.flags", *stages["args"],
                                      f"--workdir={workdir}", *extra])
 
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from experiments import cli, grpo_sweep, sweeps
+from experiments import grpo_sweep, sweeps
+from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR, run_experiment
 
@@ -38,7 +39,7 @@ def test_seed_summary():
 def test_bad_seeds_are_refused():
   for seeds in ("0,0", "a", ""):
     with pytest.raises(ValueError, match="--seeds"):
-      cli.parse(grpo_sweep.GRPOSweepConfig, [f"--seeds={seeds}"])
+      config.parse(grpo_sweep.GRPOSweepConfig, [f"--seeds={seeds}"])
 
 
 @pytest.mark.skipif(not os.path.exists(RESULTS), reason="no committed sweep results")

@@ -5,14 +5,14 @@ import os
 
 import pytest
 
-from experiments import cli, pretrain, sft, stages
+from rlhf_jax.pipeline import chain, config, pretrain, sft, stages
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
 FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
 
 
 def _sft_config(tmp_path, *extra):
-  return cli.parse(sft.SFTConfig, [
+  return config.parse(sft.SFTConfig, [
       f"--flagfile={FLAGS_DIR}/sft_tiny.flags",
       f"--pretrain_flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--smoke",
       f"--workdir={tmp_path}/sft", f"--stage_root={tmp_path}/stages",
@@ -23,7 +23,7 @@ def _sft_config(tmp_path, *extra):
 def sft_run(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("sft")
   cfg = _sft_config(tmp_path)
-  return tmp_path, cfg, sft.run(cfg)
+  return tmp_path, cfg, chain.run_stage("sft", cfg)
 
 
 def test_sft_smoke_builds_pretrain_stage_and_reports_accuracy(sft_run):
@@ -49,15 +49,20 @@ def test_sft_smoke_builds_pretrain_stage_and_reports_accuracy(sft_run):
 
 def test_stage_cache_reuses_and_rebuilds_on_upstream_change(sft_run, capsys):
   tmp_path, cfg, result = sft_run
-  same = sft.ensure_pretrained(cfg.effective())
-  assert same == result["pretrain_workdir"]
+  pcfg = chain.upstream_config("pretrain", cfg.pretrain_flagfile, cfg)
+  assert chain.ensure("pretrain", pcfg, cfg.stage_root) == result["pretrain_workdir"]
   assert "cached" in capsys.readouterr().out
-  changed = _sft_config(tmp_path, "--error_rate=0.3").effective()
-  key_changed = {k: v for k, v in cli.to_dict(sft.pretrain_config(changed)).items()
-                 if k != "workdir"}
-  key_same = {k: v for k, v in cli.to_dict(sft.pretrain_config(cfg.effective())).items()
-              if k != "workdir"}
-  assert stages.stage_key(key_changed) != stages.stage_key(key_same)
+  changed = pcfg.__class__(**{**config.to_dict(pcfg), "steps": pcfg.steps + 1})
+  assert stages.stage_key(chain.key_config("pretrain", changed)) != stages.stage_key(
+      chain.key_config("pretrain", pcfg))
+
+
+def test_a_world_flag_of_a_downstream_run_never_overrides_its_upstream_stage(tmp_path):
+  """--error_rate describes the world's data: an SFT run whose value differs from its
+  pretraining flagfile's is refused, naming both, instead of silently building another base."""
+  cfg = _sft_config(tmp_path, "--error_rate=0.3")
+  with pytest.raises(ValueError, match=r"--error_rate=0.3 here, 0.4 in .*pretrain_tiny.flags"):
+    chain.upstream_config("pretrain", cfg.pretrain_flagfile, cfg)
 
 
 def test_ensure_stage_runs_once_per_config(tmp_path):
@@ -80,11 +85,11 @@ def test_ensure_stage_runs_once_per_config(tmp_path):
 def test_invalid_flags_fail_before_anything_runs(flag, message):
   extra = ["--num_microbatches=4"] if flag == "--batch_size=30" else []
   with pytest.raises(ValueError, match=message):
-    cli.parse(pretrain.PretrainConfig,
+    config.parse(pretrain.PretrainConfig,
               [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", flag, *extra])
 
 
 def test_command_line_overrides_flagfile():
-  cfg = cli.parse(pretrain.PretrainConfig,
+  cfg = config.parse(pretrain.PretrainConfig,
                   [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--steps=70"])
   assert cfg.steps == 70 and cfg.model == "tiny"

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, nash_md
+from experiments import nash_md
+from rlhf_jax.pipeline import config
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
 from conftest import FLAGS_DIR
@@ -18,7 +19,7 @@ FLAGS = f"{FLAGS_DIR}/nash_md_tiny.flags"
 
 
 def _config(stages, workdir, *extra):
-  return cli.parse(nash_md.NashMDConfig, [f"--flagfile={FLAGS}", *stages["args"],
+  return config.parse(nash_md.NashMDConfig, [f"--flagfile={FLAGS}", *stages["args"],
                                           f"--workdir={workdir}", *extra])
 
 

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, nash_md_sweep as sweep
+from experiments import nash_md_sweep as sweep
+from rlhf_jax.pipeline import config
 from experiments.sweeps import aggregate
 from rlhf_jax.worlds import intransitive
 
@@ -46,14 +47,14 @@ def _check_tau_target(out):
 def test_bad_flags_are_refused():
   for seeds in ("0,0", "a", ""):
     with pytest.raises(ValueError, match="--seeds"):
-      cli.parse(sweep.NashMDSweepConfig, [f"--seeds={seeds}"])
+      config.parse(sweep.NashMDSweepConfig, [f"--seeds={seeds}"])
   with pytest.raises(ValueError, match="--final_eval_samples"):
-    cli.parse(sweep.NashMDSweepConfig, ["--final_eval_samples=0"])
+    config.parse(sweep.NashMDSweepConfig, ["--final_eval_samples=0"])
 
 
 def test_smoke_sweep_writes_json_and_figure(intransitive_stages, tmp_path):
   root = intransitive_stages["root"]
-  out = sweep.run(cli.parse(sweep.NashMDSweepConfig, [
+  out = sweep.run(config.parse(sweep.NashMDSweepConfig, [
       "--seeds=0", "--smoke", "--model=nano", f"--stage_root={root}/stages",
       f"--data_dir={root}/data", f"--workdir={tmp_path}/runs", f"--out_dir={tmp_path}/out",
       "--final_eval_samples=2"]))

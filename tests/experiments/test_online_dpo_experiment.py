@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from experiments import cli, online_dpo
+from experiments import online_dpo
+from rlhf_jax.pipeline import config
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
@@ -16,7 +17,7 @@ from conftest import FLAGS_DIR
 
 
 def _config(gold_stages, workdir, *extra):
-  return cli.parse(online_dpo.OnlineDPOConfig,
+  return config.parse(online_dpo.OnlineDPOConfig,
                    [f"--flagfile={FLAGS_DIR}/online_dpo_tiny.flags", *gold_stages["args"],
                     f"--workdir={workdir}", *extra])
 

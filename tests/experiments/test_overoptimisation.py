@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, overoptimisation as oo, sweeps
+from experiments import overoptimisation as oo, sweeps
+from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR
 
@@ -31,9 +32,9 @@ def test_seed_summary_finds_the_gold_peak():
 
 def test_bad_seeds_are_refused():
   with pytest.raises(ValueError, match="--seeds"):
-    cli.parse(oo.OveroptimisationConfig, ["--seeds=0,0"])
+    config.parse(oo.OveroptimisationConfig, ["--seeds=0,0"])
   with pytest.raises(ValueError, match="--seeds"):
-    cli.parse(oo.OveroptimisationConfig, ["--seeds=a"])
+    config.parse(oo.OveroptimisationConfig, ["--seeds=a"])
 
 
 @pytest.mark.skipif(not os.path.exists(RESULTS), reason="no committed sweep results")
@@ -51,7 +52,7 @@ def test_committed_results_match_their_curves_and_show_the_effect():
 
 @pytest.mark.slow
 def test_sweep_reproduces_overoptimisation(tmp_path):
-  out = oo.run(cli.parse(oo.OveroptimisationConfig, [
+  out = oo.run(config.parse(oo.OveroptimisationConfig, [
       f"--flagfile={FLAGS_DIR}/overoptimisation.flags", f"--out_dir={tmp_path}/out",
       f"--workdir={tmp_path}/runs"]))
   # The committed sweep measured a gold drop of 0.19 +- 0.09 and a proxy gain of 0.33 +- 0.31

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, lm, pairwise_reward, ppo, reward
+from experiments import ppo
+from rlhf_jax.pipeline import config, lm, pairwise, reward
 from rlhf_jax.train.logging import read_metrics
 
 from conftest import PAIRWISE_FLAGS
@@ -43,11 +44,11 @@ def test_manifest_loads_and_predicts_antisymmetric_probabilities(intransitive_st
   d = intransitive_stages["pairwise_dir"]
   manifest = reward.read_manifest(d)
   assert manifest["reward_model"] == "pairwise" and os.path.isdir(manifest["sft_workdir"])
-  cfg = cli.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}",
+  cfg = config.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}",
                                         *intransitive_stages["args"], "--workdir=unused"])
   mesh = lm.setup(cfg)
   _, sft_params, _ = lm.init_model(cfg, mesh, init_from=manifest["sft_workdir"])
-  model = pairwise_reward.load_preference_model(cfg, mesh, d, sft_params)
+  model = pairwise.load_preference_model(cfg, mesh, d, sft_params)
   a = ["certainly. the cat is calm.", "oh, the owl? so dark!", "um"]
   b = ["ah, the cat, calm as snow.", "oh, the owl? so dark!", "oh, the fox? so warm!"]
   ps = ["talk about the cat."] * 3
@@ -57,7 +58,7 @@ def test_manifest_loads_and_predicts_antisymmetric_probabilities(intransitive_st
 
 
 def test_pairwise_stage_where_a_scalar_reward_is_needed_is_refused(intransitive_stages, tmp_path):
-  cfg = cli.parse(ppo.PPOConfig, [f"--reward_flagfile={PAIRWISE_FLAGS}", "--world=intransitive",
+  cfg = config.parse(ppo.PPOConfig, [f"--reward_flagfile={PAIRWISE_FLAGS}", "--world=intransitive",
                                   *intransitive_stages["args"], f"--workdir={tmp_path}/ppo"])
   with pytest.raises(ValueError, match="scalar reward"):
     ppo.run(cfg)
@@ -65,7 +66,7 @@ def test_pairwise_stage_where_a_scalar_reward_is_needed_is_refused(intransitive_
     bt_dir = tmp_path / "bt"
     bt_dir.mkdir()
     (bt_dir / reward.MANIFEST).write_text(json.dumps({"members": ["member_0"]}))
-    pairwise_reward.load_preference_model(None, None, str(bt_dir), None)
+    pairwise.load_preference_model(None, None, str(bt_dir), None)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -75,13 +76,13 @@ def test_pairwise_stage_where_a_scalar_reward_is_needed_is_refused(intransitive_
 ])
 def test_invalid_flags_are_refused(intransitive_stages, tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):
-    cli.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}",
+    config.parse(reward.RewardConfig, [f"--flagfile={PAIRWISE_FLAGS}",
                                     *intransitive_stages["args"], f"--workdir={tmp_path}", *extra])
 
 
 def test_evaluate_against_hand_labels():
   # 4 pairs: model probabilities, one rater label each, the raters' probability, the majority.
-  out = pairwise_reward.evaluate(probs=[0.9, 0.2, 0.5, 0.6], rater_labels=[1, 1, 0, 0],
+  out = pairwise.evaluate(probs=[0.9, 0.2, 0.5, 0.6], rater_labels=[1, 1, 0, 0],
                                  rater_p=[0.8, 0.35, 0.5, 0.7], truth=[1.0, 0.0, 0.5, 1.0])
   assert out["accuracy_rater"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
   assert out["accuracy_gold"] == pytest.approx(1.0)  # the tied pair is left out

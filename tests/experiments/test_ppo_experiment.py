@@ -7,14 +7,15 @@ import os
 
 import pytest
 
-from experiments import cli, ppo
+from experiments import ppo
+from rlhf_jax.pipeline import config
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 
 from conftest import FLAGS_DIR
 
 
 def _config(gold_stages, workdir, *extra):
-  return cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags",
+  return config.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags",
                                    *gold_stages["args"], f"--workdir={workdir}", *extra])
 
 

@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 
-from experiments import cli, lm, pretrain
+from rlhf_jax.pipeline import config, lm, pretrain
 from rlhf_jax import sharding
 from rlhf_jax.data import builders
 
@@ -16,7 +16,7 @@ FLAGS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "conf
 
 
 def _train(workdir, data_dir, mesh_shape):
-  cfg = cli.parse(pretrain.PretrainConfig, [
+  cfg = config.parse(pretrain.PretrainConfig, [
       f"--flagfile={FLAGS}", "--model=nano", "--steps=4", "--save_every=2",
       "--keep_checkpoints=5", "--warmup_steps=1", "--batch_size=8", "--log_every=1",
       f"--workdir={workdir}", f"--data_dir={data_dir}"])

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cli, lm, reward
+from rlhf_jax.pipeline import chain, config, lm, reward
 from rlhf_jax.train.logging import read_metrics
 
 from conftest import FLAGS_DIR
@@ -15,13 +15,13 @@ from conftest import FLAGS_DIR
 
 def _config(gold_stages, workdir, *extra):
   args = [a for a in gold_stages["args"] if not a.startswith("--reward_flagfile")]
-  return cli.parse(reward.RewardConfig, [f"--flagfile={FLAGS_DIR}/reward_gold_tiny.flags",
+  return config.parse(reward.RewardConfig, [f"--flagfile={FLAGS_DIR}/reward_gold_tiny.flags",
                                          *args, f"--workdir={workdir}", *extra])
 
 
 def test_bootstrap_ensemble_smoke(gold_stages, tmp_path):
   cfg = _config(gold_stages, tmp_path / "rm", "--ensemble_size=2", "--bootstrap")
-  result = reward.run(cfg)
+  result = chain.run_stage("reward", cfg)
   assert len(result["members"]) == 2
   for m in result["members"] + [result["ensemble"]]:
     assert 0.0 <= m["accuracy_rater"] <= 1.0 and 0.0 <= m["accuracy_gold"] <= 1.0

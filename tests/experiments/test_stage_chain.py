@@ -3,15 +3,18 @@ anywhere upstream changes every downstream key (so it rebuilds), unrelated flags
 import os
 import shutil
 
-from experiments import cli, ppo, reward, sft, stages
+import pytest
+
+from experiments import ppo
+from rlhf_jax.pipeline import chain, config, reward, sft, stages
 
 from conftest import FLAGS_DIR
 
 
 def _reward_key(sft_flagfile=f"{FLAGS_DIR}/sft_gold_tiny.flags"):
-  rcfg = cli.parse(reward.RewardConfig, [f"--flagfile={FLAGS_DIR}/reward_gold_tiny.flags",
+  rcfg = config.parse(reward.RewardConfig, [f"--flagfile={FLAGS_DIR}/reward_gold_tiny.flags",
                                          f"--sft_flagfile={sft_flagfile}"])
-  return stages.stage_key(reward.stage_key_config(rcfg))
+  return stages.stage_key(chain.key_config("reward", rcfg))
 
 
 def _edited_copy(directory, name, old, new):
@@ -39,26 +42,54 @@ def test_an_upstream_flagfile_edit_changes_the_reward_key(tmp_path):
   assert _reward_key(sft_flagfile=sft_on_edited_pre) != base
 
 
-def test_shared_flags_reach_every_upstream_stage():
-  cfg = cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags", "--world_seed=7",
-                                  "--model=nano", "--stage_root=/somewhere"])
-  rcfg = reward.reward_config(cfg)
-  scfg = reward.sft_config(rcfg)
-  pcfg = sft.pretrain_config(scfg)
+def _ppo(*extra):
+  return config.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags", *extra])
+
+
+def _chain(cfg):
+  """The reward, SFT and pretraining configs of a PPO run."""
+  rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
+  scfg = chain.upstream_config("sft", rcfg.sft_flagfile, rcfg)
+  return rcfg, scfg, chain.upstream_config("pretrain", scfg.pretrain_flagfile, scfg)
+
+
+def test_run_flags_reach_every_upstream_stage():
+  rcfg, scfg, pcfg = _chain(_ppo("--model=nano", "--stage_root=/somewhere", "--smoke"))
   for c in (rcfg, scfg, pcfg):
-    assert (c.world_seed, c.model, c.world) == (7, "nano", "gold")
+    assert (c.model, c.smoke, c.world) == ("nano", True, "gold")
   assert rcfg.stage_root == scfg.stage_root == "/somewhere"
-  plain = reward.reward_config(cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags"]))
-  assert stages.stage_key(reward.stage_key_config(rcfg)) != stages.stage_key(
-      reward.stage_key_config(plain))
+  plain = _chain(_ppo())[0]
+  assert stages.stage_key(chain.key_config("reward", rcfg)) != stages.stage_key(
+      chain.key_config("reward", plain))
+
+
+@pytest.mark.parametrize("flag, stage, flagfile", [
+    ("--pretrain_texts=4000", "reward", "reward_gold_tiny.flags"),
+    ("--world_seed=7", "reward", "reward_gold_tiny.flags"),
+])
+def test_a_world_flag_that_disagrees_with_an_upstream_flagfile_is_refused(flag, stage,
+                                                                          flagfile):
+  with pytest.raises(ValueError, match=rf"the {stage} stage must describe the same world as "
+                     rf"this run: {flag} here, .* in .*{flagfile}"):
+    _chain(_ppo(flag))
+
+
+def test_an_upstream_flagfile_keeps_its_world_flags(tmp_path):
+  """The pretraining flagfile's --pretrain_texts is its own: a reward flagfile with another
+  value (passed down nowhere) is refused rather than overriding it."""
+  reward_edit = _edited_copy(tmp_path / "r", "reward_gold_tiny.flags", "--model=tiny",
+                             "--model=tiny\n--pretrain_texts=4000")
+  rcfg = config.parse(reward.RewardConfig, [f"--flagfile={reward_edit}"])
+  assert rcfg.pretrain_texts == 4000
+  with pytest.raises(ValueError, match=r"--pretrain_texts=4000 here, 8000 in "):
+    chain.key_config("reward", rcfg)
 
 
 def test_downstream_only_flags_do_not_touch_upstream_keys():
-  a = reward.reward_config(cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags"]))
-  b = reward.reward_config(cli.parse(ppo.PPOConfig, [f"--flagfile={FLAGS_DIR}/ppo_tiny.flags",
-                                                     "--kl_coef=0.3", "--steps=7"]))
-  assert stages.stage_key(reward.stage_key_config(a)) == stages.stage_key(
-      reward.stage_key_config(b))
+  a = _chain(_ppo())[0]
+  b = _chain(_ppo("--kl_coef=0.3", "--steps=7"))[0]
+  assert stages.stage_key(chain.key_config("reward", a)) == stages.stage_key(
+      chain.key_config("reward", b))
 
 
 def test_pinned_code_version_ignores_source_edits(monkeypatch, tmp_path):

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from experiments import cli, sycophancy as syc
+from experiments import sycophancy as syc
+from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR, run_experiment
 
@@ -35,7 +36,7 @@ def test_seed_summary_reads_every_policy():
 
 
 def test_smoke_sweep_runs_the_chain_and_writes_results(tmp_path):
-  cfg = cli.parse(syc.SycophancyConfig, [
+  cfg = config.parse(syc.SycophancyConfig, [
       f"--flagfile={FLAGS_DIR}/sycophancy.flags", "--seeds=0", "--smoke",
       f"--workdir={tmp_path}/runs", f"--stage_root={tmp_path}/stages",
       f"--out_dir={tmp_path}/out",

@@ -3,7 +3,8 @@ and group advantages (rl/algorithms/grpo.py: GroupSampling, grpo_batch_fn), with
 importance ratio and its clip taken per SEQUENCE instead of per token:
 
   s_i = exp( (1/|y_i|) sum_t (log pi(y_it) - log pi_old(y_it)) )
-  loss = -(1/B) sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)  [+ kl_coef k3]
+  loss = -(1/N) sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)  [+ kl_coef k3]
+         N = the responses with at least one token (an empty-mask filler counts nowhere)
 
 A length-normalised sequence ratio has the variance of one token's, so GSPO clips at ranges of
 ~3e-4 / 4e-4 rather than 0.2. Loss: losses/gspo.py; docs/math.md, "GRPO family".

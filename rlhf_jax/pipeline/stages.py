@@ -1,14 +1,10 @@
 """Stage cache: an upstream stage (pretrain for SFT, SFT for reward models, all three for
 PPO) is built once and reused while neither its config, its upstream configs, nor the code
-changed.
+changed. Which stages exist and how their configs are derived is chain.py's.
 
 A stage's directory is <stage_root>/<name>-<key>, key = hash(its resolved config with the
 resolved configs of its upstream stages folded in, the code version). A stage is complete
 when its STAGE_DONE marker exists; a half-finished stage resumes from its own checkpoints.
-
-An upstream stage's config is its own flagfile plus the flags the downstream run shares with
-it (the model, the world, the mesh, --smoke, ...; each experiment lists them), so a changed
-upstream flag changes every downstream key and rebuilds, never mismatches.
 """
 import functools
 import hashlib
@@ -19,7 +15,7 @@ import time
 from typing import Any, Callable
 
 import rlhf_jax
-from experiments import cli
+from rlhf_jax.pipeline import config
 
 _CODE_ROOT = pathlib.Path(rlhf_jax.__file__).parent
 
@@ -30,11 +26,11 @@ CODE_VERSION_ENV = "RLHF_JAX_CODE_VERSION"
 
 
 def code_version() -> str:
-  """Hash of the library's and experiments' sources: any code change invalidates stages
-  (unless $RLHF_JAX_CODE_VERSION pins it)."""
+  """Hash of the library's sources (every stage's code lives there): any change invalidates
+  stages (unless $RLHF_JAX_CODE_VERSION pins it)."""
   if os.environ.get(CODE_VERSION_ENV):
     return "pinned-" + os.environ[CODE_VERSION_ENV]
-  return _source_hash((_CODE_ROOT, pathlib.Path(__file__).parent))
+  return _source_hash((_CODE_ROOT,))
 
 
 @functools.cache
@@ -73,16 +69,10 @@ def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
   return workdir
 
 
-def upstream_config(config_cls, flagfile: str, downstream, shared: tuple[str, ...]):
-  """The upstream stage's config: its flagfile, then the downstream run's shared flags."""
-  overrides = [f"--{name}={getattr(downstream, name)}" for name in shared]
-  return cli.parse(config_cls, [f"--flagfile={flagfile}", *overrides])
-
-
-def key_config(config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+def key_config(cfg, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
   """What a stage's key hashes: its resolved flags (less the workdir, which the cache
   chooses) and its upstream stages' key configs."""
-  out = {k: v for k, v in cli.to_dict(config).items() if k != "workdir"}
+  out = {k: v for k, v in config.to_dict(cfg).items() if k != "workdir"}
   if upstream:
     out["upstream"] = upstream
   return out

@@ -2,7 +2,7 @@
 
 Both are next-token training with the same step, loop and checkpointing; they differ in
 data (corpus text vs prompt/response with the loss on responses) and initialisation
-(random vs the pretrained params). Held-out evaluation is the world's (experiments/worlds.py):
+(random vs the pretrained params). Held-out evaluation is the world's (rlhf_jax/worlds/heldout.py):
 exact-match accuracy (arithmetic) or the gold reward of sampled responses (gold).
 """
 import dataclasses
@@ -11,9 +11,9 @@ import time
 
 import jax
 
-from experiments import worlds
-from experiments.cli import flag, to_dict
 from rlhf_jax import runtime, sharding
+from rlhf_jax.pipeline import worlds
+from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models.config import PRESETS, preset
@@ -62,7 +62,7 @@ class LMConfig:
   eval_prompts: int = flag(500, "Held-out prompts for evaluation (capped by the test split).")
   eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
   max_new_tokens: int = flag(0, "Response tokens sampled at evaluation (0: the world's "
-                             "default, experiments/worlds.py).")
+                             "default, rlhf_jax/worlds/registry.py).")
   smoke: bool = flag(False, "A few steps of everything, for tests.")
 
   def __post_init__(self):
@@ -223,22 +223,6 @@ class _ShardedIterator:
 
   def set_state(self, state):
     self._it.set_state(state)
-
-
-def resume_run(cfg: LMConfig, state, *, save_every: int):
-  """A looped experiment's (PPO, GRPO, Nash-MD, online DPO) checkpoint manager and metrics
-  logger, and where it starts: (manager, logger, state, data). data is the latest
-  checkpoint's extra data (the loop's own bookkeeping: curve, KL coefficient, round, ...),
-  with the state restored into `state`'s shapes and shardings; None for a fresh run."""
-  manager = checkpoint.make_manager(cfg.workdir, save_every=save_every,
-                                    max_to_keep=cfg.keep_checkpoints)
-  logger = MetricsLogger(cfg.workdir)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-  restored = checkpoint.restore_latest(manager, abstract)
-  if restored is None:
-    return manager, logger, state, None
-  return manager, logger, *restored
 
 
 def build_world(cfg: LMConfig):

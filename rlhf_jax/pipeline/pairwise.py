@@ -34,12 +34,13 @@ import random
 import jax
 import numpy as np
 
-from experiments import cli, lm, reward as reward_exp, worlds
 from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.pipeline import lm, reward as reward_stage, worlds
+from rlhf_jax.pipeline.config import to_dict
 from rlhf_jax.rl import comparisons
-from rlhf_jax.train import checkpoint, pairwise
+from rlhf_jax.train import checkpoint, pairwise as pairwise_train
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config
 
@@ -53,7 +54,7 @@ def _strip(ys) -> list[str]:
 
 def pair_examples(prompts, ys_a, ys_b, labels, seq_len: int) -> list[dict]:
   """One example per labelled pair in train/pairwise.py's layout (both orders)."""
-  tokens, valid = pairwise.encode_pairs(prompts, _strip(ys_a), _strip(ys_b), ByteTokenizer(),
+  tokens, valid = pairwise_train.encode_pairs(prompts, _strip(ys_a), _strip(ys_b), ByteTokenizer(),
                                         seq_len)
   return [{"tokens_Bx2xT": t, "valid_Bx2xT": v, "label_B": np.float32(y),
            "example_valid_B": np.True_} for t, v, y in zip(tokens, valid, labels)]
@@ -83,7 +84,7 @@ class PreferenceModel:
 
 def predict(graphdef, params, prompts, ys_a, ys_b, *, seq_len: int, batch_size: int):
   """P(a > b | x) [N] (responses stripped, as in training), fixed-shape batches."""
-  tokens, valid = pairwise.encode_pairs(prompts, _strip(ys_a), _strip(ys_b), ByteTokenizer(),
+  tokens, valid = pairwise_train.encode_pairs(prompts, _strip(ys_a), _strip(ys_b), ByteTokenizer(),
                                         seq_len)
   fn = _preference_fn(graphdef)
   out = []
@@ -101,7 +102,7 @@ _FNS = {}
 
 def _preference_fn(graphdef):
   if graphdef not in _FNS:
-    _FNS[graphdef] = pairwise.make_preference_fn(graphdef)
+    _FNS[graphdef] = pairwise_train.make_preference_fn(graphdef)
   return _FNS[graphdef]
 
 
@@ -128,12 +129,11 @@ def style_matrix(graphdef, params, prompts, *, seq_len: int, batch_size: int,
   return out / counts
 
 
-def run(cfg) -> dict:
-  """cfg: experiments.reward.RewardConfig with --reward_model=pairwise."""
+def run(cfg, sft_dir: str) -> dict:
+  """cfg: reward.RewardConfig with --reward_model=pairwise; the SFT stage in sft_dir."""
   cfg = cfg.effective()  # RewardConfig has refused --ranking_k != 2 for a pairwise model
-  sft_dir = reward_exp.ensure_sft(cfg)
   mesh = lm.setup(cfg)
-  write_config(cfg.workdir, cli.to_dict(cfg))
+  write_config(cfg.workdir, to_dict(cfg))
   split = worlds.split_prompts(cfg)
   test_prompts = worlds.test_prompts(cfg)
   graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
@@ -171,8 +171,8 @@ def run(cfg) -> dict:
   examples = pair_examples(train_s.prompts, ta, tb, t_labels, cfg.seq_len)
   test_examples = pair_examples(test_s.prompts, ha, hb, h_labels, cfg.seq_len)
 
-  rm_graphdef, params, shardings = reward_exp.init_reward_model(cfg, mesh, policy_params, cfg.seed)
-  loss_fn = pairwise.pairwise_loss_fn(rm_graphdef)
+  rm_graphdef, params, shardings = reward_stage.init_reward_model(cfg, mesh, policy_params, cfg.seed)
+  loss_fn = pairwise_train.pairwise_loss_fn(rm_graphdef)
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn))
   eval_fn = lambda p: step_lib.evaluate(eval_step, p, _eval_batches(test_examples, cfg.batch_size))
   it = pairs.make_pair_train_iterator(examples, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -199,7 +199,7 @@ def run(cfg) -> dict:
                   true_nash=intransitive.nash_equilibrium(true).tolist())
   manifest = {"reward_model": "pairwise", "sft_workdir": sft_dir, "seq_len": cfg.seq_len,
               "params": lm.PARAMS_DIR}
-  with open(os.path.join(cfg.workdir, reward_exp.MANIFEST), "w") as f:
+  with open(os.path.join(cfg.workdir, reward_stage.MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -243,11 +243,11 @@ def format_result(result: dict) -> str:
 def load_preference_model(cfg, mesh, workdir: str, policy_params) -> PreferenceModel:
   """The pairwise model of a reward stage (reward_models.json says "pairwise"), restored
   into this run's model shape (another preset fails naming the tensor)."""
-  manifest = reward_exp.read_manifest(workdir)
+  manifest = reward_stage.read_manifest(workdir)
   if manifest.get("reward_model") != "pairwise":
     raise ValueError(f"{workdir} holds a {manifest.get('reward_model', 'bt')} reward model, not "
                      "a pairwise preference model (--reward_model=pairwise)")
-  graphdef, params, shardings = reward_exp.init_reward_model(cfg, mesh, policy_params, cfg.seed)
+  graphdef, params, shardings = reward_stage.init_reward_model(cfg, mesh, policy_params, cfg.seed)
   params = checkpoint.load_params(os.path.join(workdir, manifest["params"]),
                                   lm.abstract_params((graphdef, params, shardings)))
   return PreferenceModel(graphdef, params, manifest["seq_len"])
