@@ -32,7 +32,6 @@ analytic per-device memory (rlhf_jax.memory), loading no weights and compiling n
 --init_hf directory without config.json falls back to the --model preset's shape there, so a
 real flagfile can be checked before the checkpoint is downloaded.
 """
-import dataclasses
 import hashlib
 import json
 import math
@@ -42,11 +41,10 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from experiments import cli
-from rlhf_jax.pipeline import config, lm, worlds
+from rlhf_jax.pipeline import dpo, dpo_world, lm
 from rlhf_jax import memory, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
@@ -57,98 +55,12 @@ from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.worlds import raters, registry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
 
 
-@dataclasses.dataclass(frozen=True)
-class DPOConfig(lm.LMConfig):
-  workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
-  init_hf: str = config.flag("", "Hugging Face model directory to start from (policy and reference).")
-  init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
-  tokenizer: str = config.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
-  data_files: str = config.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
-  data_format: str = config.flag("pairs", "Preference file format.",
-                              choices=pf.PREFERENCE_FORMATS)
-  test_fraction: float = config.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
-  on_error: str = config.flag("raise", "Malformed records: fail the build or skip and count them.",
-                           choices=file_datasets.ON_ERROR)
-  loss: str = config.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
-                       choices=preference.LOSSES)
-  beta: float = config.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
-  label_smoothing: float = config.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
-  ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
-  average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
-  precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
-  export_hf: str = config.flag("", "Directory to export the trained policy to (HF layout).")
-  dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
-  sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
-                               "World mode: flagfile of the SFT stage that policy and "
-                               "reference start from and whose samples are ranked.")
-  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
-  num_pairs: int = config.flag(256, "World mode: training prompts (drawn with replacement), "
-                            "one rater-labelled pair each.")
-  ranking_k: int = config.flag(4, "World mode: SFT samples ranked per prompt; the pair is the "
-                            "rater's first vs last.")
-  rater_agreement: float = config.flag(raters.INSTRUCTGPT_AGREEMENT,
-                                    "--world=gold: target agreement of two independent "
-                                    "raters, in (0.5, 1).")
-  matched_sft: bool = config.flag(False, "World mode: also continue SFT for --steps steps (the "
-                               "matched-compute baseline) and report it.")
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.beta <= 0:
-      raise ValueError(f"--beta must be > 0, got {self.beta}")
-    if self.ipo_tau <= 0:
-      raise ValueError(f"--ipo_tau must be > 0, got {self.ipo_tau}")
-    if not 0.0 <= self.label_smoothing <= 0.5:
-      raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
-    if not 0.0 <= self.test_fraction < 1.0:
-      raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
-    if self.world_mode:
-      self._check_world_mode()
-    # Every --data_format is paired: KTO's unpaired labels exist only in world mode.
-    preference.check_loss(self.loss, unpaired_labels=self.world_mode)
-    if self.init_hf and self.init_from:
-      raise ValueError("give at most one of --init_hf and --init_from")
-    if not self.data_files and not self.dry_run and not self.world_mode:
-      raise ValueError("--data_files is required (preference pairs to train on)")
-
-  @property
-  def world_mode(self) -> bool:
-    """World mode (a preference world): pairs come from the SFT policy's samples ranked by
-    the world's simulated raters."""
-    return self.world in registry.PREFERENCE_WORLDS
-
-  def _check_world_mode(self):
-    if self.data_files:
-      raise ValueError(f"--data_files cannot be combined with --world={self.world} (world mode "
-                       "trains on rater-labelled SFT samples); drop one of them")
-    for name in ("init_hf", "init_from"):
-      if getattr(self, name):
-        raise ValueError(f"--{name} cannot be combined with --world={self.world}: policy and "
-                         "reference start from the SFT stage of --sft_flagfile")
-    if self.num_pairs < 1:
-      raise ValueError(f"--num_pairs must be >= 1, got {self.num_pairs}")
-    if self.ranking_k < 2:
-      raise ValueError(f"--ranking_k must be >= 2 (a pair needs two responses), "
-                       f"got {self.ranking_k}")
-    if self.world == "intransitive" and self.ranking_k != 2:
-      raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world's raters only "
-                       "compare pairs (a cyclic preference has no K-way ranking); pass "
-                       "--ranking_k=2")
-    if not 0.5 < self.rater_agreement < 1.0:
-      raise ValueError(f"--rater_agreement must be in (0.5, 1), got {self.rater_agreement}")
-
-  def effective(self) -> "DPOConfig":
-    cfg = super().effective()
-    return dataclasses.replace(cfg, num_pairs=min(cfg.num_pairs, 16)) if cfg.smoke else cfg
-
-
-def model_config(cfg: DPOConfig):
+def model_config(cfg: dpo.DPOConfig):
   """Parameters stored in float32 (Adam's master copy), computed in --dtype."""
   if cfg.init_hf:
     if (pathlib.Path(cfg.init_hf) / "config.json").exists():
@@ -161,7 +73,7 @@ def model_config(cfg: DPOConfig):
   return lm.model_config(cfg)
 
 
-def _mesh(cfg: DPOConfig):
+def _mesh(cfg: dpo.DPOConfig):
   """The flags' mesh; a dry run of a mesh smaller than this host takes its first devices."""
   sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
   devices = None
@@ -170,13 +82,13 @@ def _mesh(cfg: DPOConfig):
   return lm.setup(cfg, devices=devices)
 
 
-def memory_estimate(cfg: DPOConfig, mcfg, mesh) -> dict:
+def memory_estimate(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
   return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
                          seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
                          reference_params=not cfg.precompute_ref)
 
 
-def dry_run(cfg: DPOConfig, mcfg, mesh) -> dict:
+def dry_run(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
   shardings = sharding.param_shardings(abstract, mesh)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -193,7 +105,7 @@ def dry_run(cfg: DPOConfig, mcfg, mesh) -> dict:
           "memory": est}
 
 
-def load_tokenizer(cfg: DPOConfig):
+def load_tokenizer(cfg: dpo.DPOConfig):
   """(tokenizer, render_fn, render_id): the tokenizer dir's chat template renders message
   prompts when it has one, else preference_formats.default_render."""
   if not cfg.tokenizer:
@@ -207,7 +119,7 @@ def load_tokenizer(cfg: DPOConfig):
   return tok, pairs.chat_render_fn(template), f"chat_template:{digest}"
 
 
-def init_policy(cfg: DPOConfig, mcfg, mesh):
+def init_policy(cfg: dpo.DPOConfig, mcfg, mesh):
   """(graphdef, params, shardings) from --init_hf, --init_from or a random init."""
   if cfg.init_hf:
     return hf.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
@@ -224,44 +136,10 @@ def init_policy(cfg: DPOConfig, mcfg, mesh):
                                mesh)
 
 
-def jit_pair_fn(fn, shardings, mesh, keys):
-  """jit of fn(params, batch) -> per-row outputs, for batches with `keys`."""
-  return jax.jit(fn, in_shardings=(shardings, {k: sharding.batch_sharding(mesh) for k in keys}),
-                 out_shardings=sharding.batch_sharding(mesh))
-
-
-def map_pairs(fn, params, source, cfg: DPOConfig, encode, mesh) -> dict[str, np.ndarray]:
-  """fn(params, batch) -> dict of per-row arrays, over `source` in order, padding dropped."""
-  out = {}
-  for batch in pairs.make_pair_eval_iterator(source, batch_size=cfg.eval_batch_size,
-                                             encode=encode):
-    keep = np.asarray(batch["example_valid"])
-    for k, v in jax.device_get(fn(params, sharding.shard_batch(batch, mesh))).items():
-      out.setdefault(k, []).append(np.asarray(v)[keep])
-  return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def precompute_reference(ref_fn, params, source, cfg: DPOConfig, encode, mesh):
-  """The frozen reference's (chosen_N, rejected_N) log-probs over `source`, in order."""
-  out = map_pairs(ref_fn, params, source, cfg, encode, mesh)
-  return out["ref_chosen_logps"], out["ref_rejected_logps"]
-
-
-def with_reference(cfg: DPOConfig, graphdef, params, shardings, mesh, source, encode):
-  """`source` carrying the reference's precomputed log-probs (preference.reference_logps_fn,
-  --average_logps as the loss uses them)."""
-  keys = [k for k in encode(source[0]) if k not in pairs.REF_KEYS]
-  ref_fn = jit_pair_fn(preference.reference_logps_fn(graphdef, average=cfg.average_logps),
-                       shardings, mesh, keys)
-  return pairs.WithReferenceLogps(
-      source, *precompute_reference(ref_fn, params, source, cfg, encode, mesh))
-
-
-def run(cfg: DPOConfig) -> dict:
+def run(cfg: dpo.DPOConfig) -> dict:
   cfg = cfg.effective()
   mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
   if cfg.world_mode and not cfg.dry_run:
-    from experiments import dpo_world  # it builds on this module's helpers (import cycle)
     return dpo_world.run_world(cfg)
   mesh = _mesh(cfg)
   if cfg.dry_run:
@@ -280,20 +158,20 @@ def run(cfg: DPOConfig) -> dict:
   encode = pairs.make_encoder(tok, cfg.seq_len, cfg.data_format, render_fn)
   ref_params = None
   if cfg.precompute_ref:
-    train_src = with_reference(cfg, graphdef, params, shardings, mesh, train_src, encode)
+    train_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, train_src, encode)
     if test_src is not None:
-      test_src = with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
+      test_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
   else:  # a copy: the policy's buffers are donated to the train step
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
   loss_fn = preference.preference_loss_fn(
       graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
       ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
-  eval_fn = None if test_src is None else _pair_eval_fn(
+  eval_fn = None if test_src is None else dpo.pair_eval_fn(
       step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
       test_src, cfg, encode, mesh)
 
-  final, summary = train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+  final, summary = dpo.train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
                           encode, eval_fn)
   if cfg.export_hf:
     base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
@@ -313,22 +191,5 @@ def run(cfg: DPOConfig) -> dict:
   return result
 
 
-def _pair_eval_fn(eval_step, test_src, cfg: DPOConfig, encode, mesh):
-  """eval_fn(params): the loss and metrics over the held-out pairs."""
-  def eval_fn(params):
-    batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
-                                            encode=encode)
-    return step_lib.evaluate(eval_step, params, (sharding.shard_batch(b, mesh) for b in batches))
-  return eval_fn
-
-
-def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
-           encode, eval_fn):
-  it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      encode=encode)
-  return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
-                         eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
-
-
 if __name__ == "__main__":
-  cli.main(DPOConfig, run)
+  cli.main(dpo.DPOConfig, run)

@@ -19,8 +19,8 @@ import dataclasses
 import json
 import os
 
-from experiments import cli, dpo, plots, ppo, sweeps
-from rlhf_jax.pipeline import config
+from experiments import cli, plots, ppo, sweeps
+from rlhf_jax.pipeline import config, dpo, dpo_world
 
 # The held-out numbers reported per policy (keys of worlds.summary on this world).
 POLICY_METRICS = ("sycophancy_rate", "gold")
@@ -101,7 +101,7 @@ def run(cfg: SycophancyConfig) -> dict:
         f"--workdir={os.path.join(workdir, 'ppo')}"]))
     with open(os.path.join(ppo_result["reward_workdir"], "result.json")) as f:
       rm = json.load(f)
-    dpo_result = dpo.run(config.parse(dpo.DPOConfig, [
+    dpo_result = dpo_world.run_world(config.parse(dpo.DPOConfig, [
         f"--flagfile={cfg.dpo_flagfile}", *common, f"--workdir={os.path.join(workdir, 'dpo')}"]))
     summaries.append({"seed": seed,
                       **seed_summary(rm, ppo_result["table"], dpo_result["table"])})

@@ -8,7 +8,6 @@ flags), so the stage chain and tests can parse several flagfiles in one process,
 values fail here, before anything compiles. experiments/cli.py runs a config as a main.
 """
 import dataclasses
-import sys
 import typing
 from typing import Any, Sequence, TypeVar
 

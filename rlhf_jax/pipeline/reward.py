@@ -27,7 +27,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding

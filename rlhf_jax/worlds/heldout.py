@@ -10,8 +10,6 @@ Batches come from data.pipeline.make_prompt_iterator; batch i samples with fold_
 """
 from typing import Sequence
 
-import numpy as np
-
 from rlhf_jax import evaluation
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from experiments import dpo
 from rlhf_jax.pipeline import config
+from rlhf_jax.pipeline.dpo import DPOConfig
 from helpers import make_model
 from rlhf_jax import memory
 from rlhf_jax.compile_count import CompileCounter
@@ -51,7 +52,7 @@ def _pairs(n=32):
 @pytest.mark.parametrize("flagfile, devices", [("dpo_llama3_1b_hh_v5e8.flags", 8),
                                                ("dpo_llama3_1b_hh_h100.flags", 1)])
 def test_real_flagfiles_dry_run(flagfile, devices, capsys):
-  cfg = config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/{flagfile}", "--dry_run"])
+  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/{flagfile}", "--dry_run"])
   with CompileCounter() as compiles:
     result = dpo.run(cfg)
   assert _model_compiles(compiles) == []
@@ -68,7 +69,7 @@ def test_real_flagfiles_dry_run(flagfile, devices, capsys):
 
 def test_dry_run_reads_the_checkpoint_config_without_its_weights(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(preset("1b"))))
-  cfg = config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_llama3_1b_hh_v5e8.flags",
+  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_llama3_1b_hh_v5e8.flags",
                                   "--dry_run", f"--init_hf={tmp_path}", "--model=nano"])
   assert dpo.run(cfg)["num_params"] == preset("1b").num_params()
 
@@ -95,7 +96,7 @@ def hf_run(tmp_path_factory):
       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
       max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
   transformers.LlamaForCausalLM(hf_cfg).save_pretrained(model_dir)
-  cfg = config.parse(dpo.DPOConfig, [
+  cfg = config.parse(DPOConfig, [
       f"--init_hf={model_dir}", f"--tokenizer={model_dir}", f"--data_files={data}",
       "--data_format=pairs", "--test_fraction=0.25", f"--workdir={root}/run",
       f"--data_dir={root}/data", f"--export_hf={root}/export", "--seq_len=24", "--batch_size=8",
@@ -160,13 +161,13 @@ def test_interrupted_run_resumes_bitwise(hf_run, tmp_path, capsys):
 ])
 def test_invalid_flags(flag, message):
   with pytest.raises(ValueError, match=message):
-    config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", flag])
+    config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", flag])
 
 
 def test_unsupported_architecture_stops_before_compiling(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(
       {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-  cfg = config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags",
+  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags",
                                   f"--init_hf={tmp_path}", f"--workdir={tmp_path}/run"])
   with CompileCounter() as compiles, pytest.raises(ValueError, match="unsupported architecture"):
     dpo.run(cfg)
@@ -176,7 +177,7 @@ def test_unsupported_architecture_stops_before_compiling(tmp_path):
 def test_params_of_another_model_size_named_before_compiling(tmp_path):
   _, params = make_model()  # nano
   checkpoint.save_params(str(tmp_path / "stage" / "params"), params)
-  cfg = config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--model=tiny",
+  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--model=tiny",
                                   f"--init_from={tmp_path}/stage", f"--workdir={tmp_path}/run"])
   with CompileCounter() as compiles, pytest.raises(ValueError, match=r"tensor \S+ has shape"):
     dpo.run(cfg)
@@ -185,7 +186,7 @@ def test_params_of_another_model_size_named_before_compiling(tmp_path):
 
 def test_tiny_flagfile_smoke_with_in_step_reference_and_ipo(tmp_path):
   """The committed example data and flagfile; the reference recomputed in every step."""
-  cfg = config.parse(dpo.DPOConfig, [
+  cfg = config.parse(DPOConfig, [
       f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--smoke", "--precompute_ref=false",
       "--loss=ipo", "--average_logps", f"--workdir={tmp_path}/run",
       f"--data_dir={tmp_path}/data",

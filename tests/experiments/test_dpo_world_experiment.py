@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import dpo, dpo_world
-from rlhf_jax.pipeline import config
+from experiments import dpo
+from rlhf_jax.pipeline import config, dpo_world
+from rlhf_jax.pipeline.dpo import DPOConfig
 from helpers import apply, make_model
 from rlhf_jax.rl import comparisons
 from rlhf_jax.data import pairs
@@ -26,7 +27,7 @@ from conftest import FLAGS_DIR
 def _config(gold_stages, workdir, *extra):
   # DPO reads the SFT stage itself: the reward stage's flag is not one of DPOConfig's.
   shared = [a for a in gold_stages["args"] if not a.startswith("--reward_flagfile")]
-  return config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags", *shared,
+  return config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags", *shared,
                                    f"--workdir={workdir}", *extra])
 
 
@@ -90,14 +91,14 @@ def test_metrics_log_implicit_rewards_and_logps_from_the_sft_reference(gold_run)
 ])
 def test_invalid_gold_combinations_fail_before_running(tmp_path, extra, message):
   with pytest.raises(ValueError, match=message):
-    dpo.run(config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags",
+    dpo.run(config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags",
                                       f"--workdir={tmp_path}/run", *extra]))
 
 
 def test_kto_on_file_pairs_is_refused():
   with pytest.raises(ValueError, match=preference.KTO_REFUSAL):
-    config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--loss=kto"])
-  config.parse(dpo.DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags", "--loss=kto"])
+    config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--loss=kto"])
+  config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_gold_tiny.flags", "--loss=kto"])
 
 
 def _kto_batch(seq_len=40):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from experiments import ppo
-from rlhf_jax.pipeline import chain, config, reward, sft, stages
+from rlhf_jax.pipeline import chain, config, reward, stages
 
 from conftest import FLAGS_DIR
 

@@ -1,5 +1,5 @@
-"""The DPO experiment on a preference world (`python -m experiments.dpo --world=gold ...`;
-see experiments/dpo.py for the flags): DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT
+"""DPO on a preference world (`python -m experiments.dpo --flagfile=experiments/configs/
+dpo_gold_tiny.flags`; the flags: dpo.py's DPOConfig): DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT
 samples, with the ground-truth report (the world's "gold" and own metrics, such as the
 sycophancy rate before and after; win rate against SFT with a bootstrap CI; CHES of every
 training pair and the likelihood displacement it predicts; the matched-compute SFT baseline).
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.pipeline import chain, lm, reward, sft, worlds
-from experiments.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
-                             train_pairs, with_reference)
+from rlhf_jax.pipeline import chain, lm, sft, worlds
+from rlhf_jax.pipeline.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
+                                   train_pairs, with_reference)
 from rlhf_jax import evaluation, sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
@@ -88,6 +88,7 @@ def displacement(records, ches, sft_logps, policy_logps) -> tuple[list[dict], di
 
 def run_world(cfg: DPOConfig) -> dict:
   """World mode (module docstring): SFT stage -> rater pairs -> DPO-family training -> report."""
+  cfg = cfg.effective()
   wall = {}
   t0 = time.perf_counter()
   sft_dir = chain.ensure("sft", chain.upstream_config("sft", cfg.sft_flagfile, cfg))

@@ -1,0 +1,155 @@
+"""The DPO family from preference pairs, as the DPO experiment (files or a world) and the
+sycophancy sweep run it: the typed config, the frozen reference's log-probs precomputed once
+over the pairs, and training on them through the offline loop (pipeline/lm.py: run_training).
+World mode (rater-labelled pairs of SFT samples) is dpo_world.py; the file mode, Hugging Face
+checkpoints and --dry_run memory plans are experiments/dpo.py's.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.data import file_datasets, pairs
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.pipeline import config, lm
+from rlhf_jax.train import preference
+from rlhf_jax.train import step as step_lib
+from rlhf_jax.worlds import raters, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(lm.LMConfig):
+  workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
+  init_hf: str = config.flag("", "Hugging Face model directory to start from (policy and reference).")
+  init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
+  tokenizer: str = config.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
+  data_files: str = config.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
+  data_format: str = config.flag("pairs", "Preference file format.",
+                              choices=pf.PREFERENCE_FORMATS)
+  test_fraction: float = config.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
+  on_error: str = config.flag("raise", "Malformed records: fail the build or skip and count them.",
+                           choices=file_datasets.ON_ERROR)
+  loss: str = config.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
+                       choices=preference.LOSSES)
+  beta: float = config.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
+  label_smoothing: float = config.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
+  ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
+  average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
+  precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
+  export_hf: str = config.flag("", "Directory to export the trained policy to (HF layout).")
+  dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory estimate only.")
+  sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
+                               "World mode: flagfile of the SFT stage that policy and "
+                               "reference start from and whose samples are ranked.")
+  stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
+  num_pairs: int = config.flag(256, "World mode: training prompts (drawn with replacement), "
+                            "one rater-labelled pair each.")
+  ranking_k: int = config.flag(4, "World mode: SFT samples ranked per prompt; the pair is the "
+                            "rater's first vs last.")
+  rater_agreement: float = config.flag(raters.INSTRUCTGPT_AGREEMENT,
+                                    "--world=gold: target agreement of two independent "
+                                    "raters, in (0.5, 1).")
+  matched_sft: bool = config.flag(False, "World mode: also continue SFT for --steps steps (the "
+                               "matched-compute baseline) and report it.")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.beta <= 0:
+      raise ValueError(f"--beta must be > 0, got {self.beta}")
+    if self.ipo_tau <= 0:
+      raise ValueError(f"--ipo_tau must be > 0, got {self.ipo_tau}")
+    if not 0.0 <= self.label_smoothing <= 0.5:
+      raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+    if not 0.0 <= self.test_fraction < 1.0:
+      raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
+    if self.world_mode:
+      self._check_world_mode()
+    # Every --data_format is paired: KTO's unpaired labels exist only in world mode.
+    preference.check_loss(self.loss, unpaired_labels=self.world_mode)
+    if self.init_hf and self.init_from:
+      raise ValueError("give at most one of --init_hf and --init_from")
+    if not self.data_files and not self.dry_run and not self.world_mode:
+      raise ValueError("--data_files is required (preference pairs to train on)")
+
+  @property
+  def world_mode(self) -> bool:
+    """World mode (a preference world): pairs come from the SFT policy's samples ranked by
+    the world's simulated raters."""
+    return self.world in registry.PREFERENCE_WORLDS
+
+  def _check_world_mode(self):
+    if self.data_files:
+      raise ValueError(f"--data_files cannot be combined with --world={self.world} (world mode "
+                       "trains on rater-labelled SFT samples); drop one of them")
+    for name in ("init_hf", "init_from"):
+      if getattr(self, name):
+        raise ValueError(f"--{name} cannot be combined with --world={self.world}: policy and "
+                         "reference start from the SFT stage of --sft_flagfile")
+    if self.num_pairs < 1:
+      raise ValueError(f"--num_pairs must be >= 1, got {self.num_pairs}")
+    if self.ranking_k < 2:
+      raise ValueError(f"--ranking_k must be >= 2 (a pair needs two responses), "
+                       f"got {self.ranking_k}")
+    if self.world == "intransitive" and self.ranking_k != 2:
+      raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world's raters only "
+                       "compare pairs (a cyclic preference has no K-way ranking); pass "
+                       "--ranking_k=2")
+    if not 0.5 < self.rater_agreement < 1.0:
+      raise ValueError(f"--rater_agreement must be in (0.5, 1), got {self.rater_agreement}")
+
+  def effective(self) -> "DPOConfig":
+    cfg = super().effective()
+    return dataclasses.replace(cfg, num_pairs=min(cfg.num_pairs, 16)) if cfg.smoke else cfg
+
+
+def jit_pair_fn(fn, shardings, mesh, keys):
+  """jit of fn(params, batch) -> per-row outputs, for batches with `keys`."""
+  return jax.jit(fn, in_shardings=(shardings, {k: sharding.batch_sharding(mesh) for k in keys}),
+                 out_shardings=sharding.batch_sharding(mesh))
+
+
+def map_pairs(fn, params, source, cfg: DPOConfig, encode, mesh) -> dict[str, np.ndarray]:
+  """fn(params, batch) -> dict of per-row arrays, over `source` in order, padding dropped."""
+  out = {}
+  for batch in pairs.make_pair_eval_iterator(source, batch_size=cfg.eval_batch_size,
+                                             encode=encode):
+    keep = np.asarray(batch["example_valid"])
+    for k, v in jax.device_get(fn(params, sharding.shard_batch(batch, mesh))).items():
+      out.setdefault(k, []).append(np.asarray(v)[keep])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def precompute_reference(ref_fn, params, source, cfg: DPOConfig, encode, mesh):
+  """The frozen reference's (chosen_N, rejected_N) log-probs over `source`, in order."""
+  out = map_pairs(ref_fn, params, source, cfg, encode, mesh)
+  return out["ref_chosen_logps"], out["ref_rejected_logps"]
+
+
+def with_reference(cfg: DPOConfig, graphdef, params, shardings, mesh, source, encode):
+  """`source` carrying the reference's precomputed log-probs (preference.reference_logps_fn,
+  --average_logps as the loss uses them)."""
+  keys = [k for k in encode(source[0]) if k not in pairs.REF_KEYS]
+  ref_fn = jit_pair_fn(preference.reference_logps_fn(graphdef, average=cfg.average_logps),
+                       shardings, mesh, keys)
+  return pairs.WithReferenceLogps(
+      source, *precompute_reference(ref_fn, params, source, cfg, encode, mesh))
+
+
+def pair_eval_fn(eval_step, test_src, cfg: DPOConfig, encode, mesh):
+  """eval_fn(params): the loss and metrics over the held-out pairs."""
+  def eval_fn(params):
+    batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
+                                            encode=encode)
+    return step_lib.evaluate(eval_step, params, (sharding.shard_batch(b, mesh) for b in batches))
+  return eval_fn
+
+
+def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+           encode, eval_fn):
+  it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
+                                      encode=encode)
+  return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
+                         eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
+
+
