@@ -51,14 +51,7 @@ class LMConfig:
   world: str = flag("arithmetic", "Embedded world (rlhf_jax/worlds/registry.py).",
                     choices=registry.NAMES)
   world_seed: int = flag(0, "Seed of the world (splits, corrupted pairs, corpora).")
-  error_rate: float = flag(0.4, "arithmetic: fraction of pretraining statements with "
-                           "systematic errors.")
-  min_digits: int = flag(2, "arithmetic: fewest digits per operand (2: operands 10..99).")
-  max_digits: int = flag(2, "arithmetic: most digits per operand.")
-  statements_per_text: int = flag(4, "arithmetic: statements per pretraining text.")
   pretrain_texts: int = flag(8000, "Texts in the pretraining corpus.")
-  p_syc: float = flag(0.7, "sycophancy: probability that a rater prefers an answer agreeing "
-                      "with a wrong belief over a correct one (Sharma 2023).")
   eval_prompts: int = flag(500, "Held-out prompts for evaluation (capped by the test split).")
   eval_batch_size: int = flag(100, "Prompts per sampling batch at evaluation.")
   max_new_tokens: int = flag(0, "Response tokens sampled at evaluation (0: the world's "
@@ -76,8 +69,7 @@ class LMConfig:
                        f"--num_microbatches={self.num_microbatches}")
     if self.learning_rate <= 0:
       raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
-    if not 0.0 < self.p_syc < 1.0:
-      raise ValueError(f"--p_syc must be in (0, 1), got {self.p_syc}")
+    getattr(super(), "__post_init__", lambda: None)()  # a world's flags check themselves
     if self.max_new_tokens < 0:
       raise ValueError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
     if self.warmup_steps >= self.steps and not self.smoke:
@@ -98,6 +90,28 @@ class LMConfig:
 
 def model_config(cfg: LMConfig):
   return preset(cfg.model, dtype=cfg.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticFlags:
+  """The arithmetic world's own flags: on the configs of the runs that can use that world."""
+  error_rate: float = flag(0.4, "arithmetic: fraction of pretraining statements with "
+                           "systematic errors.")
+  min_digits: int = flag(2, "arithmetic: fewest digits per operand (2: operands 10..99).")
+  max_digits: int = flag(2, "arithmetic: most digits per operand.")
+  statements_per_text: int = flag(4, "arithmetic: statements per pretraining text.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SycophancyFlags:
+  """The sycophancy world's own flag: on the configs of the runs that can use that world."""
+  p_syc: float = flag(0.7, "sycophancy: probability that a rater prefers an answer agreeing "
+                      "with a wrong belief over a correct one (Sharma 2023).")
+
+  def __post_init__(self):
+    if not 0.0 < self.p_syc < 1.0:
+      raise ValueError(f"--p_syc must be in (0, 1), got {self.p_syc}")
+    getattr(super(), "__post_init__", lambda: None)()
 
 
 def optim_config(cfg: LMConfig, total_steps: int) -> optim.OptimConfig:

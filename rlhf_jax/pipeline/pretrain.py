@@ -16,7 +16,7 @@ from rlhf_jax.pipeline import lm, worlds
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig(lm.LMConfig):
+class PretrainConfig(lm.LMConfig, lm.ArithmeticFlags, lm.SycophancyFlags):
   pass
 
 

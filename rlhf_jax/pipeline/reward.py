@@ -46,7 +46,7 @@ REWARD_MODELS = ("bt", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig(lm.LMConfig):
+class RewardConfig(lm.LMConfig, lm.SycophancyFlags):
   sft_flagfile: str = flag("experiments/configs/sft_gold_tiny.flags",
                                "Flagfile of the SFT stage whose samples are ranked and whose "
                                "backbone initialises the reward models.")

@@ -19,7 +19,7 @@ from rlhf_jax.pipeline.config import flag
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig(lm.LMConfig):
+class SFTConfig(lm.LMConfig, lm.ArithmeticFlags, lm.SycophancyFlags):
   pretrain_flagfile: str = flag("experiments/configs/pretrain_tiny.flags",
                                     "Flagfile of the pretraining stage this run starts from.")
   stage_root: str = flag("workdirs/stages", "Where cached upstream stages live.")

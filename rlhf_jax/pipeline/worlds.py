@@ -17,7 +17,7 @@ def world_config(cfg, **overrides):
   """The world's own config from the run's flags (--smoke shrinks the corpora); only the
   world's own parameters (registry World.params) are passed on."""
   w = world(cfg)
-  params = {name: getattr(cfg, name) for name in w.params}
+  params = {name: getattr(cfg, name) for name in w.params if hasattr(cfg, name)}
   params.update(overrides)
   return w.config(seed=cfg.world_seed, num_pretrain_texts=cfg.pretrain_texts, smoke=cfg.smoke,
                   **params)

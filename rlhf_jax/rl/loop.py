@@ -86,6 +86,23 @@ class Algorithm(Protocol):
     """Restores state_dict() from a checkpoint."""
 
 
+class StatelessAlgorithm:
+  """Defaults of the Algorithm protocol for an algorithm that carries nothing between
+  iterations and adds nothing to its minibatches."""
+
+  def extend_minibatch(self, minibatch: dict) -> dict:
+    return minibatch
+
+  def finish_iteration(self, values: dict) -> dict:
+    return values
+
+  def state_dict(self) -> dict:
+    return {}
+
+  def load_state_dict(self, data: dict) -> None:
+    del data
+
+
 def epoch_order(rows: int, rng: np.random.Generator, *, epochs: int,
                 num_minibatches: int) -> list[np.ndarray]:
   """Row indices of each optimizer step: `epochs` passes over the rows, each shuffled and cut

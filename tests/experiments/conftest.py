@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import ppo
+from rlhf_jax.runs import ppo
 from rlhf_jax.pipeline import chain, config, reward
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

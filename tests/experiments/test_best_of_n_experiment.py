@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import best_of_n
+from rlhf_jax.runs import best_of_n
 from rlhf_jax.pipeline import config
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars

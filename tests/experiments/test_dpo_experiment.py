@@ -15,9 +15,9 @@ import transformers
 from flax import nnx
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from experiments import dpo
+from rlhf_jax.runs import dpo_files as dpo
 from rlhf_jax.pipeline import config
-from rlhf_jax.pipeline.dpo import DPOConfig
+from rlhf_jax.runs.dpo import DPOConfig
 from helpers import make_model
 from rlhf_jax import memory
 from rlhf_jax.compile_count import CompileCounter

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import dpo
-from rlhf_jax.pipeline import config, dpo_world
-from rlhf_jax.pipeline.dpo import DPOConfig
+from rlhf_jax.runs import dpo_files as dpo
+from rlhf_jax.pipeline import config
+from rlhf_jax.runs import dpo_world
+from rlhf_jax.runs.dpo import DPOConfig
 from helpers import apply, make_model
 from rlhf_jax.rl import comparisons
 from rlhf_jax.data import pairs

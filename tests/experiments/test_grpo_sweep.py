@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments import grpo_sweep, sweeps
+from rlhf_jax.runs import grpo_sweep, sweeps
 from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR, run_experiment

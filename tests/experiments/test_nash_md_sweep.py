@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from experiments import nash_md_sweep as sweep
+from rlhf_jax.runs import nash_md_sweep as sweep
 from rlhf_jax.pipeline import config
-from experiments.sweeps import aggregate
+from rlhf_jax.runs.sweeps import aggregate
 from rlhf_jax.worlds import intransitive
 
 from conftest import FLAGS_DIR, run_experiment
@@ -98,7 +98,7 @@ def _check_effect(out):
   onto formal (no poetic, ~1% casual) in every seed; Nash-MD, judged by the learned model or by
   the raters, keeps a mixture and ends less exploitable and closer to the equilibrium than
   BT-PPO in every seed; judged by the raters it is also less exploitable than SFT in every
-  seed (though not closer to the equilibrium: see experiments/nash_md_sweep.py)."""
+  seed (though not closer to the equilibrium: see rlhf_jax/runs/nash_md_sweep.py)."""
   ppo = {s["seed"]: s["final"] for s in out["bt_ppo"]["per_seed"]}
   for f in ppo.values():
     assert f["share_formal"] > 0.5 and f["share_poetic"] < 0.02

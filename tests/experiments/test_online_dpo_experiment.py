@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from experiments import online_dpo
+from rlhf_jax.runs import online_dpo
 from rlhf_jax.pipeline import config
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import overoptimisation as oo, sweeps
+from rlhf_jax.runs import overoptimisation as oo, sweeps
 from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import ppo
+from rlhf_jax.runs import ppo
 from rlhf_jax.pipeline import config, lm, pairwise, reward
 from rlhf_jax.train.logging import read_metrics
 

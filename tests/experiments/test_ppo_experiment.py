@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments import ppo
+from rlhf_jax.runs import ppo
 from rlhf_jax.pipeline import config
 from rlhf_jax.train.logging import read_metrics, read_tensorboard_scalars
 

@@ -1,11 +1,12 @@
 """The stage cache across the whole chain pretrain -> SFT -> reward -> PPO: a changed flag
 anywhere upstream changes every downstream key (so it rebuilds), unrelated flags do not."""
+import importlib
 import os
 import shutil
 
 import pytest
 
-from experiments import ppo
+from rlhf_jax.runs import ppo
 from rlhf_jax.pipeline import chain, config, reward, stages
 
 from conftest import FLAGS_DIR
@@ -112,3 +113,17 @@ def test_pinned_code_version_ignores_source_edits(monkeypatch, tmp_path):
   assert pinned not in (unpinned, stages.stage_key({"steps": 4}))
   monkeypatch.setenv(stages.CODE_VERSION_ENV, "other")
   assert stages.stage_key(config) != pinned
+
+
+@pytest.mark.parametrize("module, config_name, flagfile, flag", [
+    ("grpo", "GRPOConfig", "grpo_tiny.flags", "--p_syc=0.5"),
+    ("nash_md", "NashMDConfig", "nash_md_tiny.flags", "--error_rate=0.3"),
+    ("online_dpo", "OnlineDPOConfig", "online_dpo_tiny.flags", "--p_syc=0.5"),
+    ("ppo", "PPOConfig", "ppo_tiny.flags", "--min_digits=1"),
+])
+def test_a_world_flag_exists_only_on_the_runs_of_its_world(module, config_name, flagfile, flag):
+  """GRPO runs on arithmetic, Nash-MD on intransitive, online DPO on gold, PPO on the
+  preference worlds: another world's flag is an unknown flag there, not a silent no-op."""
+  cls = getattr(importlib.import_module(f"rlhf_jax.runs.{module}"), config_name)
+  with pytest.raises(ValueError, match=f"Unknown command line flag '{flag[2:].split('=')[0]}'"):
+    config.parse(cls, [f"--flagfile={FLAGS_DIR}/{flagfile}", flag])

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments import sycophancy as syc
+from rlhf_jax.runs import sycophancy as syc
 from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR, run_experiment

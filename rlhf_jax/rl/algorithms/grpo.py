@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.losses import grpo as grpo_losses
-from rlhf_jax.rl.loop import Iteration
+from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
 from rlhf_jax.rl.rollout import Rollout, RolloutStage, policy_forward
 from rlhf_jax.rl.scorers import Scorer
 
@@ -184,7 +184,7 @@ def grpo_batch_fn(group_size: int, *, estimator: str, std_ddof: int = 0, std_eps
 
 
 @dataclasses.dataclass
-class GroupSampling:
+class GroupSampling(StatelessAlgorithm):
   """An online algorithm over groups of G samples per prompt (the loop's Algorithm).
 
   Per iteration: batch_size distinct prompts drawn by (seed, it) (round r > 0 of dynamic
@@ -244,9 +244,6 @@ class GroupSampling:
              "informative_groups": sel.informative / self.batch_size,
              "rollout_rounds": float(len(rounds))}
     return Iteration(batch, stats, np.random.default_rng((self.seed, it, 1)), rounds[0])
-
-  def extend_minibatch(self, minibatch: dict) -> dict:
-    return minibatch
 
   def finish_iteration(self, values: dict) -> dict:
     return {**values, **per_token(values)} if self.token_metrics else values

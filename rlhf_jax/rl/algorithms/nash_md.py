@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.losses import nash_md as nash_losses
-from rlhf_jax.rl.loop import Iteration
+from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
 from rlhf_jax.rl.rollout import RolloutStage, decode_responses, encode_prompts, policy_forward
 from rlhf_jax.rl.scorers import PairwiseJudge
 from rlhf_jax.sampling import sample_mixture
@@ -68,7 +68,7 @@ def nash_md_loss_fn(graphdef, *, nash_tau: float, kl_fn, temperature: float = 1.
 
 
 @dataclasses.dataclass
-class NashMD:
+class NashMD(StatelessAlgorithm):
   """Per iteration: batch_size prompts drawn with replacement by (seed, it), each repeated
   group_size times; y from the stage and y' from the mixture with the two halves of
   split(fold_in(key(seed), it)); rows shuffled by the same generator. The experience carries
@@ -112,15 +112,3 @@ class NashMD:
              "baseline": jnp.asarray(baseline)}
     # the judge's preference, over every judged pair
     return Iteration(batch, {"preference": float(prefs.mean())}, rng, exp)
-
-  def extend_minibatch(self, minibatch: dict) -> dict:
-    return minibatch
-
-  def finish_iteration(self, values: dict) -> dict:
-    return values
-
-  def state_dict(self) -> dict:
-    return {}
-
-  def load_state_dict(self, data: dict) -> None:
-    del data

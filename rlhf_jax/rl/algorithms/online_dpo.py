@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.rl import comparisons
-from rlhf_jax.rl.loop import Iteration
+from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
 
 PAIR_KEYS = ("chosen_tokens", "chosen_valid", "chosen_mask", "rejected_tokens",
              "rejected_valid", "rejected_mask", "example_valid")
@@ -51,7 +51,7 @@ def step_order(rows: int, steps: int, batch_size: int, rng: np.random.Generator)
 
 
 @dataclasses.dataclass
-class OnlineDPO:
+class OnlineDPO(StatelessAlgorithm):
   """sample(params, prompts, key) -> Samples with 2 responses per prompt; label(samples, rng)
   -> (chosen_N, stats): the labeler (a reward model, simulated raters, ...) and what to log
   about its pairs; ref_fn: the jitted reference log-prob pass (preference.reference_logps_fn)."""
@@ -79,15 +79,3 @@ class OnlineDPO:
                                  self.mesh))
     order = step_order(len(chosen), self.steps_per_round, self.batch_size, rng)
     return Iteration(batch, stats, rng, samples, order=order, metrics="mean")
-
-  def extend_minibatch(self, minibatch: dict) -> dict:
-    return minibatch
-
-  def finish_iteration(self, values: dict) -> dict:
-    return values
-
-  def state_dict(self) -> dict:
-    return {}
-
-  def load_state_dict(self, data: dict) -> None:
-    del data

@@ -2,7 +2,7 @@
 sycophancy sweep run it: the typed config, the frozen reference's log-probs precomputed once
 over the pairs, and training on them through the offline loop (pipeline/lm.py: run_training).
 World mode (rater-labelled pairs of SFT samples) is dpo_world.py; the file mode, Hugging Face
-checkpoints and --dry_run memory plans are experiments/dpo.py's.
+checkpoints and --dry_run memory plans are dpo_files.py's.
 """
 import dataclasses
 
@@ -19,7 +19,7 @@ from rlhf_jax.worlds import raters, registry
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig(lm.LMConfig):
+class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
   workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
   init_hf: str = config.flag("", "Hugging Face model directory to start from (policy and reference).")
   init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
@@ -151,5 +151,3 @@ def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_sharding
                                       encode=encode)
   return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                          eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
-
-

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.pipeline import chain, lm, sft, worlds
-from rlhf_jax.pipeline.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
+from rlhf_jax.runs.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                                    train_pairs, with_reference)
 from rlhf_jax import evaluation, sharding
 from rlhf_jax.data import pairs

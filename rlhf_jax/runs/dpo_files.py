@@ -1,0 +1,193 @@
+"""DPO / cDPO / IPO on preference pairs from local files, from a real or a random model; and
+DPO / cDPO / IPO / KTO on rater-labelled pairs of SFT samples on a preference world.
+
+    python -m experiments.dpo --flagfile=experiments/configs/dpo_tiny.flags
+    python -m experiments.dpo --flagfile=experiments/configs/dpo_llama3_1b_hh_v5e8.flags --dry_run
+    python -m experiments.dpo --flagfile=experiments/configs/dpo_gold_tiny.flags
+
+World mode (--world=gold|sycophancy|intransitive, no --data_files; rlhf_jax/runs/dpo_world.py):
+builds or reuses the SFT stage (--sft_flagfile, cached under --stage_root with its pretraining
+stage); policy and frozen reference start from the SFT params. --num_pairs train prompts
+(drawn with replacement) get --ranking_k SFT samples each, ranked by the world's simulated
+raters (rlhf_jax/worlds/registry.py; gold: calibrated to --rater_agreement); a pair is the rater's
+first vs last response. KTO trains on the same rankings, unpaired: first
+= desirable, last = undesirable. Training never sees the gold reward; the report does:
+  ches.jsonl   per training pair: CHES under the SFT model (Razin 2024) and the change of the
+               chosen/rejected log-probs, trained policy vs reference (likelihood displacement)
+  result.json  the world's ground truth ("gold") and own metrics (e.g. the sycophancy rate)
+               of the SFT and trained policies (and with --matched_sft, of SFT continued for
+               as many steps) on held-out prompts, win rates against SFT with bootstrap CIs,
+               the CHES summary, the label statistics.
+
+The policy starts from --init_hf (a Hugging Face model directory), else --init_from (the
+params of an earlier stage), else a random --model preset (smoke tests). The reference is
+that same starting point, frozen; its log-probs are precomputed in one jitted pass over the
+data (--precompute_ref, default) or recomputed inside every step. Reports held-out
+preference accuracy (implicit reward), loss and chosen/rejected log-probs; writes
+config.json, metrics.jsonl, tb/, checkpoints/ (resumes), params/, result.json, and with
+--export_hf the trained policy as a Hugging Face directory.
+
+--dry_run resolves the model's shapes and shardings on the mesh with eval_shape and prints the
+analytic per-device memory (rlhf_jax.memory), loading no weights and compiling nothing. A
+--init_hf directory without config.json falls back to the --model preset's shape there, so a
+real flagfile can be checked before the checkpoint is downloaded.
+"""
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+from rlhf_jax.pipeline import lm
+from rlhf_jax.runs import dpo, dpo_world
+from rlhf_jax import memory, sharding
+from rlhf_jax.data import builders, file_datasets, pairs
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data.chat import ChatTemplate
+from rlhf_jax.data.hf_tokenizer import HFTokenizer
+from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
+from rlhf_jax.train import step as step_lib
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def model_config(cfg: dpo.DPOConfig):
+  """Parameters stored in float32 (Adam's master copy), computed in --dtype."""
+  if cfg.init_hf:
+    if (pathlib.Path(cfg.init_hf) / "config.json").exists():
+      return hf.config_from_hf(hf.read_hf_config(cfg.init_hf), dtype="float32",
+                               compute_dtype=cfg.dtype)
+    if not cfg.dry_run:
+      raise FileNotFoundError(f"--init_hf={cfg.init_hf}: no config.json (see WORKSPACE.md, "
+                              "'Real checkpoints and data')")
+    print(f"[dry run] {cfg.init_hf}/config.json not found: using the --model={cfg.model} shape")
+  return lm.model_config(cfg)
+
+
+def _mesh(cfg: dpo.DPOConfig):
+  """The flags' mesh; a dry run of a mesh smaller than this host takes its first devices."""
+  sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  devices = None
+  if cfg.dry_run and -1 not in sizes and math.prod(sizes) < jax.device_count():
+    devices = jax.devices()[:math.prod(sizes)]
+  return lm.setup(cfg, devices=devices)
+
+
+def memory_estimate(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
+  return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
+                         seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
+                         reference_params=not cfg.precompute_ref)
+
+
+def dry_run(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.param_shardings(abstract, mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract.to_pure_dict(), shardings)
+  for x in jax.tree.leaves(params):
+    x.sharding.shard_shape(x.shape)  # raises if a dimension does not divide its mesh axes
+  optimizer = optim.make_optimizer(optim.OptimConfig(
+      learning_rate=cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps))
+  state = state_lib.abstract_state(optimizer, params, shardings)
+  est = memory_estimate(cfg, mcfg, mesh)
+  print(f"[dry run] mesh {dict(mesh.shape)}, {mcfg.num_params():,} parameters, "
+        f"{len(jax.tree.leaves(state))} state arrays\n{memory.format_table(est)}")
+  return {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
+          "memory": est}
+
+
+def load_tokenizer(cfg: dpo.DPOConfig):
+  """(tokenizer, render_fn, render_id): the tokenizer dir's chat template renders message
+  prompts when it has one, else preference_formats.default_render."""
+  if not cfg.tokenizer:
+    return ByteTokenizer(), pf.default_render, None
+  tok = HFTokenizer.from_file(cfg.tokenizer)
+  try:
+    template = ChatTemplate.from_file(cfg.tokenizer)
+  except ValueError:
+    return tok, pf.default_render, None
+  digest = hashlib.sha256(template.source.encode()).hexdigest()[:12]
+  return tok, pairs.chat_render_fn(template), f"chat_template:{digest}"
+
+
+def init_policy(cfg: dpo.DPOConfig, mcfg, mesh):
+  """(graphdef, params, shardings) from --init_hf, --init_from or a random init."""
+  if cfg.init_hf:
+    return hf.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
+                            kind="lm")
+  if cfg.init_from:
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.param_shardings(abstract, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract.to_pure_dict(), shardings)
+    path = os.path.join(cfg.init_from, lm.PARAMS_DIR)
+    path = path if os.path.isdir(path) else cfg.init_from
+    return graphdef, checkpoint.load_params(path, target), shardings
+  return sharding.init_sharded(lambda r: Transformer(mcfg, rngs=r), jax.random.key(cfg.seed),
+                               mesh)
+
+
+def run(cfg: dpo.DPOConfig) -> dict:
+  cfg = cfg.effective()
+  mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
+  if cfg.world_mode and not cfg.dry_run:
+    return dpo_world.run_world(cfg)
+  mesh = _mesh(cfg)
+  if cfg.dry_run:
+    return dry_run(cfg, mcfg, mesh)
+  tok, render_fn, render_id = load_tokenizer(cfg)
+  if tok.vocab_size > mcfg.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
+                     f"{mcfg.vocab_size}")
+  graphdef, params, shardings = init_policy(cfg, mcfg, mesh)
+  built = file_datasets.build_file_dataset(
+      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
+      on_error=cfg.on_error, test_fraction=cfg.test_fraction or None, tokenizer=tok,
+      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+  train_src = builders.load_split(built.builder, "train")
+  test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
+  encode = pairs.make_encoder(tok, cfg.seq_len, cfg.data_format, render_fn)
+  ref_params = None
+  if cfg.precompute_ref:
+    train_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, train_src, encode)
+    if test_src is not None:
+      test_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
+  else:  # a copy: the policy's buffers are donated to the train step
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+  loss_fn = preference.preference_loss_fn(
+      graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+      ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
+  eval_fn = None if test_src is None else dpo.pair_eval_fn(
+      step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
+      test_src, cfg, encode, mesh)
+
+  final, summary = dpo.train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
+                          encode, eval_fn)
+  if cfg.export_hf:
+    base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
+    hf.save_hf_model(cfg.export_hf, graphdef, final.params, hf_config_base=base)
+    for name in _TOKENIZER_FILES if cfg.tokenizer else ():
+      if (pathlib.Path(cfg.tokenizer) / name).exists():
+        shutil.copy(pathlib.Path(cfg.tokenizer) / name, pathlib.Path(cfg.export_hf) / name)
+  result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
+            "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
+                     "skipped": built.report.skipped},
+            "memory": memory_estimate(cfg, mcfg, mesh)}
+  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  if summary["eval"]:
+    print(f"held-out preference accuracy {summary['eval']['rewards/accuracies']:.3f}, "
+          f"loss {summary['eval']['loss']:.4f}")
+  return result
+
