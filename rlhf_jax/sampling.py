@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.losses.nash_md import geometric_mixture_logprobs
 from rlhf_jax.models.transformer import init_cache, last_valid_index, positions_from_valid
 
 
@@ -186,7 +187,6 @@ def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid
   truncate the MIXED distribution, greedy takes its argmax. a = 0 draws what `sample` draws
   from the policy (same key: same tokens), a = 1 what it draws from the reference.
   mixture_coef is traced (a schedule does not recompile). Log-probs are under pi_mix."""
-  from rlhf_jax.losses.nash_md import geometric_mixture_logprobs  # losses do not import this
   policy, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
   b = prompt_tokens_BxP.shape[0]
   n = cfg.max_new_tokens

@@ -186,12 +186,3 @@ def tensor_plan(cfg: ModelConfig, kind: str) -> list[tuple[tuple, str | None, La
     plan.append((("lm_head",), "lm_head.weight", t2(v, d)))
   return plan
 
-
-def __getattr__(name):  # re-exports without an import cycle (hf_import/hf_export import hf)
-  if name == "load_hf_model":
-    from rlhf_jax.models.hf_import import load_hf_model
-    return load_hf_model
-  if name == "save_hf_model":
-    from rlhf_jax.models.hf_export import save_hf_model
-    return save_hf_model
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,7 @@ from rlhf_jax.rl import comparisons
 from rlhf_jax.train import checkpoint, pairwise as pairwise_train
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_config
+from rlhf_jax.worlds import intransitive, registry
 
 HELDOUT_PAIRS = 256  # held-out pairs (test prompts repeated), for a tight accuracy estimate
 _BATCH_KEYS = ("tokens_Bx2xT", "valid_Bx2xT", "label_B", "example_valid_B")
@@ -110,7 +111,6 @@ def style_matrix(graphdef, params, prompts, *, seq_len: int, batch_size: int,
                  per_prompt: int = 4) -> np.ndarray:
   """The learned 3 x 3 matrix of the intransitive world: mean P(i > j) over `per_prompt`
   canonical responses of style i and of style j on each prompt (fixed seed)."""
-  from rlhf_jax.worlds import intransitive
   rng = random.Random(0)
   n = len(intransitive.STYLES)
   rows = []
@@ -188,8 +188,7 @@ def run(cfg, sft_dir: str) -> dict:
   result = evaluate(probs, h_labels, h_p, truth)
   result.update(sft_workdir=sft_dir, train_pairs=cfg.num_rankings, test_pairs=len(probs),
                 final_eval=summary["eval"], wall_s=summary["wall_s"])
-  if cfg.world == "intransitive":
-    from rlhf_jax.worlds import intransitive
+  if isinstance(worlds.world(cfg), registry.IntransitiveWorld):  # a 3-style game to report
     learned = style_matrix(rm_graphdef, final.params, test_prompts, seq_len=cfg.seq_len,
                            batch_size=cfg.eval_batch_size)
     true = intransitive.preference_matrix(cfg.world_config())

@@ -69,7 +69,8 @@ class RewardConfig(lm.LMConfig, lm.SycophancyFlags):
     if self.world not in registry.PREFERENCE_WORLDS:
       raise ValueError(f"experiments.reward needs a preference world "
                        f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
-    if (self.world == "intransitive" or self.reward_model == "pairwise") and self.ranking_k != 2:
+    if ((registry.get(self.world).pairs_only or self.reward_model == "pairwise")
+        and self.ranking_k != 2):
       raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world and the pairwise "
                        "model compare pairs (a cyclic preference has no K-way ranking model); "
                        "pass --ranking_k=2")

@@ -91,7 +91,7 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
     if self.ranking_k < 2:
       raise ValueError(f"--ranking_k must be >= 2 (a pair needs two responses), "
                        f"got {self.ranking_k}")
-    if self.world == "intransitive" and self.ranking_k != 2:
+    if registry.get(self.world).pairs_only and self.ranking_k != 2:
       raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world's raters only "
                        "compare pairs (a cyclic preference has no K-way ranking); pass "
                        "--ranking_k=2")

@@ -52,7 +52,7 @@ from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.models import hf
+from rlhf_jax.models import hf, hf_export, hf_import
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
@@ -123,7 +123,7 @@ def load_tokenizer(cfg: dpo.DPOConfig):
 def init_policy(cfg: dpo.DPOConfig, mcfg, mesh):
   """(graphdef, params, shardings) from --init_hf, --init_from or a random init."""
   if cfg.init_hf:
-    return hf.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
+    return hf_import.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
                             kind="lm")
   if cfg.init_from:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
@@ -176,7 +176,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
                           encode, eval_fn)
   if cfg.export_hf:
     base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
-    hf.save_hf_model(cfg.export_hf, graphdef, final.params, hf_config_base=base)
+    hf_export.save_hf_model(cfg.export_hf, graphdef, final.params, hf_config_base=base)
     for name in _TOKENIZER_FILES if cfg.tokenizer else ():
       if (pathlib.Path(cfg.tokenizer) / name).exists():
         shutil.copy(pathlib.Path(cfg.tokenizer) / name, pathlib.Path(cfg.export_hf) / name)

@@ -28,6 +28,7 @@ class World:
   params: tuple[str, ...] = ()  # the world's own config fields a run may set
   columns: tuple[str, ...] = ()  # its metrics worth a table column beside gold and words
   max_pretrain_bytes: int = 0  # the longest pretraining text (PPO-ptx rows must hold it)
+  pairs_only: bool = False  # its raters compare pairs only (no K-way ranking model)
 
   def config(self, *, seed: int, num_pretrain_texts: int, smoke: bool = False, **params):
     """The world's config; params must be among self.params (another world's raise)."""
@@ -192,7 +193,7 @@ WORLDS = {w.name: w for w in (
                     max_pretrain_bytes=sycophancy.MAX_PRETRAIN_BYTES),
     IntransitiveWorld("intransitive", intransitive.IntransitiveConfig,
                       intransitive.DEFAULT_MAX_NEW_TOKENS,
-                      columns=("exploitability", "nash_distance"),
+                      columns=("exploitability", "nash_distance"), pairs_only=True,
                       max_pretrain_bytes=intransitive.MAX_PRETRAIN_BYTES))}
 NAMES = tuple(WORLDS)
 PREFERENCE_WORLDS = tuple(n for n, w in WORLDS.items() if isinstance(w, PreferenceWorld))

@@ -23,7 +23,7 @@ from rlhf_jax import memory
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models import hf
 from rlhf_jax.models.config import preset
-from rlhf_jax.models.hf import load_hf_model
+from rlhf_jax.models.hf_import import load_hf_model
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.train import checkpoint
 from rlhf_jax.train.logging import read_metrics

@@ -21,7 +21,9 @@ from safetensors.numpy import load_file, save_file
 
 from rlhf_jax.models import hf
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.hf import config_from_hf, load_hf_model, save_hf_model
+from rlhf_jax.models.hf import config_from_hf
+from rlhf_jax.models.hf_export import save_hf_model
+from rlhf_jax.models.hf_import import load_hf_model
 from rlhf_jax.models.layers import rope_inv_freq
 from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.sharding import make_mesh
