@@ -5,9 +5,9 @@
 Runs experiments.grpo with --matched_sft once per --seeds entry. The upstream stages are shared
 (one pretrained base, one SFT: the world seed and the stages' own flags are fixed; the run
 seed changes GRPO's prompts, samples and minibatches, and so the matched-SFT runs' prompts,
-which are GRPO's). Writes <out_dir>/grpo.json (per-seed held-out rows for SFT, GRPO and the
+which are GRPO's). Writes <out_dir>/<algorithm>.json (per-seed held-out rows for SFT, GRPO and the
 matched SFT baselines, GRPO's gains over each, their mean and spread, every curve, wall times
-and compiles) and <out_dir>/grpo.png (held-out temperature-1 accuracy over GRPO iterations,
+and compiles) and <out_dir>/<algorithm>.png (held-out temperature-1 accuracy over GRPO iterations,
 with the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the
 committed JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached
 stages (the committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo, as its "code_version" field
@@ -77,8 +77,9 @@ def figure(out: dict, path: str) -> None:
   per_seed = out["per_seed"]
   plots.metric_over_seeds(
       list(out["curves"].values()), "accuracy_temp1", path,
-      title=f"GRPO vs SFT, {len(out['seeds'])} seeds ({os.path.basename(out['grpo_flagfile'])})",
-      xlabel="GRPO iteration", ylabel="held-out temperature-1 accuracy",
+      title=f"{out.get('algorithm', 'grpo')} vs SFT, {len(out['seeds'])} seeds "
+            f"({os.path.basename(out['grpo_flagfile'])})",
+      xlabel="iteration", ylabel="held-out temperature-1 accuracy",
       baselines={label: [s[f"{row}_accuracy_temp1"] for s in per_seed]
                  for row, label in (("sft", "SFT"), ("sft_matched", "SFT + matched steps"),
                                     ("sft_matched_rolled_out", "... on every prompt rolled out"))
@@ -106,10 +107,11 @@ def run(cfg: GRPOSweepConfig) -> dict:
   out = {"grpo_flagfile": cfg.grpo_flagfile, "seeds": cfg.seed_list, "pass_k": ks,
          "code_version": os.environ.get("RLHF_JAX_CODE_VERSION", "sources"),
          "per_seed": summaries, "mean_std": sweeps.aggregate(numbers), "runs": runs, "curves": curves}
+  out["algorithm"] = gcfg.algorithm
   os.makedirs(cfg.out_dir, exist_ok=True)
-  with open(os.path.join(cfg.out_dir, "grpo.json"), "w") as f:
+  with open(os.path.join(cfg.out_dir, f"{gcfg.algorithm}.json"), "w") as f:
     json.dump(out, f, indent=1)
-  figure(out, os.path.join(cfg.out_dir, "grpo.png"))
+  figure(out, os.path.join(cfg.out_dir, f"{gcfg.algorithm}.png"))
   ms = out["mean_std"]
   for m in ("accuracy_greedy", "accuracy_temp1"):
     print(f"{m} over {len(summaries)} seeds (mean +- std): " + "; ".join(

@@ -11,8 +11,8 @@ from rlhf_jax.pipeline import config
 
 from conftest import FLAGS_DIR, run_experiment
 
-RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results", "grpo",
-                       "grpo.json")
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results")
+RESULTS = os.path.join(RESULTS_DIR, "grpo", "grpo.json")
 
 
 def _row(acc, greedy, p4):
@@ -42,10 +42,13 @@ def test_bad_seeds_are_refused():
       config.parse(grpo_sweep.GRPOSweepConfig, [f"--seeds={seeds}"])
 
 
-@pytest.mark.skipif(not os.path.exists(RESULTS), reason="no committed sweep results")
-def test_committed_results_are_consistent_and_show_the_effect():
-  with open(RESULTS) as f:
-    out = json.load(f)
+def _load(*path):
+  with open(os.path.join(RESULTS_DIR, *path)) as f:
+    return json.load(f)
+
+
+def _check_consistent(out):
+  """Per-seed rows against their own tables and curves, mean/std against the rows."""
   assert len(out["seeds"]) == 3
   for s in out["per_seed"]:
     run = out["runs"][str(s["seed"])]
@@ -58,8 +61,41 @@ def test_committed_results_are_consistent_and_show_the_effect():
     assert run["compiles_after_first_max"] == 0
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in out["per_seed"]]
   assert out["mean_std"] == sweeps.aggregate(numbers)
+
+
+def test_committed_grpo_results_are_consistent_and_show_the_effect():
+  out = _load("grpo", "grpo.json")
+  _check_consistent(out)
   for s in out["per_seed"]:
     _check_effect(s)
+
+
+def test_committed_gspo_results_are_consistent_and_show_what_the_readme_claims():
+  """experiments/results/gspo/README.md: GSPO above SFT and above SFT on every prompt rolled
+  out in every seed; a higher pass@8 than GRPO on the same machine and stages in every seed."""
+  gspo, grpo = _load("gspo", "gspo.json"), _load("gspo", "grpo_same_machine.json")
+  for out in (gspo, grpo):
+    _check_consistent(out)
+  assert gspo["algorithm"] == "gspo" and grpo["algorithm"] == "grpo"
+  for s, g in zip(gspo["per_seed"], grpo["per_seed"]):
+    assert s["seed"] == g["seed"]
+    assert s["sft_accuracy_temp1"] == g["sft_accuracy_temp1"]  # one SFT stage for both
+    assert s["gain_over_sft_accuracy_temp1"] > 0.05, s["seed"]
+    assert s["gain_over_matched_rolled_out_accuracy_temp1"] > 0.01, s["seed"]
+    assert s["grpo_pass_at_8"] > g["grpo_pass_at_8"], s["seed"]
+
+
+def test_committed_reinforce_pp_results_are_consistent_and_show_what_the_readme_claims():
+  """experiments/results/reinforce_pp/README.md: REINFORCE++ above SFT and above its matched
+  SFT at temperature 1 in every seed, below GRPO (with dynamic sampling) in every seed."""
+  rpp, grpo = _load("reinforce_pp", "reinforce_pp.json"), _load("gspo", "grpo_same_machine.json")
+  _check_consistent(rpp)
+  assert rpp["algorithm"] == "reinforce_pp"
+  for s, g in zip(rpp["per_seed"], grpo["per_seed"]):
+    assert s["seed"] == g["seed"] and s["sft_accuracy_temp1"] == g["sft_accuracy_temp1"]
+    assert s["gain_over_sft_accuracy_temp1"] > 0.05, s["seed"]
+    assert s["gain_over_matched_accuracy_temp1"] > 0.0, s["seed"]
+    assert s["grpo_accuracy_temp1"] < g["grpo_accuracy_temp1"], s["seed"]
 
 
 def _check_effect(s):
@@ -79,7 +115,7 @@ def test_sweep_reproduces_the_effect(tmp_path):
   run_experiment("experiments.grpo_sweep", f"--grpo_flagfile={FLAGS_DIR}/grpo_tiny.flags",
                  f"--out_dir={tmp_path}/out", f"--workdir={tmp_path}/runs",
                  f"--stage_root={tmp_path}/stages", f"--data_dir={tmp_path}/data")
-  with open(os.path.join(tmp_path, "out", "grpo.json")) as f:
+  with open(os.path.join(tmp_path, "out", "grpo.json")) as f:  # <algorithm>.json
     out = json.load(f)
   # GRPO over SFT in every seed, and close to the committed per-seed numbers (same flags and
   # seeds; other hardware may differ in the last bits, so not bitwise).
