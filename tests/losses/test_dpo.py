@@ -8,6 +8,7 @@ import pytest
 
 from rlhf_jax.losses import dpo
 
+import helpers
 from jitted import G, J, fd_grad
 
 
@@ -32,6 +33,12 @@ def _np_kto(p, r, good, kl, beta, lam_d, lam_u):
   return np.mean(np.where(good, lam_d, lam_u) - v)
 
 
+def _zscale(beta, *logps):
+  """Size of the terms of beta·((pw - rw) - (pl - rl)): its float32 rounding is within
+  a few eps of this, and a log-sigmoid or sigmoid moves by at most as much (slope <= 1)."""
+  return beta * float(np.max(sum(np.abs(np.asarray(x, np.float64)) for x in logps)))
+
+
 def _pairs(seed, b=5):
   rng = np.random.default_rng(seed)
   return [(-rng.exponential(20.0, size=b)).astype(np.float32) for _ in range(4)]
@@ -44,10 +51,11 @@ class TestDpoLoss:
     # loss = -log s(1) = log(1 + e^-1) = 0.31326; rewards 0.5 / -0.5; margin 1.
     loss, m = jax.jit(functools.partial(dpo.dpo_loss, beta=0.5))(
         jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-2.0]), jnp.array([-2.0]))
-    np.testing.assert_allclose(loss, 0.31326, atol=1e-5)
-    np.testing.assert_allclose([m["rewards/chosen_sum"], m["rewards/rejected_sum"],
-                                m["rewards/margins_sum"], m["rewards/accuracies_sum"]],
-                               [0.5, -0.5, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(loss, 0.31326, atol=1e-5)  # the constant is given to 5 decimals
+    # Integer log-prob differences times 0.5: exact in float32.
+    np.testing.assert_array_equal([m["rewards/chosen_sum"], m["rewards/rejected_sum"],
+                                   m["rewards/margins_sum"], m["rewards/accuracies_sum"]],
+                                  [0.5, -0.5, 1.0, 1.0])
     np.testing.assert_allclose([m["logps/chosen_sum"], m["logps/rejected_sum"]], [-1.0, -3.0])
 
   def test_step0_invariant(self):
@@ -55,7 +63,9 @@ class TestDpoLoss:
     pw, pl, _, _ = _pairs(1)
     for eps in (0.0, 0.2):
       loss, m = J(dpo.dpo_loss)(pw, pl, pw, pl, beta=0.1, label_smoothing=eps)
-      np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
+      # h = 0 exactly; two log-sigmoids (3 roundings each), the smoothing mix (3), the B-term
+      # mean of equal positive terms (B + 1).
+      np.testing.assert_allclose(loss, np.log(2.0), **helpers.f32_tol(2 * 3 + 3 + len(pw) + 1))
       assert float(m["rewards/chosen_sum"]) == 0 and float(m["rewards/rejected_sum"]) == 0
       assert float(m["rewards/accuracies_sum"]) == 0
 
@@ -63,17 +73,28 @@ class TestDpoLoss:
   def test_numpy_reference(self, eps):
     pw, pl, rw, rl = _pairs(2)
     loss, m = jax.jit(functools.partial(dpo.dpo_loss, beta=0.1, label_smoothing=eps))(pw, pl, rw, rl)
-    np.testing.assert_allclose(loss, _np_dpo(*map(np.float64, (pw, pl, rw, rl)), 0.1, eps), rtol=1e-5)
-    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
+    # Per pair: h (3 subtractions, at the log-probs' size: atol), beta·h, two log-sigmoids
+    # (3 each), the smoothing mix (3); then the B-term mean of positive terms.
+    b = len(pw)
+    np.testing.assert_allclose(loss, _np_dpo(*map(np.float64, (pw, pl, rw, rl)), 0.1, eps),
+                               **helpers.f32_tol(4 + 2 * 3 + 3 + b + 1,
+                                                 scale=_zscale(0.1, pw, pl, rw, rl)))
+    # Two evaluations (jnp.mean vs sum / count) of the same B positive terms.
+    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, **helpers.f32_tol(b + 2))
     r_w, r_l = 0.1 * (pw - rw), 0.1 * (pl - rl)
-    np.testing.assert_allclose(m["rewards/margins_sum"], np.sum(r_w - r_l), rtol=1e-4, atol=1e-4)
+    # Both float32: per pair 2 subtractions, 2 products and a difference, then a B-term sum
+    # that may cancel: f32_tol(B + 5) at the sum of the terms' sizes.
+    np.testing.assert_allclose(m["rewards/margins_sum"], np.sum(r_w - r_l),
+                               **helpers.f32_tol(b + 5, scale=b * _zscale(0.1, pw, pl, rw, rl)))
     assert float(m["rewards/accuracies_sum"]) == float(np.sum(r_w > r_l))
 
   def test_label_smoothing_half_is_symmetric(self):
     pw, pl, rw, rl = _pairs(3)
     a, _ = J(dpo.dpo_loss)(pw, pl, rw, rl, beta=0.3, label_smoothing=0.5)
     b, _ = J(dpo.dpo_loss)(pl, pw, rl, rw, beta=0.3, label_smoothing=0.5)
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    # Swapping negates h exactly and commutes the smoothing mix: the same B positive terms,
+    # the mean maybe summed in another order: f32_tol(B + 1).
+    np.testing.assert_allclose(a, b, **helpers.f32_tol(len(pw) + 1))
 
   def test_grad_closed_form_wrt_sequence_logps(self):
     # dL/dlogpi(y_w) = -beta/B s(r_hat_l - r_hat_w); dL/dlogpi(y_l) = +beta/B s(...).
@@ -81,11 +102,17 @@ class TestDpoLoss:
     beta = 0.2
     gw, gl = G(lambda a, b: J(dpo.dpo_loss)(a, b, rw, rl, beta=beta)[0], argnums=(0, 1))(pw, pl)
     s = 1 / (1 + np.exp(-(beta * ((pl - rl) - (pw - rw))).astype(np.float64)))
-    np.testing.assert_allclose(gw, -beta * s / len(pw), rtol=1e-5)
-    np.testing.assert_allclose(gl, beta * s / len(pw), rtol=1e-5)
+    # float32 gradient: h (3 subtractions, 1 rounding of beta·h, at _zscale: the sigmoid moves
+    # by <= that), the sigmoid (4), beta / B (2), at the gradient's size beta / B.
+    tol = helpers.f32_tol(4 + 4 + 2, scale=beta / len(pw) * (1 + _zscale(beta, pw, pl, rw, rl)))
+    np.testing.assert_allclose(gw, -beta * s / len(pw), **tol)
+    np.testing.assert_allclose(gl, beta * s / len(pw), **tol)
+    # vs a float64 central difference (its error ~h^2 + eps64/h ~ 1e-10): as above, + the
+    # smoothing mix of two sigmoids (4 + 3).
     fd = fd_grad(lambda a: _np_dpo(a, pl, rw, rl, beta, 0.1), pw)
     g_ls = G(lambda a: J(dpo.dpo_loss)(a, pl, rw, rl, beta=beta, label_smoothing=0.1)[0])(pw)
-    np.testing.assert_allclose(g_ls, fd, atol=1e-5)
+    np.testing.assert_allclose(g_ls, fd, **helpers.f32_tol(4 + 4 + 2 + 7,
+                                                          scale=beta / len(pw) * (1 + _zscale(beta, pw, pl, rw, rl))))
 
   def test_grad_through_tabular_policy_matches_closed_form(self):
     # Linear-softmax policy over N responses: log pi(y) = theta . phi(y) - logsumexp.
@@ -109,7 +136,11 @@ class TestDpoLoss:
     rhat = beta * (lp - np.asarray(ref_logp, np.float64))
     s = 1 / (1 + np.exp(-(rhat[l] - rhat[w])))
     closed = -beta * np.mean(s[:, None] * (grad_logp[w] - grad_logp[l]), axis=0)
-    np.testing.assert_allclose(g, closed, rtol=1e-4, atol=1e-6)
+    # float32 backprop: phi @ theta (d terms), log-softmax and its backward (N-term sums, 2),
+    # the DPO sigmoids (~10), the 4-pair mean, phi^T (N-term sum); the closed form is a mean of
+    # differences that may cancel: atol at beta · max|phi(y) - E phi| <= beta · 2 max|phi|.
+    np.testing.assert_allclose(g, closed, **helpers.f32_tol(d + 2 * n + 10 + 4 + n,
+                                                           scale=beta * 2 * np.abs(phi).max()))
 
   def test_likelihood_displacement(self):
     # phi_w and phi_l nearly aligned; a third response y3 has feature (0, -1). The DPO step
@@ -162,26 +193,35 @@ class TestIpoLoss:
     # step 0 (h = 0): loss = (1/(2 tau))^2 = 4.
     f = jax.jit(functools.partial(dpo.ipo_loss, ipo_tau=0.25))
     loss, m = f(jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-2.0]), jnp.array([-2.0]))
-    np.testing.assert_allclose(loss, 0.0, atol=1e-6)
+    np.testing.assert_array_equal(loss, 0.0)  # small integers: (2 - 1 / (2 * 0.25))^2 is exact
     np.testing.assert_allclose(m["rewards/margins_sum"], 2.0)
     pw, pl, _, _ = _pairs(0)
-    np.testing.assert_allclose(f(pw, pl, pw, pl)[0], 4.0, rtol=1e-6)
+    # h = 0 and (0 - 2)^2 = 4 exactly, the 5-term sum 20 exactly; one divide (maybe by a
+    # multiply with a rounded 1/B).
+    np.testing.assert_allclose(f(pw, pl, pw, pl)[0], 4.0, **helpers.f32_tol(2))
 
   @pytest.mark.parametrize("tau", [0.1, 1.0])
   def test_numpy_reference_and_grad(self, tau):
     pw, pl, rw, rl = (x / 20 for x in _pairs(6))
     loss, m = J(dpo.ipo_loss)(pw, pl, rw, rl, ipo_tau=tau)
-    np.testing.assert_allclose(loss, _np_ipo(*map(np.float64, (pw, pl, rw, rl)), tau), rtol=1e-5)
-    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
+    # Per pair: h - 1/(2 tau) (4 roundings at the log-probs' size z), squared: the square moves
+    # by 2·|h - c|·z·eps per rounding; then the B-term mean of positive terms.
+    b, z = len(pw), _zscale(1.0, pw, pl, rw, rl)
+    hc = np.abs((pw - rw) - (pl - rl) - 1 / (2 * tau)).max()
+    np.testing.assert_allclose(loss, _np_ipo(*map(np.float64, (pw, pl, rw, rl)), tau),
+                               **helpers.f32_tol(4 + 1 + b + 1, scale=2 * hc * (z + 1 / (2 * tau))))
+    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, **helpers.f32_tol(b + 2))
     g = G(lambda a: J(dpo.ipo_loss)(a, pl, rw, rl, ipo_tau=tau)[0])(pw)
+    # float32 gradient 2 (h - c) / B vs a float64 central difference (error ~1e-10): h - c is
+    # 4 roundings at its terms' size, may cancel; the products by 2 / B: 2 more.
     fd = fd_grad(lambda a: _np_ipo(a, pl, rw, rl, tau), pw)
-    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g, fd, **helpers.f32_tol(4 + 2, scale=2 / b * (z + 1 / (2 * tau))))
 
   def test_minimum_at_target_margin(self):
     # The loss is minimised (zero, zero gradient) exactly at h = 1/(2 tau).
     rw, rl, pl = jnp.zeros(1), jnp.zeros(1), jnp.zeros(1)
     g = G(lambda a: J(dpo.ipo_loss)(a, pl, rw, rl, ipo_tau=0.5)[0])(jnp.ones(1))
-    np.testing.assert_allclose(g, 0.0, atol=1e-7)
+    np.testing.assert_array_equal(g, 0.0)  # h - 1/(2 tau) = 1 - 1 is exactly 0
 
   def test_extreme_and_errors(self):
     loss, _ = J(dpo.ipo_loss)(jnp.array([-1e4]), jnp.array([0.0]), jnp.array([0.0]), jnp.array([-1e4]),
@@ -202,13 +242,15 @@ class TestKtoLoss:
     f = jax.jit(functools.partial(dpo.kto_loss, beta=0.1, desirable_weight=1.0, undesirable_weight=2.0))
     p = jnp.array([-5.0, -7.0])
     loss, m = f(p, p, jnp.array([True, False]), jnp.zeros(3))
-    np.testing.assert_allclose(loss, 0.75, rtol=1e-6)
+    # Two sigmoids of 0 (4 roundings each), the weights and lambda - v (2 each), a 2-term sum
+    # and a divide.
+    np.testing.assert_allclose(loss, 0.75, **helpers.f32_tol(2 * (4 + 2) + 2))
     assert float(m["chosen_count"]) == 1 and float(m["rejected_count"]) == 1
     # Hand case: r = 2, beta = 0.5, kl mean = -1 -> z0 clamped to 0;
     # desirable loss = 1 - s(1) = 1 - 0.73106 = 0.26894.
     loss2, _ = J(dpo.kto_loss)(jnp.array([0.0]), jnp.array([-2.0]), jnp.array([1]), jnp.array([-1.0]),
                             beta=0.5)
-    np.testing.assert_allclose(loss2, 0.26894, atol=1e-5)
+    np.testing.assert_allclose(loss2, 0.26894, atol=1e-5)  # the constant is given to 5 decimals
 
   @pytest.mark.parametrize("seed", [0, 1])
   def test_numpy_reference(self, seed):
@@ -218,9 +260,17 @@ class TestKtoLoss:
     kl = rng.normal(0.5, 1.0, size=4).astype(np.float32)
     loss, m = J(dpo.kto_loss)(p, r, good, kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
     ref = _np_kto(*map(np.float64, (p, r)), good, kl.astype(np.float64), 0.2, 1.0, 1.5)
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, rtol=1e-6)
-    np.testing.assert_allclose(m["kl_sum"] / m["kl_count"], kl.mean(), rtol=1e-5)
+    # Per example: rho = p - r and rho - z0 (z0: an M-term mean, M + 1), beta·, a sigmoid (4),
+    # lambda·, lambda - v (may cancel); the argument's roundings, at beta·(|p| + |r| + |kl|),
+    # move v by <= lambda_max/4 of them; then the B-term mean of positive terms.
+    b, mm = len(p), len(kl)
+    zs = 0.2 * (np.max(np.abs(p) + np.abs(r)) + np.abs(kl).max())
+    np.testing.assert_allclose(loss, ref, **helpers.f32_tol(2 + mm + 1 + 1 + 4 + 2 + b + 1,
+                                                          scale=1.5 * (1 + zs)))
+    np.testing.assert_allclose(m["loss_sum"] / m["count"], loss, **helpers.f32_tol(b + 2))
+    # float32 both: an M-term sum that may cancel and a divide, at the log-ratios' size.
+    np.testing.assert_allclose(m["kl_sum"] / m["kl_count"], kl.mean(),
+                               **helpers.f32_tol(2 * (mm + 1), scale=np.abs(kl).max()))
 
   def test_z0_has_no_gradient_and_grad_matches_fd(self):
     rng = np.random.default_rng(2)
@@ -231,7 +281,12 @@ class TestKtoLoss:
     np.testing.assert_allclose(g_kl, 0.0)
     g = G(lambda a: J(dpo.kto_loss)(a, r, good, kl, beta=0.5)[0])(p)
     fd = fd_grad(lambda a: _np_kto(a, r, good, kl, 0.5, 1.0, 1.0), p)
-    np.testing.assert_allclose(g, fd, atol=1e-5)
+    # float32 gradient -lambda·beta·s'(x)/B vs a float64 central difference (error ~1e-10):
+    # the argument x (as in test_numpy_reference) moves s' by <= its error (|s''| <= |s'|),
+    # s' itself ~6 roundings, lambda·beta / B 3: at the gradient's size.
+    zs = 0.5 * (np.max(np.abs(p) + np.abs(r)) + np.abs(kl).max())
+    np.testing.assert_allclose(g, fd, **helpers.f32_tol(2 + len(kl) + 1 + 1 + 6 + 3,
+                                                      scale=np.abs(fd).max() * (1 + zs)))
 
   def test_z0_clamped_at_zero(self):
     p, r, good = jnp.array([-1.0]), jnp.array([-2.0]), jnp.array([True])
