@@ -6,6 +6,8 @@ import pytest
 
 from rlhf_jax.losses import ppo
 
+import helpers
+
 
 def _mask(lengths, T):
   return (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
@@ -25,6 +27,14 @@ def _gae_numpy(rewards, values, lengths, gamma, lam, truncated=None, boot=None):
     for t in range(L):
       adv[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(L - t))
   return adv
+
+
+def _gae_scale(rewards, values, mask, boot=None):
+  """Size of the terms of A_t = sum_l (gamma lambda)^l (r + gamma V' - V): each r_t, V_t and
+  V_{t+1} of a row enters with a weight <= 1, so the row's sum of |r| + 2|V| (+ |bootstrap|)
+  bounds sum|terms| (Higham's atol scale, see helpers.f32_tol)."""
+  row = np.sum((np.abs(rewards) + 2 * np.abs(values)) * mask, axis=1)
+  return float(row.max() + (0.0 if boot is None else np.abs(boot).max()))
 
 
 class TestLastTokenOnehot:
@@ -47,7 +57,8 @@ class TestRlhfTokenRewards:
     out = jax.jit(ppo.rlhf_token_rewards, static_argnames="kl_coef")(
         jnp.array([[0.0, -1.0, 1.0]]), jnp.array([[-0.5, 0.0, -1.0]]), jnp.array([3.0]),
         jnp.array([[1.0, 1.0, 0.0]]), kl_coef=0.1)
-    np.testing.assert_allclose(out, [[-0.05, 3.1, 0.0]], rtol=1e-6)
+    # Exact differences; 0.1's rounding and the product (2), + 3.0 (1).
+    np.testing.assert_allclose(out, [[-0.05, 3.1, 0.0]], **helpers.f32_tol(3))
 
   def test_matches_numpy_reference_with_truncation_penalty(self):
     rng = np.random.default_rng(0)
@@ -63,7 +74,10 @@ class TestRlhfTokenRewards:
     got = ppo.rlhf_token_rewards(jnp.asarray(old, jnp.float32), jnp.asarray(ref, jnp.float32),
                                  jnp.asarray(rew, jnp.float32), _mask(lengths, T), kl_coef=0.2,
                                  truncated_B=jnp.asarray(truncated), truncation_penalty=1.5)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The three float32 casts, old - ref (cancels: atol at its terms' size), 0.2's rounding and
+    # the product, rew - penalty and the add: f32_tol(8) at the size of the summed terms.
+    scale = np.max(0.2 * (np.abs(old) + np.abs(ref)) + np.abs(rew)[:, None] + 1.5)
+    np.testing.assert_allclose(got, want, **helpers.f32_tol(8, scale=scale))
 
   def test_zero_kl_at_reference_and_all_masked_row_is_zero(self):
     logps = jnp.full((2, 3), -1.0)
@@ -92,8 +106,12 @@ class TestGaeAdvantages:
     r, v, m = jnp.array([[0.0, 1.0, 9.0]] * 2), jnp.array([[0.5, 0.2, 9.0]] * 2), _mask([2, 2], 3)
     adv, ret = self.gae(r, v, m, gae_gamma=0.9, gae_lambda=0.8,
                         truncated_B=jnp.array([False, True]))
-    np.testing.assert_allclose(adv, [[0.256, 0.8, 0], [0.3856, 0.98, 0]], rtol=1e-5)
-    np.testing.assert_allclose(ret[0], [0.756, 1.0, 0], rtol=1e-5)
+    # Casts of 0.5, 0.2, gamma, lambda (4); two deltas (3 each), the 3-term bootstrap sum (3),
+    # gamma·lambda, ·A_1, + delta_0 (3); + V for the returns (1): f32_tol(17) at the terms'
+    # size 1 (-0.32 + 0.576 partly cancels). The constants are exact decimals.
+    tol = helpers.f32_tol(17)
+    np.testing.assert_allclose(adv, [[0.256, 0.8, 0], [0.3856, 0.98, 0]], **tol)
+    np.testing.assert_allclose(ret[0], [0.756, 1.0, 0], **tol)
 
   @pytest.mark.parametrize("with_boot", [False, True])
   def test_matches_direct_double_loop_sum(self, with_boot):
@@ -108,13 +126,18 @@ class TestGaeAdvantages:
                         gae_gamma=0.95, gae_lambda=0.9, truncated_B=jnp.asarray(truncated),
                         bootstrap_values_B=None if boot is None else jnp.asarray(boot, jnp.float32))
     want = _gae_numpy(rewards, values, lengths, 0.95, 0.9, truncated, boot)
-    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ret, (want + values) * mask, rtol=1e-5, atol=1e-5)
+    # float32 vs float64: casts (3), delta (3), gamma, lambda and their product (3, the
+    # product's rounding grows to l·u in (gamma lambda)^l), the T-step scan (2 per step);
+    # the sum cancels: atol at the size of its terms (_gae_scale); + V for the returns.
+    n, scale = 3 + 3 + 3 + 3 * T + 1, _gae_scale(rewards, values, mask, boot)
+    np.testing.assert_allclose(adv, want, **helpers.f32_tol(n, scale=scale))
+    np.testing.assert_allclose(ret, (want + values) * mask,
+                               **helpers.f32_tol(n, scale=scale + np.abs(values).max()))
     # Without truncated_B every row is terminated (V beyond the end = 0).
     adv_term, _ = self.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
                            mask, gae_gamma=0.95, gae_lambda=0.9)
     np.testing.assert_allclose(adv_term, _gae_numpy(rewards, values, lengths, 0.95, 0.9),
-                               rtol=1e-5, atol=1e-5)
+                               **helpers.f32_tol(n, scale=_gae_scale(rewards, values, mask)))
     assert np.max(np.abs(np.asarray(adv_term) - want)) > 1e-2
 
   def test_lambda_one_gives_monte_carlo_returns_independent_of_values(self):
@@ -122,19 +145,23 @@ class TestGaeAdvantages:
     rewards = rng.normal(size=(2, 4)).astype(np.float32)
     mask = _mask([4, 2], 4)
     rewards = rewards * mask
-    _, ret = self.gae(rewards, jnp.asarray(rng.normal(size=(2, 4)), jnp.float32), mask,
-                      gae_gamma=0.9, gae_lambda=1.0)
+    values = rng.normal(size=(2, 4)).astype(np.float32)
+    _, ret = self.gae(rewards, jnp.asarray(values), mask, gae_gamma=0.9, gae_lambda=1.0)
     want = np.zeros((2, 4))
     for b, L in enumerate([4, 2]):
       for t in range(L):
         want[b, t] = sum(0.9 ** (k - t) * rewards[b, k] for k in range(t, L))
-    np.testing.assert_allclose(ret, want, rtol=1e-5, atol=1e-6)
+    # The values cancel only in exact arithmetic: as in test_matches_direct_double_loop_sum,
+    # delta (3), the constants (3), the T-step scan (2T), + V (1), at the terms' size.
+    np.testing.assert_allclose(ret, want, **helpers.f32_tol(3 + 3 + 2 * 4 + 1, scale=_gae_scale(
+        rewards, values, mask) + np.abs(values).max()))
 
   def test_lambda_zero_gives_td_errors(self):
     r, v, m = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[0.5, -1.0, 2.0]]), jnp.ones((1, 3))
     adv, _ = self.gae(r, v, m, gae_gamma=0.5, gae_lambda=0.0)
     # delta = [1 + 0.5*(-1) - 0.5, 2 + 0.5*2 + 1, 3 + 0 - 2] = [0, 4, 1]
-    np.testing.assert_allclose(adv, [[0.0, 4.0, 1.0]], atol=1e-6)
+    # Halves and integers, and gamma·lambda·A = 0: every step is exact in float32.
+    np.testing.assert_array_equal(adv, [[0.0, 4.0, 1.0]])
 
   def test_extremes_and_all_masked_row_finite(self):
     r = jnp.array([[1e6, -1e6, 0.0], [1e6, 1e6, 1e6]])
@@ -157,7 +184,9 @@ class TestMaskedWhiten:
   def test_hand_checked(self):
     # Valid entries [1, 3] (the 100 is masked): mean 2, var 1 -> [-1, 1].
     out = jax.jit(ppo.masked_whiten)(jnp.array([[1.0, 3.0, 100.0]]), jnp.array([[1, 1, 0]], bool))
-    np.testing.assert_allclose(out, [[-1.0, 1.0, 0.0]], rtol=1e-6)
+    # Mean 2 and variance 1 are exact (1 + 1e-8 rounds to 1); the rsqrt (even where XLA
+    # approximates it and refines it with a Newton step) and the product: f32_tol(4).
+    np.testing.assert_allclose(out, [[-1.0, 1.0, 0.0]], **helpers.f32_tol(4))
 
   def test_matches_numpy_and_statistics(self):
     rng = np.random.default_rng(3)
@@ -165,10 +194,21 @@ class TestMaskedWhiten:
     mask = _mask([6, 2, 4, 5], 6)
     out = np.asarray(ppo.masked_whiten(x, mask))
     valid = x[mask > 0].astype(np.float64)
-    np.testing.assert_allclose(out[mask > 0], (valid - valid.mean()) / valid.std(), rtol=1e-4)
-    np.testing.assert_allclose([out[mask > 0].mean(), out[mask > 0].std()], [0, 1], atol=1e-5)
-    keep = np.asarray(ppo.masked_whiten(x, mask, shift_mean=False))
-    np.testing.assert_allclose(keep[mask > 0].mean(), valid.mean(), rtol=1e-4)
+    n, mean, std = mask.size, valid.mean(), valid.std()
+    # The mean (n-term sum, divide: n + 1), the variance (subtract, square, n-term sum,
+    # divide: n + 3), x - mean, rsqrt, product (3): f32_tol(2n + 7); x - mean cancels, so atol
+    # at the size of its terms over std.
+    tol = helpers.f32_tol(2 * n + 7, scale=(np.abs(valid).max() + abs(mean)) / std)
+    np.testing.assert_allclose(out[mask > 0], (valid - mean) / std, **tol)
+    # The mean and std of the outputs (in float64) move by at most the per-entry bound above.
+    o = out[mask > 0].astype(np.float64)
+    bound = tol["atol"] + tol["rtol"] * np.abs(o).max()
+    np.testing.assert_allclose([o.mean(), o.std()], [0, 1], rtol=0, atol=bound)
+    keep = np.asarray(ppo.masked_whiten(x, mask, shift_mean=False), np.float64)
+    # keep = out + mean: the per-entry bound, the computed mean's n + 1 roundings at max|x|,
+    # and the add: f32_tol(n + 2) at max|x| on top of `bound`.
+    np.testing.assert_allclose(keep[mask > 0].mean(), mean, rtol=0,
+                               atol=bound + helpers.f32_tol(n + 2, scale=np.abs(valid).max())["atol"])
 
   def test_all_masked_is_finite(self):
     out = ppo.masked_whiten(jnp.array([[1e6, 2.0]]), jnp.zeros((1, 2)))
@@ -184,9 +224,12 @@ class TestPpoPolicyLoss:
     lr = jnp.log(1.5)
     loss, m = self.loss(jnp.array([[lr, lr]]), jnp.zeros((1, 2)), jnp.array([[2.0, -1.0]]),
                         jnp.ones((1, 2)), clip_eps=0.2)
-    np.testing.assert_allclose(loss, -0.45, rtol=1e-5)
-    np.testing.assert_allclose([m["clipfrac_sum"], m["token_count"]], [1.0, 2.0])
-    np.testing.assert_allclose(m["ratio_sum"], 3.0, rtol=1e-5)
+    # log 1.5 and exp (2), 1 + eps (1), the 2-term sum where -2.4 + 1.5 partly cancels (atol at
+    # 2.4), the divide by 2 (exact): f32_tol(4, scale=2.4).
+    np.testing.assert_allclose(loss, -0.45, **helpers.f32_tol(4, scale=2.4))
+    np.testing.assert_array_equal([m["clipfrac_sum"], m["token_count"]], [1.0, 2.0])  # counts
+    # Two ratios (log and exp: 2 roundings each) and their sum.
+    np.testing.assert_allclose(m["ratio_sum"], 3.0, **helpers.f32_tol(2 + 1))
 
   def test_matches_numpy_reference(self):
     rng = np.random.default_rng(4)
@@ -197,9 +240,21 @@ class TestPpoPolicyLoss:
     per = -np.minimum(rho * adv, np.clip(rho, 1 - eps, 1 + eps) * adv)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     loss, m = self.loss(f32(logp), f32(old), f32(adv), mask, clip_eps=eps)
-    np.testing.assert_allclose(loss, (per * mask).sum() / mask.sum(), rtol=1e-5)
+    # Per token: the casts and logp - old (3 roundings at |logp| + |old|: the log-ratio
+    # cancels, and rho and |per| move by the same relative amount), exp, 1 + eps, the products
+    # by A and the max (4); then the N-term masked sum, which cancels (A has both signs), and
+    # the divide: atol at the mean size of the terms.
+    nt, lsize = mask.size, 1 + np.abs(logp) + np.abs(old)
+    np.testing.assert_allclose(loss, (per * mask).sum() / mask.sum(),
+                               **helpers.f32_tol(3 + 4 + nt + 1,
+                                                 scale=(np.abs(per) * lsize * mask).sum() / mask.sum()))
     kl_old_new = (rho - 1) - np.log(rho)
-    np.testing.assert_allclose(m["approx_kl_sum"], (kl_old_new * mask).sum(), rtol=1e-4)
+    # k3 = expm1(lq) - lq cancels near lq = 0: 3 roundings at |lq| + |rho - 1| (see test_kl),
+    # and the log-ratio's own rounding (3, at |logp| + |old|) moves it by |rho - 1| times that;
+    # then an N-term sum of non-negative terms.
+    scale = ((np.abs(np.log(rho)) + np.abs(rho - 1)) * lsize * mask).sum()
+    np.testing.assert_allclose(m["approx_kl_sum"], (kl_old_new * mask).sum(),
+                               **helpers.f32_tol(3 + 3 + nt, scale=scale))
 
   def test_step_zero_ratio_one_clipfrac_zero(self):
     rng = np.random.default_rng(5)
@@ -207,9 +262,14 @@ class TestPpoPolicyLoss:
     adv = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     loss, m = self.loss(logp, logp, adv, jnp.ones((3, 4)), clip_eps=0.2)
     n = m["token_count"]
-    np.testing.assert_allclose([m["ratio_sum"] / n, m["clipfrac_sum"] / n, m["approx_kl_sum"] / n],
-                               [1, 0, 0])
-    np.testing.assert_allclose(loss, -np.mean(adv), rtol=1e-5)
+    # logp - logp = 0 exactly: ratio 1, k3 0, no clipping; 12 ones sum and divide exactly.
+    np.testing.assert_array_equal([m["ratio_sum"] / n, m["clipfrac_sum"] / n, m["approx_kl_sum"] / n],
+                                  [1, 0, 0])
+    # -A exactly per token, then a 12-term mean that cancels (A has both signs), vs a float64
+    # mean: f32_tol(12 + 1) at the terms' mean size.
+    adv64 = np.asarray(adv, np.float64)
+    np.testing.assert_allclose(loss, -np.mean(adv64),
+                               **helpers.f32_tol(adv64.size + 1, scale=np.abs(adv64).mean()))
 
   @pytest.mark.parametrize("adv,log_ratio,zero", [
       (1.0, np.log(1.5), True),    # A > 0, ratio > 1 + eps: clipped, no gradient
@@ -226,7 +286,9 @@ class TestPpoPolicyLoss:
     if zero:
       assert float(g[0, 0]) == 0.0
     else:  # d/dlogp of -rho A = -rho A
-      np.testing.assert_allclose(g[0, 0], -np.exp(log_ratio) * adv, rtol=1e-5)
+      # log_ratio's cast (u·|log_ratio| <= u in rho), exp, the product by A = +-1 (exact) and
+      # the divide by 1: f32_tol(3), relative.
+      np.testing.assert_allclose(g[0, 0], -np.exp(log_ratio) * adv, **helpers.f32_tol(3))
 
   def test_grad_matches_finite_differences(self):
     with jax.enable_x64(True):
@@ -239,6 +301,8 @@ class TestPpoPolicyLoss:
       fd = np.zeros((2, 3))
       for i in np.ndindex(2, 3):
         fd[i] = (f(logp.at[i].add(h)) - f(logp.at[i].add(-h))) / (2 * h)
+      # float64 gradient vs a float64 central difference, h = 1e-6: the difference's error
+      # ~h^2·|f'''| + eps64/h ~ 1e-10 is what these bounds cover (not a float32 tolerance).
       np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
 
   def test_extremes_and_all_masked_finite(self):
@@ -257,9 +321,22 @@ class TestPpoPolicyLoss:
     n = float(mask.sum())
     parts = [self.loss(logp[s], old[s], adv[s], mask[s], clip_eps=0.2, normaliser=n)
              for s in (slice(0, 2), slice(2, 4))]
-    np.testing.assert_allclose(parts[0][0] + parts[1][0], full, rtol=1e-5, atol=1e-7)
+    # Two float32 groupings of the same 20-term masked sums (per-token values may differ by
+    # an ulp or so between vector widths: 3 more roundings), + the parts' add. The policy sum
+    # cancels (A has both signs): atol at sum|per|; k3 at its terms' size (see test_kl); the
+    # ratio sum is positive (rtol); the counts are integers.
+    lp, ol, a = (np.asarray(x, np.float64) for x in (logp, old, adv))
+    rho, mk = np.exp(lp - ol), np.asarray(mask, np.float64)
+    per = np.maximum(-rho * a, -np.clip(rho, 0.8, 1.2) * a)
+    scale = {"policy_loss_sum": (np.abs(per) * mk).sum(),
+             "approx_kl_sum": ((np.abs(lp - ol) + np.abs(rho - 1)) * mk).sum()}
+    n_terms = mask.size + 3 + 1
+    np.testing.assert_allclose(parts[0][0] + parts[1][0], full,
+                               **helpers.f32_tol(n_terms + 1, scale=scale["policy_loss_sum"] / n))
     summed = jax.tree.map(lambda a, b: a + b, parts[0][1], parts[1][1])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), summed, m_full)
+    for k in m_full:
+      np.testing.assert_allclose(summed[k], m_full[k],
+                                 **helpers.f32_tol(n_terms, scale=scale.get(k, 0.0)), err_msg=k)
 
   def test_shape_mismatch(self):
     with pytest.raises(ValueError, match="advantages_BxT"):
@@ -275,7 +352,9 @@ class TestPpoValueLoss:
     # 0.5 * max = 0.845, and the clipped branch is active.
     loss, m = self.loss(jnp.array([[1.0]]), jnp.array([[0.5]]), jnp.array([[2.0]]),
                         jnp.ones((1, 1)), value_clip_eps=0.2)
-    np.testing.assert_allclose(loss, 0.845, rtol=1e-6)
+    # eps_v's rounding and 0.5 + 0.2 (2), 0.7 - 2 (1); the square doubles those and adds one;
+    # 0.5· and the 1-term mean are exact: f32_tol(2·3 + 1), relative.
+    np.testing.assert_allclose(loss, 0.845, **helpers.f32_tol(7))
     assert float(m["vf_clipfrac_sum"]) == 1.0
 
   def test_matches_numpy_reference_and_clipped_grad_is_zero(self):
@@ -286,12 +365,21 @@ class TestPpoValueLoss:
     per = 0.5 * np.maximum((v - r) ** 2, (vc - r) ** 2)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     loss, _ = self.loss(f32(v), f32(vo), f32(r), mask, value_clip_eps=eps)
-    np.testing.assert_allclose(loss, (per * mask).sum() / mask.sum(), rtol=1e-5)
+    # Per token: the casts, the clip bounds vo +- eps and the subtraction (4 roundings at
+    # |v| + |vo| + |r| + eps: V - R cancels), which the square turns into 2|V - R| times that
+    # (x 0.5), + the square's own; then an N-term sum of non-negative terms and the divide.
+    d = np.maximum(np.abs(v - r), np.abs(vc - r))
+    scale = (d * (np.abs(v) + np.abs(vo) + np.abs(r) + eps) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(loss, (per * mask).sum() / mask.sum(),
+                               **helpers.f32_tol(4 + 1 + mask.size + 1, scale=scale))
     g = np.asarray(jax.grad(lambda x: self.loss(x, f32(vo), f32(r), mask, value_clip_eps=eps)[0])(
         f32(v)))
     use_unclipped = (v - r) ** 2 >= (vc - r) ** 2
     want = np.where(use_unclipped, (v - r) / mask.sum(), 0.0) * mask
-    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+    # float32 gradient (V - R) / N: the casts and V - R (3, cancels: atol at (|v| + |r|) / N),
+    # the divide (1): f32_tol(4).
+    np.testing.assert_allclose(g, want, **helpers.f32_tol(
+        4, scale=np.max(np.abs(v) + np.abs(r)) / mask.sum()))
 
   def test_explained_variance_from_combined_sums(self):
     rng = np.random.default_rng(9)
@@ -308,7 +396,16 @@ class TestPpoValueLoss:
     n = summed["token_count"]
     var = lambda s, sq: summed[sq] / n - (summed[s] / n) ** 2
     got = 1 - var("residual_sum", "residual_sq_sum") / var("returns_sum", "returns_sq_sum")
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # E[x^2] - E[x]^2 cancels: each var is off by <= k·eps·(E[x^2] + 2|E x| E|x|), k = the
+    # n-slot sums, the parts' add, the divides and square (n + 5); the residual R - V (casts
+    # and subtract, 3 at |r| + |v|) moves E[res^2] by 2 E[|res|(|r| + |v|)] times that. got
+    # moves by dvar_res / var_r + var_res / var_r^2 · dvar_r, + the ratio and 1 - (2).
+    res = rv - vv
+    s_res = np.mean(res ** 2) + 2 * abs(res.mean()) * np.abs(res).mean() + 2 * np.mean(
+        np.abs(res) * (np.abs(rv) + np.abs(vv)))
+    s_r = np.mean(rv ** 2) + 2 * abs(rv.mean()) * np.abs(rv).mean()
+    scale = (s_res + np.var(res) / np.var(rv) * s_r) / np.var(rv)
+    np.testing.assert_allclose(got, want, **helpers.f32_tol(mask.size + 5 + 3 + 2, scale=scale))
 
   def test_extremes_and_all_masked_finite(self):
     f = lambda v, m: self.loss(v, jnp.zeros((1, 2)), jnp.full((1, 2), 1e6), m,
@@ -329,10 +426,13 @@ class TestEntropyBonus:
     # mean entropy over valid tokens (1 + 3) / 2 = 2; loss = -0.01 * 2 = -0.02.
     f = jax.jit(lambda e: ppo.entropy_bonus(e, jnp.array([[1, 1, 0]]), entropy_coef=0.01))
     loss, m = f(jnp.array([[1.0, 3.0, 50.0]]))
-    np.testing.assert_allclose([loss, m["entropy_sum"], m["token_count"]], [-0.02, 4.0, 2.0],
-                               rtol=1e-6)
+    # Sums and counts of small integers are exact; the mean 2 is exact; 0.01's rounding and the
+    # product: f32_tol(2).
+    np.testing.assert_array_equal([m["entropy_sum"], m["token_count"]], [4.0, 2.0])
+    np.testing.assert_allclose(loss, -0.02, **helpers.f32_tol(2))
     g = jax.grad(lambda e: f(e)[0])(jnp.array([[1.0, 3.0, 50.0]]))
-    np.testing.assert_allclose(g, [[-0.005, -0.005, 0.0]], rtol=1e-6)
+    # 0.01's rounding and the product by 1/2 (exact) or divide; masked entries are exactly 0.
+    np.testing.assert_allclose(g, [[-0.005, -0.005, 0.0]], **helpers.f32_tol(2))
 
   def test_all_masked_finite_and_shape_error(self):
     loss, _ = ppo.entropy_bonus(jnp.ones((2, 2)), jnp.zeros((2, 2)), entropy_coef=0.1)
@@ -347,18 +447,23 @@ class TestAdaptiveKlUpdateHorizon:
     # e = 6.6/6 - 1 = 0.1; beta * (1 + 0.1 * 256 / 10000) = 0.2 * 1.00256 = 0.200512.
     out = jax.jit(ppo.adaptive_kl_update_horizon, static_argnames=("kl_target", "horizon"))(
         0.2, 6.6, kl_target=6.0, n_steps=256, horizon=10000)
-    np.testing.assert_allclose(out, 0.200512, rtol=1e-6)
+    # 6.6's cast and the divide (2, at 1.1: after the exact - 1 they are <= 2.2u absolute in
+    # e, scaled by n_steps / horizon in the result), e·n_steps / horizon (2), 1 + (1), 0.2's
+    # cast and the product (2): f32_tol(7), relative. The constant is exact.
+    np.testing.assert_allclose(out, 0.200512, **helpers.f32_tol(7))
 
   def test_error_clipped(self):
     # KL = 100 >> target: e clipped to 0.2 -> 0.2 * (1 + 0.2 * 10 / 100) = 0.204;
     # KL = 0: e = -0.2 -> 0.2 * 0.98.
     f = lambda kl_value: ppo.adaptive_kl_update_horizon(0.2, kl_value, kl_target=6.0,
                                                         n_steps=10, horizon=100)
-    np.testing.assert_allclose([f(100.0), f(0.0)], [0.2 * 1.02, 0.2 * 0.98], rtol=1e-6)
+    # The clip bound 0.2 (1), ·10 / 100 (2), 1 + (1), 0.2's cast and the product (2).
+    np.testing.assert_allclose([f(100.0), f(0.0)], [0.2 * 1.02, 0.2 * 0.98], **helpers.f32_tol(6))
 
   def test_drives_kl_toward_target_and_unchanged_at_target(self):
     kw = dict(kl_target=6.0, n_steps=64, horizon=1000)
-    np.testing.assert_allclose(ppo.adaptive_kl_update_horizon(0.3, 6.0, **kw), 0.3, rtol=1e-7)
+    # e = 6/6 - 1 = 0 exactly, so the result is kl_coef's float32 rounding, bit for bit.
+    np.testing.assert_array_equal(ppo.adaptive_kl_update_horizon(0.3, 6.0, **kw), np.float32(0.3))
     beta = 0.1
     for kl_value in (8.0, 7.0, 6.5):  # above target: beta only grows
       new = float(ppo.adaptive_kl_update_horizon(beta, kl_value, **kw))
