@@ -207,8 +207,8 @@ class TestMaskedWhiten:
     keep = np.asarray(ppo.masked_whiten(x, mask, shift_mean=False), np.float64)
     # keep = out + mean: the per-entry bound, the computed mean's n + 1 roundings at max|x|,
     # and the add: f32_tol(n + 2) at max|x| on top of `bound`.
-    np.testing.assert_allclose(keep[mask > 0].mean(), mean, rtol=0,
-                               atol=bound + helpers.f32_tol(n + 2, scale=np.abs(valid).max())["atol"])
+    mean_err = helpers.f32_tol(n + 2, scale=np.abs(valid).max())["atol"]
+    np.testing.assert_allclose(keep[mask > 0].mean(), mean, rtol=0, atol=bound + mean_err)
 
   def test_all_masked_is_finite(self):
     out = ppo.masked_whiten(jnp.array([[1e6, 2.0]]), jnp.zeros((1, 2)))
@@ -245,9 +245,9 @@ class TestPpoPolicyLoss:
     # by A and the max (4); then the N-term masked sum, which cancels (A has both signs), and
     # the divide: atol at the mean size of the terms.
     nt, lsize = mask.size, 1 + np.abs(logp) + np.abs(old)
+    scale = (np.abs(per) * lsize * mask).sum() / mask.sum()
     np.testing.assert_allclose(loss, (per * mask).sum() / mask.sum(),
-                               **helpers.f32_tol(3 + 4 + nt + 1,
-                                                 scale=(np.abs(per) * lsize * mask).sum() / mask.sum()))
+                               **helpers.f32_tol(3 + 4 + nt + 1, scale=scale))
     kl_old_new = (rho - 1) - np.log(rho)
     # k3 = expm1(lq) - lq cancels near lq = 0: 3 roundings at |lq| + |rho - 1| (see test_kl),
     # and the log-ratio's own rounding (3, at |logp| + |old|) moves it by |rho - 1| times that;
