@@ -38,11 +38,9 @@ from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.pipeline import lm, reward as reward_stage, worlds
-from rlhf_jax.pipeline.config import to_dict
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import checkpoint, pairwise as pairwise_train
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.logging import write_config
 from rlhf_jax.worlds import intransitive, registry
 
 HELDOUT_PAIRS = 256  # held-out pairs (test prompts repeated), for a tight accuracy estimate
@@ -132,14 +130,8 @@ def style_matrix(graphdef, params, prompts, *, seq_len: int, batch_size: int,
 def run(cfg, sft_dir: str) -> dict:
   """cfg: reward.RewardConfig with --reward_model=pairwise; the SFT stage in sft_dir."""
   cfg = cfg.effective()  # RewardConfig has refused --ranking_k != 2 for a pairwise model
-  mesh = lm.setup(cfg)
-  write_config(cfg.workdir, to_dict(cfg))
-  split = worlds.split_prompts(cfg)
-  test_prompts = worlds.test_prompts(cfg)
-  graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
-  prompt_len = worlds.world_prompt_len(cfg)
-  rng = np.random.default_rng(cfg.seed)
-  train_prompts = list(rng.choice(split["train"], cfg.num_rankings))
+  (mesh, graphdef, policy_params, prompt_len, train_prompts, test_prompts,
+   rng) = reward_stage.start(cfg, sft_dir)
   heldout = test_prompts * -(-HELDOUT_PAIRS // len(test_prompts)) if not cfg.smoke else test_prompts
   with open(os.path.join(sft_dir, "result.json")) as f:
     _, base_params, _ = lm.init_model(cfg, mesh, init_from=json.load(f)["pretrain_workdir"])

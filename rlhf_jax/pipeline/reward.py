@@ -138,18 +138,27 @@ def scorer(rms: "RewardModels", cfg) -> scorers.RewardModelScorer:
                                    rms.norm_mean, rms.norm_std)
 
 
+def start(cfg: RewardConfig, sft_dir: str):
+  """What both reward stages (this one and pairwise.py) begin with: the mesh, the resolved
+  flags in the workdir, the SFT policy and the prompts to compare: (mesh, graphdef,
+  policy_params, prompt_len, train_prompts (--num_rankings drawn with replacement by --seed),
+  test_prompts, rng): rng is the generator that drew them, which the stage goes on drawing
+  labels from."""
+  mesh = lm.setup(cfg)
+  write_config(cfg.workdir, to_dict(cfg))
+  graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
+  rng = np.random.default_rng(cfg.seed)
+  train_prompts = list(rng.choice(worlds.split_prompts(cfg)["train"], cfg.num_rankings))
+  return (mesh, graphdef, policy_params, worlds.world_prompt_len(cfg), train_prompts,
+          worlds.test_prompts(cfg), rng)
+
+
 def run(cfg: RewardConfig, sft_dir: str) -> dict:
   """Bradley-Terry reward model(s) on raters' rankings of samples of the SFT stage in
   sft_dir (--reward_model=bt; the pairwise model is pairwise.py's)."""
   cfg = cfg.effective()
-  mesh = lm.setup(cfg)
-  write_config(cfg.workdir, to_dict(cfg))
-  split = worlds.split_prompts(cfg)
-  test_prompts = worlds.test_prompts(cfg)
-  graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
-  prompt_len = worlds.world_prompt_len(cfg)
-  rng = np.random.default_rng(cfg.seed)
-  train_prompts = list(rng.choice(split["train"], cfg.num_rankings))
+  (mesh, graphdef, policy_params, prompt_len, train_prompts, test_prompts,
+   rng) = start(cfg, sft_dir)
   sample = lambda prompts, key: comparisons.sample_k(
       graphdef, policy_params, prompts, k=cfg.ranking_k, batch_size=cfg.eval_batch_size,
       prompt_len=prompt_len, max_new_tokens=worlds.max_new_tokens(cfg),
