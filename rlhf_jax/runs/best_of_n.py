@@ -44,6 +44,7 @@ import time
 import jax
 import numpy as np
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, worlds
 from rlhf_jax.losses import diagnostics
@@ -171,7 +172,8 @@ def run(cfg: BestOfNConfig) -> dict:
 
   result = {"per_n": per_n, "prompts": len(test_prompts), "n_max": cfg.n_max,
             "aggregate": cfg.aggregate, "reward_members": len(rms.params),
-            "reward_workdir": rm_dir, "sft_workdir": sft_dir, "wall": wall}
+            "reward_workdir": rm_dir, "sft_workdir": sft_dir, "wall": wall,
+            "provenance": provenance.provenance()}
   write_outputs(cfg, result, samples, proxy)
   print(format_table(result))
   return result

@@ -46,7 +46,7 @@ from flax import nnx
 
 from rlhf_jax.pipeline import lm
 from rlhf_jax.runs import dpo, dpo_world
-from rlhf_jax import memory, sharding
+from rlhf_jax import memory, provenance, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
@@ -183,7 +183,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
                      "skipped": built.report.skipped},
-            "memory": memory_estimate(cfg, mcfg, mesh)}
+            "memory": memory_estimate(cfg, mcfg, mesh), "provenance": provenance.provenance()}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   if summary["eval"]:

@@ -15,7 +15,7 @@ import numpy as np
 from rlhf_jax.pipeline import chain, lm, sft, worlds
 from rlhf_jax.runs.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                                    train_pairs, with_reference)
-from rlhf_jax import evaluation, sharding
+from rlhf_jax import evaluation, provenance, sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import comparisons
@@ -154,7 +154,8 @@ def run_world(cfg: DPOConfig) -> dict:
   result = {"loss": cfg.loss, "table": table, "ches": ches_summary, "labels": labels,
             "train": summary["train"], "wall": wall, "sft_workdir": sft_dir,
             "data": {"pairs": len(records), "train_examples": len(train_src),
-                     "test_prompts": len(test_prompts)}}
+                     "test_prompts": len(test_prompts)},
+            "provenance": provenance.provenance()}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(format_world(result, cfg.world))

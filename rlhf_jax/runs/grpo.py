@@ -47,6 +47,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, sft, worlds
 from rlhf_jax.data import builders, pipeline
@@ -300,7 +301,7 @@ def run(cfg: GRPOConfig) -> dict:
     wall[f"{row}_s"] = time.perf_counter() - t1
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   result = {"table": table, "curve": curve, "wall": wall, "sft_workdir": sft_dir,
-            "updates": cfg.updates,
+            "updates": cfg.updates, "provenance": provenance.provenance(),
             **{f"prompts_{k}": sum(map(len, v)) for k, v in prompts_seen.items()}}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -7,12 +7,13 @@ Runs experiments.grpo with --matched_sft once per --seeds entry. The upstream st
 seed changes GRPO's prompts, samples and minibatches, and so the matched-SFT runs' prompts,
 which are GRPO's). Writes <out_dir>/<algorithm>.json (per-seed held-out rows for SFT, GRPO and the
 matched SFT baselines, GRPO's gains over each, their mean and spread, every curve, wall times
-and compiles) and <out_dir>/<algorithm>.png (held-out temperature-1 accuracy over GRPO iterations,
-with the SFT and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the
-committed JSON and (slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached
-stages (the committed run pinned RLHF_JAX_CODE_VERSION=dev-grpo, as its "code_version" field
-says; the slow rerun from empty stages under the real code version reproduced every committed
-number exactly, in 29 minutes on 2 shared cores).
+and compiles, and the run's "provenance": machine, library versions, devices and code version) and
+<out_dir>/<algorithm>.png (held-out temperature-1 accuracy over GRPO iterations, with the SFT
+and matched-SFT levels). tests/experiments/test_grpo_sweep.py checks the committed JSON and
+(slow) reruns the sweep: about 15 minutes on 2 CPU cores with cached stages (the committed run,
+older than the "provenance" field, pinned RLHF_JAX_CODE_VERSION=dev-grpo, as its "code_version"
+field says; the slow rerun from empty stages under the real code version reproduced every
+committed number exactly, in 29 minutes on 2 shared cores).
 
 Measured (grpo_tiny.flags, 3 seeds, 500 held-out prompts, mean +- std):
                                      greedy           temperature 1    pass@8
@@ -29,6 +30,7 @@ import json
 import os
 
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import grpo, plots, sweeps
 from rlhf_jax.pipeline import config
 from rlhf_jax.train.logging import read_metrics
@@ -105,7 +107,7 @@ def run(cfg: GRPOSweepConfig) -> dict:
                        "compiles_after_first_max": max(compiles[1:], default=0.0)}
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
   out = {"grpo_flagfile": cfg.grpo_flagfile, "seeds": cfg.seed_list, "pass_k": ks,
-         "code_version": os.environ.get("RLHF_JAX_CODE_VERSION", "sources"),
+         "provenance": provenance.provenance(),
          "per_seed": summaries, "mean_std": sweeps.aggregate(numbers), "runs": runs, "curves": curves}
   out["algorithm"] = gcfg.algorithm
   os.makedirs(cfg.out_dir, exist_ok=True)

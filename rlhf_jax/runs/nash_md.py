@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, pairwise, reward as reward_stage, worlds
 from rlhf_jax.data.tokenizer import ByteTokenizer
@@ -234,7 +235,8 @@ def run(cfg: NashMDConfig) -> dict:
   result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
             "nash": nash.tolist(), "judge": cfg.judge,
             "tau_equilibrium": None if target is None else target.tolist(),
-            "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall}
+            "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall,
+            "provenance": provenance.provenance()}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   plots.styles_over_training(

@@ -40,6 +40,7 @@ import time
 import jax
 import numpy as np
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import nash_md, plots, ppo
 from rlhf_jax.pipeline import config, lm, reward as reward_stage, worlds
 from rlhf_jax.runs.sweeps import aggregate, parse_seeds
@@ -150,7 +151,7 @@ def run(cfg: NashMDSweepConfig) -> dict:
              intransitive.preference_matrix(ncfg.world_config())).tolist(),
          "nash_tau": ncfg.nash_tau,
          "tau_equilibrium": None if target is None else target.tolist(),
-         "sft": final(None)}
+         "sft": final(None), "provenance": provenance.provenance()}
   for method, rs in runs.items():
     per_seed = [{"seed": r["seed"], "final": final(r["workdir"]), "curve": r["curve"],
                  "wall_s": r["wall_s"]} for r in rs]

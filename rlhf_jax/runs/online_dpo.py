@@ -35,7 +35,7 @@ import numpy as np
 
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
-from rlhf_jax import evaluation, sharding
+from rlhf_jax import evaluation, provenance, sharding
 from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
 from rlhf_jax.train import checkpoint, preference, reward
@@ -209,7 +209,8 @@ def run(cfg: OnlineDPOConfig) -> dict:
     table["online_dpo"]["vs_matched"] = evaluation.win_rate(last["gold"], matched_gold, rng)
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   result = {"table": table, "curve": curve, "labeler": cfg.labeler, "loss": cfg.loss,
-            "optimizer_steps": cfg.total_steps, "wall": wall, "reward_workdir": rm_dir}
+            "optimizer_steps": cfg.total_steps, "wall": wall, "reward_workdir": rm_dir,
+            "provenance": provenance.provenance()}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   baselines = {"SFT": curve[0]["gold"]}

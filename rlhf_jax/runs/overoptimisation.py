@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots, ppo, sweeps
 from rlhf_jax.pipeline import config
 
@@ -75,7 +76,8 @@ def run(cfg: OveroptimisationConfig) -> dict:
     summaries.append({"seed": seed, **seed_summary(result["curve"])})
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
   out = {"ppo_flagfile": cfg.ppo_flagfile, "seeds": cfg.seed_list, "per_seed": summaries,
-         "mean_std": sweeps.aggregate(numbers), "curves": {str(k): v for k, v in curves.items()}}
+         "mean_std": sweeps.aggregate(numbers), "curves": {str(k): v for k, v in curves.items()},
+         "provenance": provenance.provenance()}
   os.makedirs(cfg.out_dir, exist_ok=True)
   with open(os.path.join(cfg.out_dir, "overoptimisation.json"), "w") as f:
     json.dump(out, f, indent=1)

@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
 from rlhf_jax.data import builders, pipeline
@@ -200,7 +201,7 @@ def run(cfg: PPOConfig) -> dict:
         pol_shardings))
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params["policy"])
   result = {"table": table, "curve": curve, "final_kl_coef": algorithm.kl_coef, "wall": wall,
-            "reward_workdir": rm_dir, "updates": cfg.updates}
+            "reward_workdir": rm_dir, "updates": cfg.updates, "provenance": provenance.provenance()}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   plots.reward_vs_kl(curve, os.path.join(cfg.workdir, "ppo_curve.png"),

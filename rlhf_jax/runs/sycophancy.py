@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 
+from rlhf_jax import provenance
 from rlhf_jax.runs import plots, ppo, sweeps
 from rlhf_jax.pipeline import config
 from rlhf_jax.runs import dpo, dpo_world
@@ -108,7 +109,8 @@ def run(cfg: SycophancyConfig) -> dict:
                       **seed_summary(rm, ppo_result["table"], dpo_result["table"])})
   numbers = [{k: v for k, v in s.items() if k != "seed"} for s in summaries]
   out = {"ppo_flagfile": cfg.ppo_flagfile, "dpo_flagfile": cfg.dpo_flagfile,
-         "seeds": cfg.seed_list, "per_seed": summaries, "mean_std": sweeps.aggregate(numbers)}
+         "seeds": cfg.seed_list, "per_seed": summaries, "mean_std": sweeps.aggregate(numbers),
+         "provenance": provenance.provenance()}
   os.makedirs(cfg.out_dir, exist_ok=True)
   with open(os.path.join(cfg.out_dir, "sycophancy.json"), "w") as f:
     json.dump(out, f, indent=1)
