@@ -12,7 +12,7 @@ import time
 import jax
 
 from rlhf_jax import runtime, sharding
-from rlhf_jax.pipeline import worlds
+from rlhf_jax.pipeline import criterion, worlds
 from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
@@ -34,12 +34,21 @@ class LMConfig:
   seq_len: int = flag(48, "Training sequence length (tokens, incl. bos/eos).")
   batch_size: int = flag(32, "Global batch size (sequences per step).")
   num_microbatches: int = flag(1, "Gradient-accumulation microbatches per step.")
-  steps: int = flag(600, "Training steps.")
+  steps: int = flag(600, "Training steps (with --criterion: the step budget).")
+  criterion: str = flag("", "The checked state the stage must reach: 'METRIC>=VALUE' or "
+                        "'METRIC<=VALUE' conditions, comma-separated, on its held-out metrics, "
+                        "checked every --eval_every steps; training stops once all hold and "
+                        "fails if they never do within --steps (rlhf_jax/pipeline/criterion.py). "
+                        "Empty: train exactly --steps steps.")
   learning_rate: float = flag(3e-3, "Peak learning rate.")
   warmup_steps: int = flag(50, "Linear warmup steps.")
+  end_lr_ratio: float = flag(0.1, "Learning rate at --steps as a fraction of the peak (cosine "
+                             "decay; 1.0: constant after warmup).")
   weight_decay: float = flag(0.1, "AdamW decoupled weight decay.")
   grad_clip_norm: float = flag(1.0, "Global gradient-norm clip.")
   seed: int = flag(0, "Seed of init, data order and sampling.")
+  data_seed: int = flag(-1, "Seed of the training data order alone (-1: --seed); varies the "
+                        "order with the init fixed.")
   log_every: int = flag(50, "Steps between progress lines / metric records.")
   eval_every: int = flag(200, "Steps between held-out loss evaluations (and at the end).")
   save_every: int = flag(200, "Steps between checkpoints.")
@@ -69,6 +78,9 @@ class LMConfig:
                        f"--num_microbatches={self.num_microbatches}")
     if self.learning_rate <= 0:
       raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+    criterion.parse(self.criterion)  # syntax errors before anything runs
+    if not 0.0 <= self.end_lr_ratio <= 1.0:
+      raise ValueError(f"--end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
     getattr(super(), "__post_init__", lambda: None)()  # a world's flags check themselves
     if self.max_new_tokens < 0:
       raise ValueError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
@@ -76,16 +88,21 @@ class LMConfig:
       raise ValueError(f"--warmup_steps={self.warmup_steps} must be < --steps={self.steps}")
 
   def effective(self) -> "LMConfig":
-    """The config actually run: --smoke shrinks every size to seconds."""
+    """The config actually run: --smoke shrinks every size to seconds and drops the
+    criterion (a smoke run tests the plumbing; 3 steps reach no checked state)."""
     if not self.smoke:
       return self
-    return dataclasses.replace(self, steps=3, warmup_steps=1, log_every=1, save_every=2,
+    return dataclasses.replace(self, steps=3, criterion="", warmup_steps=1, log_every=1, save_every=2,
                                eval_every=3, eval_prompts=8, eval_batch_size=8, batch_size=8,
                                num_microbatches=1,
                                max_new_tokens=min(worlds.max_new_tokens(self), 16))
 
   def world_config(self, **overrides):
     return worlds.world_config(self, **overrides)
+
+
+def data_seed(cfg: LMConfig) -> int:
+  return cfg.seed if cfg.data_seed < 0 else cfg.data_seed
 
 
 def model_config(cfg: LMConfig):
@@ -119,6 +136,7 @@ def optim_config(cfg: LMConfig, total_steps: int) -> optim.OptimConfig:
   (the warmup capped below the total, for runs shorter than the flagfile's warmup)."""
   return optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=total_steps,
                            warmup_steps=min(cfg.warmup_steps, total_steps - 1),
+                           end_lr_ratio=cfg.end_lr_ratio,
                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
 
 
@@ -174,34 +192,69 @@ def heldout_loss_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
   return eval_fn
 
 
+_TEACHER_FORCED = ("loss", "token_accuracy")
+
+
+def check_criterion(cfg: LMConfig, heldout_source):
+  """The --criterion's conditions; ValueError naming the stage's metrics unless each names
+  one (a stage calls this before it builds its model: nothing compiles first)."""
+  conditions = criterion.parse(cfg.criterion)
+  criterion.check_names(conditions,
+                        _TEACHER_FORCED + worlds.heldout_metric_names(cfg, heldout_source))
+  return conditions
+
+
+def stage_eval_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
+  """eval_fn(params) of a pretraining/SFT stage: the teacher-forced answer loss and token
+  accuracy, plus the world's held-out metrics (sampled answers) when --criterion needs them."""
+  conditions = check_criterion(cfg, heldout_source)
+  teacher_forced = heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout_source)
+  if all(c.metric in _TEACHER_FORCED for c in conditions):
+    return teacher_forced
+  key = jax.random.key(cfg.seed)
+
+  def eval_fn(params):
+    return {**teacher_forced(params),
+            **worlds.heldout_metrics(cfg, graphdef, params, heldout_source, key=key)}
+
+  return eval_fn
+
+
 _BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
 
 
 def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, kind: str,
-             eval_fn=None, config_dict=None):
+             eval_fn=None, config_dict=None, stage: str = "stage"):
   """Trains params on train_source (kind "lm" or "sft"); saves final params; returns
   (params, summary). eval_fn(params) -> dict runs every --eval_every steps and at the end."""
   it = pipeline.make_train_iterator(train_source, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                    seed=cfg.seed, tokenizer=ByteTokenizer(), kind=kind)
+                                    seed=data_seed(cfg), tokenizer=ByteTokenizer(), kind=kind)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   final, summary = run_training(cfg, mesh, lm_loss_fn(graphdef), params, shardings,
                                 batch_shardings, it, eval_fn=eval_fn,
                                 tokens_per_batch=cfg.batch_size * cfg.seq_len,
-                                config_dict=config_dict)
+                                config_dict=config_dict, stage=stage)
   return final.params, summary
 
 
 def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_shardings, host_iter,
-                 *, eval_fn, tokens_per_batch: int, config_dict=None):
+                 *, eval_fn, tokens_per_batch: int, config_dict=None, stage: str = "stage"):
   """The part every training stage shares: AdamW from the config's flags, a TrainState born
   sharded, the step compiled once with shardings and donation, checkpoints in --workdir
   (resumed automatically), metrics, and the final params saved to <workdir>/params.
 
   host_iter: a resumable iterator of host batches (get_state/set_state); loss_fn follows
-  rlhf_jax/train/step.py's contract. Returns (final TrainState, summary)."""
+  rlhf_jax/train/step.py's contract. With --criterion, training stops at the first
+  evaluation where it holds, and a run that spends --steps without it raises
+  criterion.StageCriterionError after saving its last checkpoint, never <workdir>/params.
+  Returns (final TrainState, summary)."""
+  conditions = criterion.parse(cfg.criterion)
+  if conditions and eval_fn is None:
+    raise ValueError(f"{stage}: --criterion={cfg.criterion} needs held-out evaluation, which "
+                     f"this stage does not run; leave --criterion empty")
   ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
-                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                           grad_clip_norm=cfg.grad_clip_norm)
+                           warmup_steps=cfg.warmup_steps, end_lr_ratio=cfg.end_lr_ratio,
+                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
   optimizer = optim.make_optimizer(ocfg)
   train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
                                            param_shardings=shardings)
@@ -216,7 +269,18 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
       workdir=cfg.workdir, train_step=train_step, state=train_state,
       train_iter=_ShardedIterator(host_iter, mesh), total_steps=cfg.steps, manager=manager,
       logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
-      tokens_per_batch=tokens_per_batch, config=config_dict or to_dict(cfg))
+      tokens_per_batch=tokens_per_batch, config=config_dict or to_dict(cfg),
+      stop_fn=(lambda metrics: criterion.met(conditions, metrics)) if conditions else None)
+  if conditions:
+    summary["criterion"] = {"criterion": cfg.criterion, "met": summary["stopped"],
+                            "step": summary["final_step"], "budget": cfg.steps}
+    if not summary["stopped"]:
+      manager.close()
+      logger.close()
+      raise criterion.StageCriterionError(
+          criterion.failure(stage, conditions, summary["eval"], summary["final_step"]))
+    print(f"[{stage}] criterion {cfg.criterion} met at step {summary['final_step']} of "
+          f"{cfg.steps}: {criterion.describe(conditions, summary['eval'])}")
   checkpoint.save_params(os.path.join(cfg.workdir, PARAMS_DIR), final.params)
   manager.close()
   logger.close()

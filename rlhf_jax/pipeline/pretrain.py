@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from rlhf_jax import provenance
 from rlhf_jax.data import builders
 from rlhf_jax.pipeline import lm, worlds
 
@@ -24,12 +25,16 @@ def run(cfg: PretrainConfig) -> dict:
   cfg = cfg.effective()
   mesh = lm.setup(cfg)
   datasets = lm.timed("build world data", lm.build_world, cfg)
-  graphdef, params, shardings = lm.init_model(cfg, mesh)
   heldout = builders.load_split(datasets["sft"], "test")
+  lm.check_criterion(cfg, heldout)
+  graphdef, params, shardings = lm.init_model(cfg, mesh)
+  eval_fn = lm.stage_eval_fn(cfg, mesh, graphdef, shardings, heldout)
   params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings,
                                 builders.load_split(datasets["pretrain"], "train"), kind="lm",
-                                eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
+                                eval_fn=eval_fn, stage="pretraining")
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
+            "steps": summary["final_step"], "criterion": summary.get("criterion"),
+            "provenance": provenance.provenance(),
             **worlds.heldout_metrics(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)

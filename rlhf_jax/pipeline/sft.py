@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import provenance
 from rlhf_jax.data import builders
 from rlhf_jax.pipeline import lm, worlds
 from rlhf_jax.pipeline.config import flag
@@ -39,14 +40,18 @@ def run(cfg: SFTConfig, base_dir: str) -> dict:
   heldout = builders.load_split(datasets["sft"], "test")
   sft_source = builders.load_split(datasets["sft"], "train")
   sft_source = [sft_source[i] for i in range(min(cfg.num_sft, len(sft_source)))]
+  lm.check_criterion(cfg, heldout)
   graphdef, params, shardings = lm.init_model(cfg, mesh, init_from=base_dir)
+  eval_fn = lm.stage_eval_fn(cfg, mesh, graphdef, shardings, heldout)
   key = jax.random.key(cfg.seed)
   before = lm.timed("eval base", worlds.heldout_metrics, cfg, graphdef, params, heldout, key=key)
   params, summary = lm.train_lm(cfg, mesh, graphdef, params, shardings, sft_source, kind="sft",
-                                eval_fn=lm.heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout))
+                                eval_fn=eval_fn, stage="SFT")
   after = worlds.heldout_metrics(cfg, graphdef, params, heldout, key=key)
   result = {"base": before, "sft": after, "train": summary["train"], "eval": summary["eval"],
-            "wall_s": summary["wall_s"],
+            "wall_s": summary["wall_s"], "steps": summary["final_step"],
+            "criterion": summary.get("criterion"),
+            "provenance": provenance.provenance(),
             "pretrain_workdir": base_dir}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -84,5 +84,10 @@ def heldout_metrics(cfg, graphdef, params, heldout_source, *, key) -> dict:
                                  key=key)
 
 
+def heldout_metric_names(cfg, heldout_source) -> tuple[str, ...]:
+  """The names heldout_metrics returns for this world (computed without a model)."""
+  return heldout.metric_names(world(cfg), world_config(cfg), heldout_source[0])
+
+
 def headline(cfg) -> tuple[str, ...]:
   return heldout.headline(world(cfg))

@@ -37,8 +37,10 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
           eval_fn: Callable[[Any], Mapping[str, float]] | None = None, eval_every: int = 0,
           log_every: int = 10, tokens_per_batch: int | None = None,
           config: Mapping[str, Any] | None = None,
+          stop_fn: Callable[[Mapping[str, float]], bool] | None = None,
           print_fn: Callable[[str], None] | None = print) -> tuple[TrainState, dict]:
-  """Runs `train_step` until state.step == total_steps; returns (state, summary).
+  """Runs `train_step` until state.step == total_steps, or until stop_fn(eval metrics) is
+  true at an evaluation; returns (state, summary).
 
   train_step: the compiled step (compile_train_step); `state` is DONATED to it, so the
     caller's initial state must not be used afterwards (use the returned one).
@@ -48,8 +50,11 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
     saves whenever the manager's policy says so, and always at the end.
   eval_fn: eval_fn(params) -> dict of floats, run every `eval_every` steps and at the end.
   config: written to <workdir>/config.json when given.
+  stop_fn: stop_fn(eval metrics) -> True ends training at that evaluation (a stage's
+    criterion, rlhf_jax/pipeline/criterion.py). A run resumed at an evaluation step evaluates
+    first, so a run killed after it stopped does not train on.
   summary: start_step (0, or the step resumed from), final_step, wall_s, steps_per_sec,
-    and the last logged "train" and "eval" metrics.
+    stopped (stop_fn held) and the last logged "train" and "eval" metrics.
   """
   if config is not None:
     write_config(workdir, config)
@@ -62,10 +67,15 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
   if print_fn and start_step:
     print_fn(f"resumed from step {start_step}")
 
-  summary: dict[str, Any] = {"start_step": start_step, "train": {}, "eval": {}}
+  summary: dict[str, Any] = {"start_step": start_step, "train": {}, "eval": {},
+                             "stopped": False}
   t_start = t_last = time.perf_counter()
   last_logged = step
-  while step < total_steps:
+  if stop_fn is not None and eval_fn is not None and start_step and eval_every and (
+      start_step % eval_every == 0):
+    summary["eval"] = dict(eval_fn(state.params))
+    summary["stopped"] = bool(stop_fn(summary["eval"]))
+  while step < total_steps and not summary["stopped"]:
     state, metrics = train_step(state, next(train_iter))
     step += 1
     if manager is not None and manager.should_save(step):
@@ -85,6 +95,8 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
       summary["eval"] = dict(eval_fn(state.params))
       if logger is not None:
         logger.log(step, summary["eval"], split="eval")
+      if stop_fn is not None and stop_fn(summary["eval"]):
+        summary["stopped"] = True
 
   if manager is not None:
     if manager.latest_step() != step:  # includes saves still being written

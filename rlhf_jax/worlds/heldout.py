@@ -70,6 +70,17 @@ def heldout_metrics(world: registry.World, world_cfg, graphdef, params, source, 
   return _arithmetic(graphdef, params, source, batch_size=batch_size, max_new=max_new, key=key)
 
 
+def metric_names(world: registry.World, world_cfg, record) -> tuple[str, ...]:
+  """The keys heldout_metrics returns, from one held-out record scored as its own answer
+  (pure Python: a criterion naming a metric is checked before anything compiles)."""
+  if not isinstance(world, registry.PreferenceWorld):
+    return ("accuracy_greedy", "accuracy_temp1")
+  prompt = pipeline._text(record["prompt"])
+  response = pipeline._text(record.get("response", ""))
+  return tuple(sorted({f"{prefix}{k}" for prefix in ("greedy_", "temp1_")
+                       for k in world.summary(world_cfg, [prompt], [response])}))
+
+
 def headline(world: registry.World) -> tuple[str, ...]:
   """The metrics a stage prints for a policy of this world."""
   if isinstance(world, registry.PreferenceWorld):
