@@ -37,6 +37,17 @@ def test_bad_seeds_are_refused():
     config.parse(oo.OveroptimisationConfig, ["--seeds=a"])
 
 
+def _check_effect(s):
+  """The claim of experiments/results/overoptimisation/README.md, in every seed: after gold
+  has peaked the proxy keeps rising (committed: by +0.68, +0.06, +0.26) while gold falls (by
+  0.21, 0.10, 0.26). Measured on the committed run's CPU only (no other CPU's sweep exists;
+  the main PPO job's numbers moved by up to 0.14 gold on an AVX-512 Xeon), and seed 1's proxy
+  gain is small, so the claim is the sign, not a margin. Not claimed: that gold ends below SFT
+  (by only 0.02-0.07 per seed)."""
+  assert s["proxy_gain_after_peak"] > 0, s["seed"]
+  assert s["gold_drop_after_peak"] > 0, s["seed"]
+
+
 @pytest.mark.skipif(not os.path.exists(RESULTS), reason="no committed sweep results")
 def test_committed_results_match_their_curves_and_show_the_effect():
   with open(RESULTS) as f:
@@ -45,18 +56,20 @@ def test_committed_results_match_their_curves_and_show_the_effect():
   for s in out["per_seed"]:
     assert {k: v for k, v in s.items() if k != "seed"} == oo.seed_summary(
         out["curves"][str(s["seed"])])
-  # Proxy up after the gold peak, gold down: in every seed.
-  for s in out["per_seed"]:
-    assert s["proxy_gain_after_peak"] > 0 and s["gold_drop_after_peak"] > 0
+    _check_effect(s)
 
 
 @pytest.mark.slow
 def test_sweep_reproduces_overoptimisation(tmp_path):
-  out = oo.run(config.parse(oo.OveroptimisationConfig, [
+  """Reruns the sweep and asks for the committed result's claim, not its numbers: on another
+  CPU the float rounding, and so the numbers, differ."""
+  oo.run(config.parse(oo.OveroptimisationConfig, [
       f"--flagfile={FLAGS_DIR}/overoptimisation.flags", f"--out_dir={tmp_path}/out",
       f"--workdir={tmp_path}/runs"]))
-  # The committed sweep measured a gold drop of 0.19 +- 0.09 and a proxy gain of 0.33 +- 0.31
-  # after the gold peak (mean +- std over 3 seeds); ask for the sign in every seed.
+  with open(os.path.join(tmp_path, "out", "overoptimisation.json")) as f:
+    out = json.load(f)
+  # Where it ran: what a reader needs to judge numbers that differ from the committed ones.
+  assert {"cpu", "versions", "devices"} <= out["provenance"].keys()
   for s in out["per_seed"]:
-    assert s["proxy_gain_after_peak"] > 0 and s["gold_drop_after_peak"] > 0
+    _check_effect(s)
   assert os.path.getsize(os.path.join(tmp_path, "out", "overoptimisation.png")) > 1000
