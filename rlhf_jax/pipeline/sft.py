@@ -52,13 +52,22 @@ def run(cfg: SFTConfig, base_dir: str) -> dict:
             "wall_s": summary["wall_s"], "steps": summary["final_step"],
             "criterion": summary.get("criterion"),
             "provenance": provenance.provenance(),
-            "pretrain_workdir": base_dir}
+            "pretrain_workdir": base_dir, "pretrain_steps": _steps_of(base_dir)}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1)
   print("held-out            base  ->  SFT")
   for name in worlds.headline(cfg):
     print(f"  {name:<16} {before[name]:7.3f} -> {after[name]:7.3f}")
   return result
+
+
+def _steps_of(stage_dir: str) -> int | None:
+  """The steps an upstream stage trained (with a criterion: where it stopped)."""
+  path = os.path.join(stage_dir, "result.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("steps")
 
 
 def continued_sft(scfg: SFTConfig, workdir: str, steps: int, mesh, graphdef, sft_params,

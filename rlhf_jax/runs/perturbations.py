@@ -1,7 +1,7 @@
 """An experiment's results under the perturbations that change its float reductions, next to
 its seed spread: the evidence that a result is a property of the method, not of one CPU.
 
-    python -m experiments.perturbations --flagfile=experiments/configs/perturb_arithmetic.flags
+    python -m experiments.perturbations --flagfile=experiments/configs/perturb_sft_grpo_tiny.flags
 
 Float rounding differs between machines (AVX2 vs AVX-512 kernels, thread counts, how a
 computation is sharded), and a small model near a learning transition can amplify one ulp into
@@ -48,7 +48,7 @@ _FLAGFILE_LINE = re.compile(r"^--(\w+_flagfile)=(.+)$")
 @dataclasses.dataclass(frozen=True)
 class PerturbationConfig:
   experiment: str = config.flag("experiments.sft", "The experiment module to run.")
-  experiment_flagfile: str = config.flag("experiments/configs/sft_tiny.flags",
+  experiment_flagfile: str = config.flag("experiments/configs/sft_grpo_tiny.flags",
                                          "Its flagfile (the top of the stage chain).")
   metrics: str = config.flag("base.accuracy_greedy,sft.accuracy_greedy",
                              "Comma-separated dotted keys of the run's result.json to report.")
@@ -57,7 +57,7 @@ class PerturbationConfig:
                                    f"Comma-separated among {', '.join(PERTURBATIONS)}.")
   workdir: str = config.flag("workdirs/perturbations", "Root of the variants' runs.")
   data_dir: str = config.flag("workdirs/data", "Where the world's datasets are materialised.")
-  out: str = config.flag("experiments/results/perturbations/sft_tiny.json", "The JSON report.")
+  out: str = config.flag("experiments/results/perturbations/sft_grpo_tiny.json", "The JSON report.")
 
   def __post_init__(self):
     seeds = sweeps.parse_seeds(self.seeds)
