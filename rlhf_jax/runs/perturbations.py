@@ -33,7 +33,8 @@ import numpy as np
 
 from rlhf_jax import provenance
 from rlhf_jax.pipeline import config
-from rlhf_jax.runs import sweeps
+from rlhf_jax.runs import plots, sweeps
+from rlhf_jax.train.logging import read_metrics
 
 # name -> (extra flags for every stage, XLA flags)
 PERTURBATIONS = {
@@ -57,7 +58,10 @@ class PerturbationConfig:
                                    f"Comma-separated among {', '.join(PERTURBATIONS)}.")
   workdir: str = config.flag("workdirs/perturbations", "Root of the variants' runs.")
   data_dir: str = config.flag("workdirs/data", "Where the world's datasets are materialised.")
-  out: str = config.flag("experiments/results/perturbations/sft_grpo_tiny.json", "The JSON report.")
+  out: str = config.flag("experiments/results/perturbations/sft_grpo_tiny.json",
+                         "The JSON report; its figure (learning curves) goes beside it (.png).")
+  curve_metric: str = config.flag("accuracy_greedy", "The held-out metric whose learning "
+                                  "curve each stage of each variant contributes to the figure.")
 
   def __post_init__(self):
     seeds = sweeps.parse_seeds(self.seeds)
@@ -153,6 +157,25 @@ def spread(runs: dict[str, dict], metric: str, seed_names: list[str]) -> dict:
           "interval": [float(min(every)), float(max(every))]}
 
 
+def stage_curves(cfg: PerturbationConfig, name: str) -> dict[str, list[list[float]]]:
+  """{stage: [[step, value], ...]}: the held-out curve of --curve_metric of each stage the
+  variant built (its stage root) and of the run itself, from their metrics.jsonl."""
+  root = os.path.join(cfg.workdir, name)
+  stage_root = os.path.join(root, "stages")
+  dirs = {d.split("-")[0]: os.path.join(stage_root, d)
+          for d in (sorted(os.listdir(stage_root)) if os.path.isdir(stage_root) else [])}
+  dirs["run"] = os.path.join(root, "run")
+  out = {}
+  for stage, workdir in dirs.items():
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      continue
+    points = [[r["step"], r["metrics"][cfg.curve_metric]]
+              for r in read_metrics(workdir, split="eval") if cfg.curve_metric in r["metrics"]]
+    if points:
+      out[stage] = points
+  return out
+
+
 def run(cfg: PerturbationConfig) -> dict:
   all_variants = variants(cfg)
   runs = {name: run_variant(cfg, name, flags, xla)
@@ -160,10 +183,15 @@ def run(cfg: PerturbationConfig) -> dict:
   seed_names = [n for n in all_variants if n.startswith("seed")]
   out = {"experiment": cfg.experiment, "flagfile": cfg.experiment_flagfile, "runs": runs,
          "spread": {m: spread(runs, m, seed_names) for m in cfg.metric_list},
+         "curve_metric": cfg.curve_metric,
+         "curves": {name: stage_curves(cfg, name) for name in all_variants},
          "provenance": provenance.provenance()}
   os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
   with open(cfg.out, "w") as f:
     json.dump(out, f, indent=1)
+  plots.stage_curves(out["curves"], cfg.curve_metric, os.path.splitext(cfg.out)[0] + ".png",
+                     title=f"{os.path.basename(cfg.experiment_flagfile)}: seeds and "
+                           f"perturbations")
   print(f"{'metric':<28} {'seeds mean +- std':>20} {'perturbation max |d|':>22} interval")
   for m, s in out["spread"].items():
     print(f"{m:<28} {s['seed_mean']:>11.3f} +- {s['seed_std']:.3f} "

@@ -147,3 +147,27 @@ def styles_over_training(runs: dict[str, list[dict]], nash, path: str, *, title:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def stage_curves(curves: dict[str, dict[str, list]], metric: str, path: str, *,
+                 title: str) -> None:
+  """One panel per stage: the held-out `metric` over steps of every variant (seeds solid,
+  float-rounding perturbations dashed), so a transition's timing and its spread show."""
+  stages = sorted({s for per_stage in curves.values() for s in per_stage})
+  if not stages:
+    return
+  fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
+  for ax, stage in zip(axes[0], stages):
+    for name, per_stage in curves.items():
+      if stage in per_stage:
+        steps, values = zip(*per_stage[stage])
+        ax.plot(steps, values, "-" if name.startswith("seed") else "--", marker=".",
+                label=name)
+    ax.set_title(f"{stage}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out {metric}")
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

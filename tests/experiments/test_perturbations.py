@@ -35,6 +35,9 @@ _FAKE = textwrap.dedent("""
               "devices": float("device_count=8" in os.environ.get("XLA_FLAGS", "")),
               "fast_math": float("fast_math=true" in os.environ.get("XLA_FLAGS", ""))}
     json.dump(result, open(os.path.join(args["workdir"], "result.json"), "w"))
+    with open(os.path.join(args["workdir"], "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "split": "eval", "time": 0.0,
+                          "metrics": {"accuracy_greedy": result["top"]["seed"]}}) + "\\n")
     with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as f:
       f.write(args["workdir"] + "\\n")
 """)
@@ -70,6 +73,9 @@ def test_every_variant_perturbs_the_whole_chain_and_its_environment(chain_files)
     assert v["fast_math"] == float(name == "fast_math")
   with open(chain_files / "out.json") as f:
     assert json.load(f)["runs"] == out["runs"]
+  # Each variant's learning curve, read back from its metrics.jsonl, and their figure.
+  assert out["curves"]["seed2"] == {"run": [[1, 2.0]]}
+  assert os.path.getsize(chain_files / "out.png") > 1000
   # The perturbed copies keep the original lines and append the variant's flags.
   copy = (chain_files / "runs" / "data_order" / "flags" / "top.flags").read_text()
   assert "--lr=1" in copy and copy.rstrip().endswith("--data_seed=1000")
