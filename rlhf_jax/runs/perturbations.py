@@ -19,12 +19,15 @@ its own stage root) once per variant:
 and reports, per metric, every value, the seed mean and standard deviation, the largest
 distance of a perturbation from seed 0 (the run it perturbs), and the interval holding every
 run. The perturbed flagfiles are written next to the runs (<workdir>/<variant>/flags/), so
-each run can be repeated by hand. A finished variant (its result.json present) is not rerun.
+each run can be repeated by hand. A variant runs in <workdir>/<variant>/<hash of its
+flagfiles>/: one that finished with the same flagfiles is read back, not rerun.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -121,12 +124,24 @@ def lookup(result: dict, dotted: str) -> float:
   return float(value)
 
 
+def _chain_digest(flags_dir: str) -> str:
+  """A hash of the variant's perturbed flagfiles: a finished run is reused only for these."""
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(flags_dir)):
+    h.update(name.encode() + b"\0" + open(os.path.join(flags_dir, name), "rb").read())
+  return h.hexdigest()[:16]
+
+
 def run_variant(cfg: PerturbationConfig, name: str, flags: tuple[str, ...], xla: str) -> dict:
-  """Runs (or reads back) one variant in its own workdir and stage root."""
-  root = os.path.join(cfg.workdir, name)
+  """Runs one variant in its own workdir and stage root, or reads it back when it finished
+  with the same flagfile chain (a changed flagfile reruns it, in fresh directories)."""
+  flags_dir = os.path.join(cfg.workdir, name, "flags")
+  shutil.rmtree(flags_dir, ignore_errors=True)
+  top = perturbed_flagfile(cfg.experiment_flagfile, flags, flags_dir)
+  digest = _chain_digest(flags_dir)
+  root = os.path.join(cfg.workdir, name, digest)
   result_path = os.path.join(root, "run", "result.json")
   if not os.path.exists(result_path):
-    top = perturbed_flagfile(cfg.experiment_flagfile, flags, os.path.join(root, "flags"))
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla) if f)
     cmd = [sys.executable, "-m", cfg.experiment, f"--flagfile={top}",
@@ -139,7 +154,7 @@ def run_variant(cfg: PerturbationConfig, name: str, flags: tuple[str, ...], xla:
       f.write(f"{time.perf_counter() - start:.1f}")
   with open(result_path) as f:
     result = json.load(f)
-  return {"flags": list(flags), "xla_flags": xla,
+  return {"flags": list(flags), "xla_flags": xla, "workdir": root,
           "values": {m: lookup(result, m) for m in cfg.metric_list}}
 
 
@@ -157,10 +172,9 @@ def spread(runs: dict[str, dict], metric: str, seed_names: list[str]) -> dict:
           "interval": [float(min(every)), float(max(every))]}
 
 
-def stage_curves(cfg: PerturbationConfig, name: str) -> dict[str, list[list[float]]]:
-  """{stage: [[step, value], ...]}: the held-out curve of --curve_metric of each stage the
-  variant built (its stage root) and of the run itself, from their metrics.jsonl."""
-  root = os.path.join(cfg.workdir, name)
+def stage_curves(cfg: PerturbationConfig, root: str) -> dict[str, list[list[float]]]:
+  """{stage: [[step, value], ...]}: the held-out curve of --curve_metric of each stage a
+  variant built in `root` (its stage root) and of the run itself, from their metrics.jsonl."""
   stage_root = os.path.join(root, "stages")
   dirs = {d.split("-")[0]: os.path.join(stage_root, d)
           for d in (sorted(os.listdir(stage_root)) if os.path.isdir(stage_root) else [])}
@@ -184,7 +198,7 @@ def run(cfg: PerturbationConfig) -> dict:
   out = {"experiment": cfg.experiment, "flagfile": cfg.experiment_flagfile, "runs": runs,
          "spread": {m: spread(runs, m, seed_names) for m in cfg.metric_list},
          "curve_metric": cfg.curve_metric,
-         "curves": {name: stage_curves(cfg, name) for name in all_variants},
+         "curves": {name: stage_curves(cfg, r["workdir"]) for name, r in runs.items()},
          "provenance": provenance.provenance()}
   os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
   with open(cfg.out, "w") as f:
