@@ -14,8 +14,9 @@ states what the downstream stages rely on.
 Syntax: comma-separated conditions "METRIC>=VALUE" or "METRIC<=VALUE", all of which must hold
 at the same evaluation, e.g. "accuracy_greedy>=0.45" or "greedy_gold>=1.5,temp1_words<=12".
 METRIC is one of the stage's held-out metrics: the world's (rlhf_jax/worlds/heldout.py:
-accuracy_greedy, greedy_gold, temp1_sycophancy_rate, ...) or the teacher-forced answer
-`loss` and `token_accuracy`.
+accuracy_greedy, greedy_gold, temp1_sycophancy_rate, ...), the teacher-forced answer `loss`
+and `token_accuracy`, or `loss_drop`, the loss's fall since the previous evaluation
+("loss_drop<=0.01": until the held-out loss stops falling; never met at the first).
 """
 import dataclasses
 import re
@@ -35,6 +36,9 @@ class Condition:
   value: float
 
   def holds(self, metrics: Mapping[str, float]) -> bool:
+    """False while the metric is not yet defined (loss_drop at the first evaluation)."""
+    if self.metric not in metrics:
+      return False
     x = metrics[self.metric]
     return x >= self.value if self.op == ">=" else x <= self.value
 
@@ -75,8 +79,8 @@ def met(conditions: Iterable[Condition], metrics: Mapping[str, float]) -> bool:
 
 def describe(conditions: Iterable[Condition], metrics: Mapping[str, float]) -> str:
   """"accuracy_greedy 0.142 (expected >=0.45)" for each condition, joined."""
-  return ", ".join(f"{c.metric} {metrics[c.metric]:.4g} (expected {c.op}{c.value:g})"
-                   for c in conditions)
+  return ", ".join(f"{c.metric} {metrics.get(c.metric, float('nan')):.4g} "
+                   f"(expected {c.op}{c.value:g})" for c in conditions)
 
 
 def failure(stage: str, conditions, metrics: Mapping[str, float], step: int) -> str:

@@ -192,7 +192,9 @@ def heldout_loss_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
   return eval_fn
 
 
-_TEACHER_FORCED = ("loss", "token_accuracy")
+# loss_drop: the held-out loss's fall since the previous evaluation (absent at the first), so
+# "loss_drop<=0.01" reads "until the held-out loss has stopped falling".
+_TEACHER_FORCED = ("loss", "token_accuracy", "loss_drop")
 
 
 def check_criterion(cfg: LMConfig, heldout_source):
@@ -208,14 +210,19 @@ def stage_eval_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
   """eval_fn(params) of a pretraining/SFT stage: the teacher-forced answer loss and token
   accuracy, plus the world's held-out metrics (sampled answers) when --criterion needs them."""
   conditions = check_criterion(cfg, heldout_source)
-  teacher_forced = heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout_source)
-  if all(c.metric in _TEACHER_FORCED for c in conditions):
-    return teacher_forced
+  loss_fn = heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout_source)
+  sampled = any(c.metric not in _TEACHER_FORCED for c in conditions)
   key = jax.random.key(cfg.seed)
+  previous = {}
 
   def eval_fn(params):
-    return {**teacher_forced(params),
-            **worlds.heldout_metrics(cfg, graphdef, params, heldout_source, key=key)}
+    out = dict(loss_fn(params))
+    if "loss" in previous:
+      out["loss_drop"] = previous["loss"] - out["loss"]
+    previous["loss"] = out["loss"]
+    if sampled:
+      out.update(worlds.heldout_metrics(cfg, graphdef, params, heldout_source, key=key))
+    return out
 
   return eval_fn
 

@@ -32,6 +32,18 @@ def test_a_stage_stops_at_the_first_evaluation_that_meets_its_criterion(tmp_path
   assert os.path.isdir(os.path.join(cfg.workdir, "params"))
 
 
+def test_a_loss_plateau_criterion_compares_consecutive_evaluations(tmp_path):
+  # loss_drop<=1e9 holds wherever it is defined: from the second evaluation (step 4) on.
+  cfg = _pretrain_config(tmp_path, "--criterion=loss_drop<=1e9")
+  result = chain.run_stage("pretrain", cfg)
+  assert result["steps"] == 4
+  evals = [json.loads(line) for line in open(os.path.join(cfg.workdir, "metrics.jsonl"))
+           if '"eval"' in line]
+  first, second = evals[0]["metrics"], evals[1]["metrics"]
+  assert "loss_drop" not in first
+  assert second["loss_drop"] == first["loss"] - second["loss"]
+
+
 def test_a_stage_that_misses_its_criterion_fails_and_hands_nothing_on(tmp_path):
   cfg = _pretrain_config(tmp_path, "--criterion=accuracy_greedy>=1.01")
   with pytest.raises(criterion.StageCriterionError,
@@ -50,7 +62,7 @@ def test_a_stage_that_misses_its_criterion_fails_and_hands_nothing_on(tmp_path):
 
 def test_a_criterion_on_a_metric_the_stage_does_not_evaluate_fails_before_training(tmp_path):
   cfg = _pretrain_config(tmp_path, "--criterion=greedy_gold>=1.5")
-  with pytest.raises(ValueError, match=r"greedy_gold.*accuracy_greedy, accuracy_temp1, loss"):
+  with pytest.raises(ValueError, match=r"greedy_gold.*accuracy_greedy, accuracy_temp1, loss, loss_drop"):
     chain.run_stage("pretrain", cfg)
   assert not os.path.exists(os.path.join(cfg.workdir, "checkpoints"))
 

@@ -30,6 +30,13 @@ def test_met_needs_every_condition_and_is_inclusive_at_the_bound():
   assert not criterion.met(conds, {"accuracy_greedy": 0.9, "loss": 1.0001})
 
 
+def test_a_metric_not_yet_defined_does_not_meet_its_condition():
+  conds = criterion.parse("loss_drop<=0.01")
+  assert not criterion.met(conds, {"loss": 1.0})  # the first evaluation has no drop yet
+  assert criterion.met(conds, {"loss": 1.0, "loss_drop": 0.005})
+  assert "loss_drop nan" in criterion.describe(conds, {"loss": 1.0})
+
+
 def test_unknown_metric_names_the_available_ones():
   with pytest.raises(ValueError, match="accuracy_gredy.*accuracy_greedy, loss"):
     criterion.check_names(criterion.parse("accuracy_gredy>=0.5"), ["loss", "accuracy_greedy"])
