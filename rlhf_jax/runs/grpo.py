@@ -244,7 +244,10 @@ def run(cfg: GRPOConfig) -> dict:
   sft_dir = chain.ensure("sft", sft_config(cfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
   with open(os.path.join(sft_dir, "result.json")) as f:
-    base_dir = json.load(f)["pretrain_workdir"]
+    sft_result = json.load(f)
+  base_dir = sft_result["pretrain_workdir"]
+  # Where the upstream stages reached their checked states (their criteria stop them).
+  upstream_steps = {"pretrain": sft_result.get("pretrain_steps"), "sft": sft_result.get("steps")}
   world = cfg.world_config()
   pairs = arithmetic.split_pairs(world)
   heldout = builders.load_split(lm.build_world(cfg)["sft"], "test")
@@ -301,6 +304,7 @@ def run(cfg: GRPOConfig) -> dict:
     wall[f"{row}_s"] = time.perf_counter() - t1
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
   result = {"table": table, "curve": curve, "wall": wall, "sft_workdir": sft_dir,
+            "upstream_steps": upstream_steps,
             "updates": cfg.updates, "provenance": provenance.provenance(),
             **{f"prompts_{k}": sum(map(len, v)) for k, v in prompts_seen.items()}}
   with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
