@@ -70,14 +70,20 @@ def _steps_of(stage_dir: str) -> int | None:
     return json.load(f).get("steps")
 
 
+def matched_compute_config(scfg: SFTConfig, workdir: str, steps: int) -> SFTConfig:
+  """The SFT stage's config for exactly `steps` more steps in `workdir`: a matched-compute
+  baseline is a step count, so the stage's criterion is dropped (it has nothing to reach)."""
+  return dataclasses.replace(scfg.effective(), workdir=workdir, steps=steps, criterion="",
+                             warmup_steps=min(scfg.warmup_steps, steps - 1), eval_every=steps,
+                             save_every=steps)
+
+
 def continued_sft(scfg: SFTConfig, workdir: str, steps: int, mesh, graphdef, sft_params,
                   shardings):
   """SFT continued from sft_params for `steps` more steps with SFT's own batch, data and
   learning rate: the matched-compute baseline of an RLHF stage taking as many optimizer
   steps (what those steps buy without a reward signal). Returns the params."""
-  cfg = dataclasses.replace(scfg.effective(), workdir=workdir, steps=steps,
-                            warmup_steps=min(scfg.warmup_steps, steps - 1), eval_every=steps,
-                            save_every=steps)
+  cfg = matched_compute_config(scfg, workdir, steps)
   source = builders.load_split(lm.build_world(cfg)["sft"], "train")
   params, _ = lm.train_lm(cfg, mesh, graphdef, jax.tree.map(jnp.copy, sft_params), shardings,
                           [source[i] for i in range(min(cfg.num_sft, len(source)))], kind="sft")

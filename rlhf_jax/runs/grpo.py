@@ -227,9 +227,7 @@ def matched_sft_params(scfg: sft.SFTConfig, workdir: str, records: list[dict], s
   """SFT continued from sft_params for `steps` optimizer steps with the SFT stage's batch size
   and learning rate, on `records` (GRPO's training prompts with their correct answers): the
   matched-compute baseline (what the same number of updates buys with the answers given)."""
-  cfg = dataclasses.replace(scfg.effective(), workdir=workdir, steps=steps,
-                            warmup_steps=min(scfg.warmup_steps, steps - 1), eval_every=steps,
-                            save_every=steps)
+  cfg = sft.matched_compute_config(scfg, workdir, steps)
   params, _ = lm.train_lm(cfg, mesh, graphdef, jax.tree.map(jnp.copy, sft_params), shardings,
                           records, kind="sft")
   return params

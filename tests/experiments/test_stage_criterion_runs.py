@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlhf_jax.pipeline import chain, config, criterion, pretrain
+from rlhf_jax.pipeline import chain, config, criterion, pretrain, sft
 
 FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
 
@@ -71,3 +71,14 @@ def test_a_malformed_criterion_fails_at_parse():
   with pytest.raises(ValueError, match="METRIC>=VALUE"):
     config.parse(pretrain.PretrainConfig, [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags",
                                            "--criterion=accuracy_greedy=0.5"])
+
+
+def test_a_matched_compute_baseline_trains_its_steps_without_the_stage_criterion():
+  # A stage with a criterion, continued for a matched number of steps (PPO's, DPO's and
+  # GRPO's matched-SFT rows): a step count with nothing to reach, so no criterion and no
+  # held-out evaluation are needed.
+  scfg = config.parse(sft.SFTConfig, [f"--flagfile={FLAGS_DIR}/sft_grpo_tiny.flags"])
+  assert scfg.criterion
+  cfg = sft.matched_compute_config(scfg, "/tmp/x", 120)
+  assert (cfg.criterion, cfg.steps, cfg.workdir, cfg.eval_every) == ("", 120, "/tmp/x", 120)
+  assert cfg.learning_rate == scfg.learning_rate and cfg.batch_size == scfg.batch_size
