@@ -20,7 +20,9 @@ and reports, per metric, every value, the seed mean and standard deviation, the 
 distance of a perturbation from seed 0 (the run it perturbs), and the interval holding every
 run. The perturbed flagfiles are written next to the runs (<workdir>/<variant>/flags/), so
 each run can be repeated by hand. A variant runs in <workdir>/<variant>/<hash of its
-flagfiles>/: one that finished with the same flagfiles is read back, not rerun.
+flagfiles>/: one that finished with the same flagfiles is read back, not rerun. A variant
+that fails (a stage missing its criterion) is reported as failed, with its error, and the
+spread is taken over the others (distances from the first seed that finished).
 """
 import dataclasses
 import hashlib
@@ -141,6 +143,10 @@ def run_variant(cfg: PerturbationConfig, name: str, flags: tuple[str, ...], xla:
   digest = _chain_digest(flags_dir)
   root = os.path.join(cfg.workdir, name, digest)
   result_path = os.path.join(root, "run", "result.json")
+  failed_path = os.path.join(root, "FAILED")
+  if os.path.exists(failed_path):
+    return {"flags": list(flags), "xla_flags": xla, "workdir": root,
+            "failed": open(failed_path).read()}
   if not os.path.exists(result_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla) if f)
@@ -149,7 +155,16 @@ def run_variant(cfg: PerturbationConfig, name: str, flags: tuple[str, ...], xla:
     print(f"[perturbations] {name}: XLA_FLAGS={env['XLA_FLAGS']!r} {' '.join(cmd[2:])}",
           flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr[-4000:])
+    if proc.returncode:
+      # A variant that fails (a stage missing its criterion) is a result, not a crash: the
+      # report says which variant failed and why, and spreads over the others.
+      errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+      os.makedirs(root, exist_ok=True)
+      with open(failed_path, "w") as f:
+        f.write(errors[-1] if errors else f"exit status {proc.returncode}")
+      return run_variant(cfg, name, flags, xla)
     with open(os.path.join(root, "wall_s"), "w") as f:
       f.write(f"{time.perf_counter() - start:.1f}")
   with open(result_path) as f:
@@ -160,6 +175,8 @@ def run_variant(cfg: PerturbationConfig, name: str, flags: tuple[str, ...], xla:
 
 def spread(runs: dict[str, dict], metric: str, seed_names: list[str]) -> dict:
   """Seed mean/std/se, each perturbation's distance from seed 0, and the all-run interval."""
+  runs = {n: r for n, r in runs.items() if "values" in r}  # failed variants have none
+  seed_names = [n for n in seed_names if n in runs]
   seeds = np.array([runs[n]["values"][metric] for n in seed_names], np.float64)
   ref = seeds[0]
   perturbed = {n: r["values"][metric] - ref for n, r in runs.items() if n not in seed_names}
@@ -198,6 +215,7 @@ def run(cfg: PerturbationConfig) -> dict:
   out = {"experiment": cfg.experiment, "flagfile": cfg.experiment_flagfile, "runs": runs,
          "spread": {m: spread(runs, m, seed_names) for m in cfg.metric_list},
          "curve_metric": cfg.curve_metric,
+         "failed": {name: r["failed"] for name, r in runs.items() if "failed" in r},
          "curves": {name: stage_curves(cfg, r["workdir"]) for name, r in runs.items()},
          "provenance": provenance.provenance()}
   os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
@@ -206,6 +224,9 @@ def run(cfg: PerturbationConfig) -> dict:
   plots.stage_curves(out["curves"], cfg.curve_metric, os.path.splitext(cfg.out)[0] + ".png",
                      title=f"{os.path.basename(cfg.experiment_flagfile)}: seeds and "
                            f"perturbations")
+  for name, r in runs.items():
+    if "failed" in r:
+      print(f"[perturbations] {name} FAILED: {r['failed']}")
   print(f"{'metric':<28} {'seeds mean +- std':>20} {'perturbation max |d|':>22} interval")
   for m, s in out["spread"].items():
     print(f"{m:<28} {s['seed_mean']:>11.3f} +- {s['seed_std']:.3f} "

@@ -26,6 +26,8 @@ _FAKE = textwrap.dedent("""
       return flags
 
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    if "fast_math=true" in os.environ.get("XLA_FLAGS", "") and "FAIL_FAST_MATH" in os.environ:
+      raise SystemExit("StageCriterionError: SFT missed its criterion")
     top = read(args["flagfile"])
     upstream = read(top["sft_flagfile"])
     os.makedirs(args["workdir"], exist_ok=True)
@@ -121,3 +123,14 @@ def test_a_missing_metric_names_the_keys_that_exist():
 def test_bad_flags_fail_before_anything_runs(flag, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     config.parse(perturbations.PerturbationConfig, [flag])
+
+
+def test_a_failing_variant_is_reported_and_left_out_of_the_spread(chain_files, monkeypatch):
+  monkeypatch.setenv("FAIL_FAST_MATH", "1")
+  cfg = _config(chain_files, "--perturbations=threads1,fast_math")
+  out = perturbations.run(cfg)
+  assert out["failed"] == {"fast_math": "StageCriterionError: SFT missed its criterion"}
+  assert out["spread"]["top.seed"]["perturbation_minus_seed0"] == {"threads1": 0.0}
+  again = perturbations.run(cfg)  # read back, not rerun
+  assert again["failed"] == out["failed"]
+  assert len((chain_files / "calls.txt").read_text().split()) == 4
