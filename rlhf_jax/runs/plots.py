@@ -153,7 +153,9 @@ def stage_curves(curves: dict[str, dict[str, list]], metric: str, path: str, *,
                  title: str) -> None:
   """One panel per stage: the held-out `metric` over steps of every variant (seeds solid,
   float-rounding perturbations dashed), so a transition's timing and its spread show."""
-  stages = sorted({s for per_stage in curves.values() for s in per_stage})
+  order = ("pretrain", "sft", "reward", "run")  # the chain's order, the run last
+  stages = sorted({s for per_stage in curves.values() for s in per_stage},
+                  key=lambda s: (order.index(s) if s in order else len(order), s))
   if not stages:
     return
   fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
