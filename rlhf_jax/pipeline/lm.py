@@ -92,7 +92,8 @@ class LMConfig:
     criterion (a smoke run tests the plumbing; 3 steps reach no checked state)."""
     if not self.smoke:
       return self
-    return dataclasses.replace(self, steps=3, criterion="", warmup_steps=1, log_every=1, save_every=2,
+    return dataclasses.replace(self, steps=3, criterion="", warmup_steps=1, log_every=1,
+                               save_every=2,
                                eval_every=3, eval_prompts=8, eval_batch_size=8, batch_size=8,
                                num_microbatches=1,
                                max_new_tokens=min(worlds.max_new_tokens(self), 16))
