@@ -260,9 +260,7 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
   if conditions and eval_fn is None:
     raise ValueError(f"{stage}: --criterion={cfg.criterion} needs held-out evaluation, which "
                      f"this stage does not run; leave --criterion empty")
-  ocfg = optim.OptimConfig(learning_rate=cfg.learning_rate, total_steps=cfg.steps,
-                           warmup_steps=cfg.warmup_steps, end_lr_ratio=cfg.end_lr_ratio,
-                           weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+  ocfg = optim_config(cfg, cfg.steps)
   optimizer = optim.make_optimizer(ocfg)
   train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
                                            param_shardings=shardings)
