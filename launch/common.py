@@ -32,13 +32,29 @@ class LaunchError(ValueError):
   """A bad input, caught before anything runs; the message names the flag and the fix."""
 
 
+def quote(arg: str) -> str:
+  """`arg` as one shell word: in single quotes (shlex), or in double quotes with backslash,
+  double quote, dollar and backquote escaped where that is shorter, since a command quoted at
+  two levels (a remote script in gcloud's --command) reads far better with one level in double
+  quotes. Never double quotes around a `!`, which an interactive bash expands from history."""
+  single = shlex.quote(arg)
+  if single == arg or "!" in arg:
+    return single
+  double = '"' + re.sub(r'([\\"$`])', r"\\\1", arg) + '"'
+  return double if len(double) < len(single) else single
+
+
+def join(argv: Sequence[str]) -> str:
+  return " ".join(quote(arg) for arg in argv)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   """A program and its arguments, run without a shell (so nothing needs quoting to run it)."""
   argv: tuple[str, ...]
 
   def render(self) -> str:
-    return shlex.join(self.argv)
+    return join(self.argv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +88,9 @@ def render(steps: Sequence[Step]) -> str:
   return "\n".join(step.render() for step in steps) + "\n"
 
 
-def execute(steps: Sequence[Step], *, dry_run: bool, out: TextIO = sys.stdout) -> None:
+def execute(steps: Sequence[Step], *, dry_run: bool, out: TextIO | None = None) -> None:
   """Prints the steps (dry run) or takes them in order, stopping at the first that fails."""
+  out = out or sys.stdout
   if dry_run:
     out.write(render(steps))
     return

@@ -233,8 +233,9 @@ def xpk(cfg: GkeConfig, command: list[str]) -> list[common.Step]:
                " --num_processes=${NNODES} --process_id=${NODE_RANK}")
     argv += [f"--device-type={xpk_device_type(cfg)}", f"--num-nodes={cfg.num_nodes}"]
   if '"' in script:
-    raise LaunchError("xpk pastes --command into its YAML between double quotes: use single "
-                      "quotes in the experiment command")
+    raise LaunchError("xpk pastes --command into its YAML between double quotes, so an "
+                      "argument with a quote cannot go through it: drop the quote, or use "
+                      "`python -m launch.gke apply`")
   argv += [f"--command={script}", f"--project={cfg.project}", f"--zone={cfg.zone}"]
   return [Command(tuple(argv))]
 

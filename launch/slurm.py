@@ -119,7 +119,7 @@ def sbatch_script(cfg: SlurmConfig, command: list[str], job_name: str) -> str:
       "# JAX finds the coordinator, process count and process id in srun's environment.",
       "# --kill-on-bad-exit: one failed process ends the step instead of leaving the others",
       "# waiting for it in a collective.",
-      f"srun --kill-on-bad-exit=1 {shlex.join(command)}",
+      f"srun --kill-on-bad-exit=1 {common.join(command)}",
   ]
   return "\n".join(lines) + "\n"
 

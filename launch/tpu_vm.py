@@ -111,7 +111,7 @@ def _on_workers(cfg: TpuVmConfig, script: str, worker: str = "all") -> list[comm
   where = "every worker" if worker == "all" else f"worker {worker}"
   return [Note(f"on {where}: {script}"),
           _gcloud(cfg, "tpu-vm", "ssh", cfg.name, f"--worker={worker}",
-                  "--command=" + shlex.join(["bash", "-c", script]))]
+                  "--command=" + common.join(["bash", "-c", script]))]
 
 
 def _queued_resource_id(cfg: TpuVmConfig) -> str:
@@ -129,7 +129,7 @@ def create(cfg: TpuVmConfig) -> list[common.Step]:
             f"--accelerator-type={cfg.accelerator_type}", f"--runtime-version={version}"]
     if cfg.spot:
       argv.append("--spot")
-    status = shlex.join(["gcloud", "compute", "tpus", "queued-resources", "describe", qr,
+    status = common.join(["gcloud", "compute", "tpus", "queued-resources", "describe", qr,
                          f"--project={cfg.project}", f"--zone={cfg.zone}"])
     return [Note(shape), _gcloud(cfg, *argv),
             Note(f"the request waits for capacity; copy once its state is ACTIVE:\n  {status}")]
@@ -185,11 +185,11 @@ def run(cfg: TpuVmConfig, command: list[str]) -> list[common.Step]:
   common.require_command(command, USAGE)
   run_name = cfg.run_name or common.default_run_name(command)
   log_dir = _log_dir(cfg, run_name)
-  log = f'"{log_dir}/$(hostname).log"'
+  log = f"{log_dir}/$(hostname).log"  # hostnames and log_dir need no quotes
   prelude = (f"cd {shlex.quote(cfg.remote_dir)} && mkdir -p {log_dir} && "
              ". .venv/bin/activate && ")
-  experiment = shlex.join(command)
-  logs_cmd = shlex.join(["python", "-m", "launch.tpu_vm", "logs", f"--name={cfg.name}",
+  experiment = common.join(command)
+  logs_cmd = common.join(["python", "-m", "launch.tpu_vm", "logs", f"--name={cfg.name}",
                          f"--project={cfg.project}", f"--zone={cfg.zone}", "--worker=0",
                          f"--run_name={run_name}"])
   if cfg.detach:
