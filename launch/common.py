@@ -3,11 +3,10 @@ command>`, flags parsed by the project's typed parser, rlhf_jax/pipeline/config.
 launcher takes (commands to run, files to write) and how `--dry_run` prints them.
 
 A dry run prints the steps as a shell script that does exactly what the launcher would do:
-commands one per line, quoted with shlex, and each generated file as a `cat > path <<'EOF'`
+commands one per line, quoted for bash, and each generated file as a `cat > path <<'EOF'`
 heredoc. Nothing is run, nothing is written.
 """
 import dataclasses
-import os
 import pathlib
 import re
 import shlex
@@ -171,10 +170,12 @@ def default_run_name(command: Sequence[str]) -> str:
   return "run"
 
 
-def main(build: Callable[[str | None, list[str], list[str]], list[Step]],
-         argv: Sequence[str] | None = None) -> int:
-  """Runs a launcher: `build(action, flag_argv, command)` returns its steps and the flags'
-  --dry_run decides whether to print or take them. Bad input exits 2 with the message; a
+Build = Callable[[str | None, list[str], list[str]], tuple[list[Step], bool]]
+
+
+def main(build: Build, argv: Sequence[str] | None = None) -> int:
+  """Runs a launcher: `build(action, flag_argv, command)` returns its steps and whether the
+  flags asked for a dry run (print them) or not (take them). Bad input exits 2 with the message; a
   failing command exits with its status."""
   argv = sys.argv[1:] if argv is None else argv
   action, flag_argv, command = split_argv(argv)
@@ -192,15 +193,3 @@ def main(build: Callable[[str | None, list[str], list[str]], list[Step]],
     print(f"error: {e.filename} is not installed or not on PATH", file=sys.stderr)
     return 127
   return 0
-
-
-def relative_to_repo(path: pathlib.Path) -> str:
-  """A path under the repository as the user would type it from the root; others absolute."""
-  try:
-    return str(path.relative_to(REPO_ROOT))
-  except ValueError:
-    return str(path)
-
-
-def environ_path(name: str, default: pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(os.environ.get(name, str(default)))

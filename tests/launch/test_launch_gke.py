@@ -64,11 +64,12 @@ def lt_config(argv: list[str]) -> gke.GkeConfig:
 
 
 def test_gpu_jobset_passes_coordinator_and_completion_index():
-  _, text = manifest([*GPU, "--", "printf", "%s\\n", "it's $HOME"])
+  hard = ["it's $HOME", "$$ and $(X)"]  # reach the process as typed, past Kubernetes and bash
+  _, text = manifest([*GPU, "--", "printf", "%s\\n", *hard])
   assert "                cloud.google.com/gke-accelerator: nvidia-h100-80gb" in text
   assert "                      nvidia.com/gpu: 8" in text
   assert "          parallelism: 2" in text
-  pod = gke.jobset(lt_config(GPU), ["printf", "%s\\n", "it's $HOME"])[
+  pod = gke.jobset(lt_config(GPU), ["printf", "%s\\n", *hard])[
       "spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
   bash, dash_c, script = (kubernetes_expand(a) for a in pod["containers"][0]["command"])
   assert (bash, dash_c) == ("bash", "-c")
@@ -76,7 +77,7 @@ def test_gpu_jobset_passes_coordinator_and_completion_index():
   ran = lt._run(["bash", "-c", script], capture_output=True, text=True, check=True,
                 env={**os.environ, "JOB_COMPLETION_INDEX": "1"})
   assert ran.stdout.splitlines() == [
-      "it's $HOME", "--coordinator_address=sft-h100-workers-0-0.sft-h100:8476",
+      *hard, "--coordinator_address=sft-h100-workers-0-0.sft-h100:8476",
       "--num_processes=2", "--process_id=1"]
 
 
