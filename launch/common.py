@@ -173,12 +173,26 @@ def default_run_name(command: Sequence[str]) -> str:
 Build = Callable[[str | None, list[str], list[str]], tuple[list[Step], bool]]
 
 
-def main(build: Build, argv: Sequence[str] | None = None) -> int:
+def usage(doc: str, config_cls: type) -> str:
+  """The module's docstring and every flag with its default and help."""
+  lines = [doc.strip(), "", "flags:"]
+  for field in dataclasses.fields(config_cls):
+    default = field.default
+    shown = ("true" if default else "false") if isinstance(default, bool) else repr(default)
+    lines.append(f"  --{field.name} (default {shown}): {field.metadata['help']}")
+  return "\n".join(lines) + "\n"
+
+
+def main(build: Build, argv: Sequence[str] | None = None, *, doc: str = "",
+         config_cls: type | None = None) -> int:
   """Runs a launcher: `build(action, flag_argv, command)` returns its steps and whether the
-  flags asked for a dry run (print them) or not (take them). Bad input exits 2 with the message; a
-  failing command exits with its status."""
+  flags asked for a dry run (print them) or not (take them). Bad input exits 2 with the
+  message; a failing command exits with its status; --help prints `usage`."""
   argv = sys.argv[1:] if argv is None else argv
   action, flag_argv, command = split_argv(argv)
+  if config_cls is not None and ({"-h", "--help", "--helpfull"} & {*flag_argv, action}):
+    print(usage(doc, config_cls), end="")
+    return 0
   try:
     steps, dry_run = build(action, flag_argv, command)
   except LaunchError as e:

@@ -156,6 +156,11 @@ def jobset(cfg: GkeConfig, command: list[str]) -> dict:
       "containers": [container],
   }
   if cfg.gpu_type:
+    # The pod's process drives all the node's GPUs. Stated, so that jax.distributed does not
+    # go looking for a cluster to read them from (it would warn that the `kubernetes` package
+    # is missing).
+    container["env"] = [{"name": "JAX_LOCAL_DEVICE_IDS",
+                         "value": ",".join(str(i) for i in range(cfg.gpus_per_node))}]
     # NCCL and data loaders share memory through /dev/shm, 64 MB by default in a pod.
     container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     pod_spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
@@ -261,4 +266,4 @@ def build(action: str | None, flag_argv: list[str], command: list[str]):
 
 
 if __name__ == "__main__":
-  sys.exit(common.main(build))
+  sys.exit(common.main(build, doc=__doc__, config_cls=GkeConfig))

@@ -6,7 +6,8 @@ then `sbatch`.
         --flagfile=experiments/configs/dpo_llama3_1b_hh_h100.flags --mesh_fsdp=16
 
 --layout=process_per_node (default) starts one JAX process per node, driving all its GPUs;
---layout=process_per_gpu starts one per GPU (JAX's GPU performance notes suggest trying both).
+--layout=process_per_gpu starts one per GPU (JAX's GPU performance notes recommend one per GPU
+and suggest measuring both).
 Under srun, jax.distributed.initialize reads the coordinator, the process count and the
 process id from SLURM's environment, so no coordinator flags are passed. The repository must
 be on a filesystem the nodes share, with a venv made by `pip install -e ".[cuda]"` (--venv).
@@ -32,8 +33,8 @@ USAGE = ("python -m launch.slurm --nodes=2 --partition=gpu -- python -m experime
 class SlurmConfig:
   nodes: int = flag(1, "how many nodes")
   gpus_per_node: int = flag(8, "GPUs per node")
-  layout: str = flag("process_per_node", "one JAX process per node (all its GPUs) or per GPU",
-                     choices=LAYOUTS)
+  layout: str = flag("process_per_node", "process_per_node: one JAX process per node, driving "
+                     "all its GPUs; process_per_gpu: one per GPU", choices=LAYOUTS)
   time: str = flag("01:00:00", "the job's time limit, e.g. 04:00:00 or 2-00:00:00")
   partition: str = flag("", "the partition (queue); default: the cluster's")
   account: str = flag("", "the account charged; default: yours")
@@ -159,4 +160,4 @@ def build(action: str | None, flag_argv: list[str], command: list[str]):
 
 
 if __name__ == "__main__":
-  sys.exit(common.main(build))
+  sys.exit(common.main(build, doc=__doc__, config_cls=SlurmConfig))

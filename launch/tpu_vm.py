@@ -171,7 +171,8 @@ def install(cfg: TpuVmConfig) -> list[common.Step]:
                  f"install -y -qq {python} {python}-venv")
   steps += [f"{python} -m venv .venv", ".venv/bin/pip install -q --upgrade pip",
             '.venv/bin/pip install -q -e ".[tpu]"',
-            '.venv/bin/python -c "import jax; print(jax.__version__, jax.local_devices())"']
+            # Versions only: touching the TPU would wait for every worker's JAX to start.
+            '.venv/bin/python -c "import jax; print(jax.__version__)"']
   return _on_workers(cfg, " && ".join(steps))
 
 
@@ -238,4 +239,4 @@ def build(action: str | None, flag_argv: list[str], command: list[str]):
 
 
 if __name__ == "__main__":
-  sys.exit(common.main(build))
+  sys.exit(common.main(build, doc=__doc__, config_cls=TpuVmConfig))

@@ -71,6 +71,9 @@ def test_gpu_jobset_passes_coordinator_and_completion_index():
   assert "          parallelism: 2" in text
   pod = gke.jobset(lt_config(GPU), ["printf", "%s\\n", *hard])[
       "spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+  # All of the node's GPUs for its one process, stated so that JAX looks for no cluster.
+  assert pod["containers"][0]["env"] == [{"name": "JAX_LOCAL_DEVICE_IDS",
+                                          "value": "0,1,2,3,4,5,6,7"}]
   bash, dash_c, script = (kubernetes_expand(a) for a in pod["containers"][0]["command"])
   assert (bash, dash_c) == ("bash", "-c")
   # Run the pod's script as pod 1 would, with printf standing in for the experiment.
@@ -158,3 +161,12 @@ def test_without_dry_run_the_manifest_is_written_then_applied(monkeypatch, tmp_p
   path = tmp_path / "gen" / "sft-v5e.jobset.yaml"
   assert ran == [["kubectl", "apply", "-f", str(path), "-n", "default"]]
   assert "google.com/tpu: 4" in path.read_text()
+
+
+def test_help_lists_every_flag(capsys):
+  assert common.main(gke.build, ["apply", "--help"], doc=gke.__doc__,
+                     config_cls=gke.GkeConfig) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("GKE: one experiment command")
+  assert "  --gpu_type (default ''): GPU nodes' cloud.google.com/gke-accelerator label" in out
+  assert "  --dry_run (default false): " in out

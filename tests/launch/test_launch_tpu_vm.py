@@ -121,7 +121,7 @@ def test_install_makes_a_tpu_venv_on_every_worker():
       "cd rlhf_jax && sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive "
       "apt-get install -y -qq python3.11 python3.11-venv && python3.11 -m venv .venv && "
       ".venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e \".[tpu]\" && "
-      ".venv/bin/python -c \"import jax; print(jax.__version__, jax.local_devices())\"")
+      ".venv/bin/python -c \"import jax; print(jax.__version__)\"")
   [line] = lt.commands(lt.dry_run(tpu_vm.build, ["install", *WHERE, "--noapt_install",
                                                  "--python=python3.12"]))
   assert remote_script(line).startswith("cd rlhf_jax && python3.12 -m venv .venv && ")
