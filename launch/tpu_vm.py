@@ -176,7 +176,7 @@ def install(cfg: TpuVmConfig) -> list[common.Step]:
   return _on_workers(cfg, " && ".join(steps))
 
 
-def _log_dir(cfg: TpuVmConfig, run_name: str) -> str:
+def _log_dir(run_name: str) -> str:
   return f"workdirs/logs/{run_name}"
 
 
@@ -185,7 +185,7 @@ def run(cfg: TpuVmConfig, command: list[str]) -> list[common.Step]:
   writes workdirs/logs/<run_name>/<hostname>.log (hostnames end in -w-<worker>)."""
   common.require_command(command, USAGE)
   run_name = cfg.run_name or common.default_run_name(command)
-  log_dir = _log_dir(cfg, run_name)
+  log_dir = _log_dir(run_name)
   log = f"{log_dir}/$(hostname).log"  # hostnames and log_dir need no quotes
   prelude = (f"cd {shlex.quote(cfg.remote_dir)} && mkdir -p {log_dir} && "
              ". .venv/bin/activate && ")
@@ -211,7 +211,7 @@ def logs(cfg: TpuVmConfig, command: list[str]) -> list[common.Step]:
   if not run_name:
     raise LaunchError("logs needs the run: pass --run_name=<name used by run> (by default the "
                       "run's flagfile stem, e.g. --run_name=sft_tiny)")
-  path = f"{shlex.quote(cfg.remote_dir)}/{_log_dir(cfg, run_name)}/*.log"
+  path = f"{shlex.quote(cfg.remote_dir)}/{_log_dir(run_name)}/*.log"
   return _on_workers(cfg, f"tail -n +1 -F {path}", worker=str(cfg.worker))
 
 
