@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*", "experiments", "experiments.*",
                                     "launch", "launch.*"]),
     package_data={"experiments": ["configs/*.flags"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 needs 3.11
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12.8,<0.13",
