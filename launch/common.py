@@ -138,6 +138,13 @@ def parse_flags(config_cls: type[C], flag_argv: Sequence[str]) -> C:
     raise LaunchError(str(e)) from None
 
 
+def require_action(action: str, actions: Sequence[str], usage: str) -> None:
+  """The first argument must name one of the launcher's actions; usage shows the call."""
+  if action not in actions:
+    got = f" (got {action!r})" if action else ""
+    raise LaunchError(usage.replace("<action>", "<" + "|".join(actions) + ">") + got)
+
+
 def require(value: str, flag: str, example: str) -> None:
   if not value:
     raise LaunchError(f"--{flag} is required: pass e.g. --{flag}={example}")

@@ -60,10 +60,8 @@ class GkeConfig:
   dry_run: bool = flag(False, "print the manifest and the commands instead of running them")
 
   def __post_init__(self):
-    if self.action not in ACTIONS:
-      got = f" (got {self.action!r})" if self.action else ""
-      raise LaunchError("give an action first: python -m launch.gke <" + "|".join(ACTIONS)
-                        + f"> --name=...{got}")
+    common.require_action(self.action, ACTIONS,
+                          "give an action first: python -m launch.gke <action> --name=...")
     common.require(self.name, "name", "sft-v5e")
     # Pod hostnames <name>-workers-<job>-<pod> must fit a 63-character DNS label.
     common.check_pattern(self.name, r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", "name",

@@ -65,10 +65,8 @@ class TpuVmConfig:
   dry_run: bool = flag(False, "print the commands instead of running them")
 
   def __post_init__(self):
-    if self.action not in ACTIONS:
-      got = f" (got {self.action!r})" if self.action else ""
-      raise LaunchError("give an action first: python -m launch.tpu_vm <" + "|".join(ACTIONS)
-                        + f"> --name=... --project=... --zone=...{got}")
+    common.require_action(self.action, ACTIONS,
+                          "give an action first: python -m launch.tpu_vm <action> --name=... --project=... --zone=...")
     common.require(self.name, "name", "rlhf-v5e-16")
     common.check_pattern(self.name, r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "name",
                          "lowercase letters, digits and '-', starting with a letter")
