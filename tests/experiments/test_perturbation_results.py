@@ -63,11 +63,11 @@ def _intransitive_claims(v: dict) -> None:
   model -> PPO. No scalar reward fits a cyclic preference; the BT model ranks formal first,
   so PPO collapses onto formal and becomes more exploitable than SFT.
   - SFT reached its checked state (casual >= 0.4, malformed <= 0.25);
-  - PPO's formal share exceeds SFT's by more than 0.3;
-  - PPO's exploitability exceeds SFT's."""
+  - PPO's formal share exceeds SFT's by more than 0.2 (measured +0.34 to +0.64);
+  - PPO's exploitability exceeds SFT's (measured 0.26-0.32 against 0.22-0.23)."""
   assert v["table.sft.share_casual"] >= 0.4
   assert v["table.sft.share_malformed"] <= 0.25
-  assert v["table.ppo.share_formal"] - v["table.sft.share_formal"] > 0.3
+  assert v["table.ppo.share_formal"] - v["table.sft.share_formal"] > 0.2
   assert v["table.ppo.exploitability"] > v["table.sft.exploitability"]
 
 
