@@ -94,7 +94,9 @@ def test_committed_report_is_consistent_with_its_runs(name):
   out = _load(name)
   _, expected, _ = REPORTS[name]
   assert set(expected) <= set(out["runs"])
-  assert out["failed"] == {}
+  # (grpo_tiny.json predates the field: the runner then stopped at a failed variant)
+  assert out.get("failed", {}) == {}
+  assert all("values" in run for run in out["runs"].values())
   seeds = [n for n in out["runs"] if n.startswith("seed")]
   for metric, s in out["spread"].items():
     assert s == perturbations.spread(out["runs"], metric, seeds)
