@@ -1,9 +1,13 @@
 """`python -m experiments.X --flagfile=... --flag=value`: a typed config (rlhf_jax/pipeline/
-config.py) parsed from the command line, then run."""
+config.py) parsed from the command line, the process joined to its multi-process job if it runs
+in one (rlhf_jax/distributed.py: --coordinator_address/--num_processes/--process_id, or the
+environment), then run."""
 import sys
 
+import jax
 from absl import app, flags, logging
 
+from rlhf_jax import distributed
 from rlhf_jax.pipeline import config
 
 
@@ -19,6 +23,11 @@ def main(config_cls, run) -> None:
   def main_fn(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped to a file
-    run(config.parse(config_cls, argv[1:]))
+    job_args, args = distributed.split_argv(argv[1:])
+    job = config.parse(distributed.DistributedConfig, job_args)
+    cfg = config.parse(config_cls, args)  # every flag checked before joining or compiling
+    if distributed.join(job):
+      distributed.refuse_multi_process(jax.process_count())
+    run(cfg)
 
   app.run(main_fn, flags_parser=parser)
