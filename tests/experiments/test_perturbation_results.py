@@ -48,8 +48,9 @@ def _sycophancy_claims(v: dict) -> None:
 def _gold_claims(v: dict) -> None:
   """Gold world, the main job: pretraining -> SFT -> reward model -> PPO (KL-penalised), and
   SFT continued for as many updates.
-  - each stage raises the gold reward: SFT above the base, PPO above SFT by more than 0.05;
-  - PPO is above SFT continued for as many updates (sign only: the smallest effect);
+  - each stage raises the gold reward: SFT above the base, PPO above SFT by more than 0.05
+    (measured +0.11 to +0.40);
+  - PPO is above SFT continued for as many updates (sign only: measured +0.10 to +0.31);
   - PPO optimised its proxy: proxy reward above 0.5 (SFT's is about 0 by the reward model's
     normalisation)."""
   assert v["table.sft.gold"] > v["table.base.gold"]
@@ -77,7 +78,7 @@ REPORTS = {
                                  "fast_math"), "perturb_grpo_tiny.flags"),
     "sft_sycophancy_tiny": (_sycophancy_claims, ("seed0", "seed1", "sharded8", "fast_math"),
                             "perturb_sft_sycophancy_tiny.flags"),
-    "ppo_gold_tiny": (_gold_claims, ("seed0", "seed1", "sharded8", "fast_math"),
+    "ppo_gold_tiny": (_gold_claims, ("seed0", "seed1", "data_order", "fast_math"),
                       "perturb_ppo_gold_tiny.flags"),
     "ppo_intransitive_tiny": (_intransitive_claims, ("seed0", "seed1", "sharded8", "fast_math"),
                               "perturb_ppo_intransitive_tiny.flags"),
