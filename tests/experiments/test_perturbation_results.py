@@ -63,7 +63,7 @@ def _intransitive_claims(v: dict) -> None:
   """Intransitive world: pretraining -> SFT on a skewed style mixture -> Bradley-Terry reward
   model -> PPO. No scalar reward fits a cyclic preference; the BT model ranks formal first,
   so PPO collapses onto formal and becomes more exploitable than SFT.
-  - SFT reached its checked state (casual >= 0.4, malformed <= 0.25);
+  - SFT passed its gate as it stood when the report ran (casual >= 0.4, malformed <= 0.25);
   - PPO's formal share exceeds SFT's by more than 0.2 (measured +0.34 to +0.64);
   - PPO's exploitability exceeds SFT's (measured 0.26-0.32 against 0.22-0.23)."""
   assert v["table.sft.share_casual"] >= 0.4
