@@ -38,14 +38,22 @@ def test_bad_seeds_are_refused():
 
 
 def _check_effect(s):
-  """The claim of experiments/results/overoptimisation/README.md, in every seed: after gold
-  has peaked the proxy keeps rising (committed: by +0.68, +0.06, +0.26) while gold falls (by
-  0.21, 0.10, 0.26). Measured on the committed run's CPU only (no other CPU's sweep exists;
-  the main PPO job's numbers moved by up to 0.14 gold on an AVX-512 Xeon), and seed 1's proxy
-  gain is small, so the claim is the sign, not a margin. Not claimed: that gold ends below SFT
-  (by only 0.02-0.07 per seed)."""
-  assert s["proxy_gain_after_peak"] > 0, s["seed"]
-  assert s["gold_drop_after_peak"] > 0, s["seed"]
+  """What the committed sweep shows in every seed (experiments/results/overoptimisation/
+  README.md): PPO with a weak KL penalty optimises the proxy (it gains more than 1.0 over SFT;
+  measured 1.35-1.63) while gold gains little (at its best less than 0.3 over SFT; measured
+  0.06-0.11): the proxy's gains are not gold's."""
+  assert s["proxy_final"] - s["proxy_sft"] > 1.0, s["seed"]
+  assert s["gold_peak"] - s["gold_sft"] < 0.3, s["seed"]
+
+
+def _check_overoptimised(per_seed):
+  """Gao et al.'s shape, gold falling after its peak while the proxy keeps rising, in at least
+  one seed. Measured on the checked-state chain: seed 2 (gold -0.53, proxy +0.91 after the
+  peak) and weakly seed 0 (-0.06, +0.20); seed 1's gold ended at its peak. The earlier chain
+  showed it in all three seeds: at this scale the shape is not robust to the seed, which the
+  README says."""
+  assert any(s["gold_drop_after_peak"] > 0.05 and s["proxy_gain_after_peak"] > 0.05
+             for s in per_seed)
 
 
 @pytest.mark.skipif(not os.path.exists(RESULTS), reason="no committed sweep results")
@@ -57,6 +65,7 @@ def test_committed_results_match_their_curves_and_show_the_effect():
     assert {k: v for k, v in s.items() if k != "seed"} == oo.seed_summary(
         out["curves"][str(s["seed"])])
     _check_effect(s)
+  _check_overoptimised(out["per_seed"])
 
 
 @pytest.mark.slow
@@ -72,4 +81,5 @@ def test_sweep_reproduces_overoptimisation(tmp_path):
   assert {"cpu", "versions", "devices"} <= out["provenance"].keys()
   for s in out["per_seed"]:
     _check_effect(s)
+  _check_overoptimised(out["per_seed"])
   assert os.path.getsize(os.path.join(tmp_path, "out", "overoptimisation.png")) > 1000
