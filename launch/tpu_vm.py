@@ -66,7 +66,8 @@ class TpuVmConfig:
 
   def __post_init__(self):
     common.require_action(self.action, ACTIONS,
-                          "give an action first: python -m launch.tpu_vm <action> --name=... --project=... --zone=...")
+                          "give an action first: python -m launch.tpu_vm <action> --name=... "
+                          "--project=... --zone=...")
     common.require(self.name, "name", "rlhf-v5e-16")
     common.check_pattern(self.name, r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "name",
                          "lowercase letters, digits and '-', starting with a letter")
