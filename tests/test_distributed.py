@@ -65,7 +65,8 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS"
     ({}, True, "tpu"),
     (SLURM, False, "slurm"),
     ({**SLURM, "SLURM_NTASKS": "1"}, False, None),  # one task: runs like a laptop
-    ({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}, False, None),  # sbatch, no srun
+    # the batch script itself (no srun step): one process
+    ({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}, False, None),
     ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"}, False, "mpi"),
     ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}, False, None),
 ])
