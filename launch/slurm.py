@@ -70,7 +70,7 @@ class SlurmConfig:
     if any(c.isspace() for c in self.output):
       raise LaunchError(f"--output={self.output!r} has whitespace, which #SBATCH cannot "
                         "take: pass a path without spaces")
-    common.require(self.venv, "venv", "/shared/rlhf_jax/.venv")
+    common.require(self.venv, "venv", "/cluster/home/me/rlhf_jax/.venv")
 
 
 def process_layout(cfg: SlurmConfig) -> tuple[list[str], str, str]:

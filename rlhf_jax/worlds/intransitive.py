@@ -16,17 +16,16 @@ The world (everything derives from one `IntransitiveConfig` and its seed):
     poetic (C)  "ah, the cat, calm as snow."
   Anything else (mixed templates, off-lexicon words, truncation) is MALFORMED; style_of
   classifies a response from its text alone (the topic need not be the prompt's).
-- the pretraining corpus mixes the styles uniformly with p_malformed_pretrain malformed
-  texts; the curated SFT set draws styles from the SKEWED mixture `mu` (mostly casual), so
-  the SFT policy is far from the equilibrium and Nash-MD has somewhere to go.
+- the pretraining corpus mixes the styles uniformly with p_malformed_pretrain malformed texts;
+  the curated SFT set draws styles from the SKEWED mixture `mu` (mostly casual): far from the
+  equilibrium, so Nash-MD has somewhere to go.
 
 The raters (simulated): P(a > b) = PREFERENCE[style(a), style(b)], with
   P(A > B) = 0.8, P(B > C) = 0.65, P(C > A) = 0.7    (a cycle, NOT symmetric)
 same style 1/2; a malformed response beats a well-formed one with probability
 `malformed_win` (0.05), two malformed ones tie at 1/2. The 4 x 4 matrix over (A, B, C,
 malformed) satisfies P + P^T = 1. A rater's label is a Bernoulli draw of that probability;
-there is no K-way ranking model of a cycle, so only K = 2 comparisons exist (rater_rankings
-refuses K != 2).
+a cycle has no K-way ranking model, so only K = 2 (rater_rankings refuses K != 2).
 
 Ground truth:
 - the Nash equilibrium of the symmetric game on P (found by linear programming,
