@@ -11,4 +11,4 @@ from experiments import cli
 from rlhf_jax.runs import dpo, dpo_files
 
 if __name__ == "__main__":
-  cli.main(dpo.DPOConfig, dpo_files.run)
+  cli.main(dpo.DPOConfig, dpo_files.run, multi_process=True)

@@ -8,4 +8,4 @@ from experiments import cli
 from rlhf_jax.runs import grpo
 
 if __name__ == "__main__":
-  cli.main(grpo.GRPOConfig, grpo.run)
+  cli.main(grpo.GRPOConfig, grpo.run, multi_process=True)

@@ -8,4 +8,4 @@ from experiments import cli
 from rlhf_jax.runs import ppo
 
 if __name__ == "__main__":
-  cli.main(ppo.PPOConfig, ppo.run)
+  cli.main(ppo.PPOConfig, ppo.run, multi_process=True)

@@ -12,4 +12,4 @@ from experiments import cli
 from rlhf_jax.pipeline import chain, reward
 
 if __name__ == "__main__":
-  cli.main(reward.RewardConfig, lambda cfg: chain.run_stage("reward", cfg))
+  cli.main(reward.RewardConfig, lambda cfg: chain.run_stage("reward", cfg), multi_process=True)

@@ -10,4 +10,4 @@ from experiments import cli
 from rlhf_jax.pipeline import chain, sft
 
 if __name__ == "__main__":
-  cli.main(sft.SFTConfig, lambda cfg: chain.run_stage("sft", cfg))
+  cli.main(sft.SFTConfig, lambda cfg: chain.run_stage("sft", cfg), multi_process=True)

@@ -18,15 +18,20 @@ whose peer dies is ended by JAX's heartbeat within --heartbeat_timeout_s. On CPU
 collectives go over gloo (XLA's CPU client has no other cross-process transport), which is what
 lets tests run a multi-process job on one machine.
 """
+import ctypes
 import dataclasses
 import glob
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 
 from rlhf_jax.pipeline import config
 
@@ -167,13 +172,72 @@ def join(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> str | 
   return how
 
 
-def refuse_multi_process(num_processes: int) -> None:
-  """Multi-process runs join the job but stop here until the data pipelines read per-process
-  shards and only process 0 writes outputs: otherwise every process would train on the whole
-  global batch as if it were its own rows, and all of them would write the same files."""
+# Set in the child that does a supervised process's work (supervise below).
+SUPERVISED_ENV = "RLHF_JAX_SUPERVISED"
+# The exit status of a process whose job lost a peer (a process died or was killed).
+PEER_LOST_STATUS = 75
+
+
+def multi_process(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> bool:
+  """Whether this process is one of several in a job (flags or the environment)."""
+  if cfg.explicit:
+    return cfg.num_processes > 1
+  return detect_environment(env) is not None
+
+
+def _die_with_parent() -> None:
+  """Linux: the child is killed when its supervisor dies (a SIGKILLed process of the job must
+  not leave its work running as an orphan)."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def supervise(command: Sequence[str]) -> int:
+  """Runs this process's work in a child (`command` with SUPERVISED_ENV set) and returns its
+  exit status, forwarding SIGTERM/SIGINT to it.
+
+  Why: when a peer of a multi-process job dies, the collective library aborts the surviving
+  processes from C++ (gloo: "Received data size doesn't match expected size. Is there a
+  distributed collective mismatch?"), a message that names the wrong cause, and no Python code
+  runs after it. The supervisor sees the child die of a signal and says what happened instead,
+  exiting with PEER_LOST_STATUS so a launcher can tell it from a failure of the run itself."""
+  child = subprocess.Popen(list(command), env=dict(os.environ, **{SUPERVISED_ENV: "1"}),
+                           preexec_fn=_die_with_parent)
+  forward = lambda sig, _frame: child.send_signal(sig)
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, forward)
+  rc = child.wait()
+  if rc < 0 and -rc not in (signal.SIGTERM, signal.SIGINT):
+    print(f"[distributed] this process's work ended by signal {signal.Signals(-rc).name}: its "
+          f"job lost a peer (another process died, was killed or lost its network), which "
+          f"aborts every collective. Look for the first process that failed in the job's "
+          f"logs; relaunch the whole job to resume from the last checkpoint.",
+          file=sys.stderr, flush=True)
+    return PEER_LOST_STATUS
+  return rc if rc >= 0 else 128 - rc
+
+
+def is_writer() -> bool:
+  """Process 0 writes every file the processes of a job share (logs, metrics, TensorBoard,
+  resolved flags, results, figures, stage markers, exports); the others compute the same values
+  and write nothing but their own checkpoint shards (orbax's multi-host saves)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived: what process 0 wrote before it (a stage's
+  marker and results) is on disk before any process reads it. A no-op in one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def refuse_multi_process(num_processes: int, what: str) -> None:
+  """Experiments that have not been made process-count independent (sweeps, online DPO,
+  Nash-MD, best-of-n) stop here in a multi-process job instead of training every process on the
+  whole batch and writing the same files."""
   if num_processes > 1:
     raise DistributedStartupError(
-        f"joined a job of {num_processes} processes, but rlhf_jax's experiments do not yet "
-        f"split their data, outputs and checkpoints across processes: each process would train "
-        f"on the whole batch and write the same files. Run one process (all of a host's "
-        f"devices are used: 8 GPUs or a v5e-8 TPU VM in one process).")
+        f"joined a job of {num_processes} processes, but {what} runs in one process only (its "
+        f"host-side sampling and outputs are not split across processes). Run it as one process "
+        f"(all of a host's devices are used: 8 GPUs or a v5e-8 TPU VM in one process); "
+        f"pretrain, SFT, reward, DPO, PPO and GRPO/RLOO/GSPO/REINFORCE++ run on many.")

@@ -1,11 +1,33 @@
 """Generation-based evaluation: sample from a policy on prompt batches, score the answers."""
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-import jax
 import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.sampling import SamplingConfig, sample
+
+
+def sample_stream(graphdef, params, prompt_batches: Iterable[dict], cfg: SamplingConfig,
+                  key, first_id: int = 0) -> Iterator[tuple[dict, dict]]:
+  """(batch, host outputs {tokens, mask, finished}) for each prompt batch, every row of it.
+
+  The prompt at position n of the stream samples as row id first_id + n (sampling.py), so its answer
+  depends neither on the batch size nor on the number of processes. Rows are sharded over the
+  params' mesh (each device samples its share) and the outputs gathered to every process."""
+  offset = first_id
+  mesh = sharding.mesh_of(params)
+  for batch in prompt_batches:
+    rows = len(batch["prompt_tokens"])
+    inputs = sharding.shard_global(
+        {"tokens": batch["prompt_tokens"], "valid": batch["prompt_valid"],
+         "ids": np.arange(offset, offset + rows, dtype=np.int32)}, mesh)
+    out = sample(graphdef, params, inputs["tokens"], inputs["valid"], key, inputs["ids"],
+                 cfg=cfg)
+    offset += rows
+    yield batch, {"tokens": sharding.to_host(out.tokens_BxN),
+                  "mask": sharding.to_host(out.mask_BxN).astype(bool),
+                  "finished": sharding.to_host(out.finished_B)}
 
 
 def generate(graphdef, params, prompt_batches: Iterable[dict], tokenizer: Tokenizer,
@@ -13,15 +35,13 @@ def generate(graphdef, params, prompt_batches: Iterable[dict], tokenizer: Tokeni
   """(generated text, reference answer) for every real prompt of the batches, in order.
 
   prompt_batches: dicts from rlhf_jax.data.pipeline.make_prompt_iterator (left-padded
-  prompt_tokens/prompt_valid, answers, example_valid). Batch i samples with fold_in(key, i).
+  prompt_tokens/prompt_valid, answers, example_valid); sampled by sample_stream.
   """
   pairs = []
-  for i, batch in enumerate(prompt_batches):
-    out = sample(graphdef, params, batch["prompt_tokens"], batch["prompt_valid"],
-                 jax.random.fold_in(key, i), cfg=cfg)
-    tokens, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
+  for batch, out in sample_stream(graphdef, params, prompt_batches, cfg, key):
     for row in np.flatnonzero(batch["example_valid"]):
-      pairs.append((tokenizer.decode(tokens[row][mask[row]]), str(batch["answers"][row])))
+      pairs.append((tokenizer.decode(out["tokens"][row][out["mask"][row]]),
+                    str(batch["answers"][row])))
   return pairs
 
 

@@ -5,6 +5,12 @@ tokens, positions follow the padding, and padded cache slots are masked, so a pr
 continuation depends neither on its padding nor on its batch-mates. Decoding is a
 lax.while_loop (no Python per token) that stops when every row has emitted EOS.
 
+Randomness is per row: row r draws its token at step t with fold_in(fold_in(key, row_ids[r]), t)
+(row_ids default to the batch positions 0..B-1). A caller that passes each example's own id
+(its index in the dataset or in the iteration's global prompt list) gets samples that depend
+on neither the batch size, the batch-mates nor the number of processes the batch is split
+over: the same (key, id) draws the same continuation everywhere.
+
 Returned log-probs are under the SAMPLING distribution (after temperature, top-k, top-p), the
 quantity importance ratios need; at temperature 1 without truncation they are the model's own
 log-probs, so a PPO ratio starts at exactly 1. Greedy decoding reports the model's
@@ -68,41 +74,57 @@ def process_logits(logits_BxV, cfg: SamplingConfig):
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _choose(logits_BxV, key, cfg: SamplingConfig):
+def row_keys(key, row_ids_B):
+  """Each row's own key, fold_in(key, row id)."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(row_ids_B, jnp.uint32))
+
+
+def _row_ids(row_ids_B, b: int):
+  return jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
+
+
+def _choose(logits_BxV, keys_B, step, cfg: SamplingConfig):
+  """Step `step`'s token of every row (row r draws with fold_in(keys_B[r], step))."""
   if cfg.greedy:
     logp = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     token = jnp.argmax(logits_BxV, axis=-1)
   else:
     logp = process_logits(logits_BxV, cfg)
-    token = jax.random.categorical(key, logp, axis=-1)
+    draw = lambda k, lp: jax.random.categorical(jax.random.fold_in(k, step), lp)
+    token = jax.vmap(draw)(keys_B, logp)
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row_ids_B=None, *,
            cfg: SamplingConfig) -> SampleOutput:
-  """Samples up to cfg.max_new_tokens continuations of each prompt with a KV cache."""
+  """Samples up to cfg.max_new_tokens continuations of each prompt with a KV cache; row r's
+  draws depend only on (key, row_ids_B[r]) and its prompt (module docstring)."""
   model = nnx.merge(graphdef, params)
   cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
                                            cfg.max_new_tokens)
-  return _decode(model, cache, logits_BxV, next_pos_B, key, cfg)
+  keys = row_keys(key, _row_ids(row_ids_B, prompt_tokens_BxP.shape[0]))
+  return _decode(model, cache, logits_BxV, next_pos_B, keys, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "group_size"))
-def sample_groups(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+def sample_groups(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row_ids_B=None, *,
                   cfg: SamplingConfig, group_size: int) -> SampleOutput:
   """group_size samples of each prompt, prompt-major ((B * group_size) rows: row
   i * group_size + j is sample j of prompt i), with each prompt's prefix processed ONCE: its
   KV cache, last logits and next position are replicated group_size times after the prefill.
-  Equal to `sample` on the prompts repeated group_size times (same key: same tokens)."""
+  Sample j of the prompt with id n draws as row id n * group_size + j: equal to `sample` on
+  the prompts repeated group_size times with those row ids."""
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   model = nnx.merge(graphdef, params)
   cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
                                            cfg.max_new_tokens)
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x  # not cache.index
+  ids = _row_ids(row_ids_B, prompt_tokens_BxP.shape[0])
+  sample_ids = (ids[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
   return _decode(model, jax.tree.map(repeat, cache), repeat(logits_BxV), repeat(next_pos_B),
-                 key, cfg)
+                 row_keys(key, sample_ids), cfg)
 
 
 def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, max_new_tokens: int):
@@ -118,9 +140,9 @@ def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, max_new_tokens: int):
   return out.cache, logits_BxV, jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
 
 
-def _decode(model, cache, logits_BxV, next_pos_B, key, cfg: SamplingConfig) -> SampleOutput:
-  """The token loop (lax.while_loop) from a prefilled cache; step t draws with
-  fold_in(key, t) over the whole batch."""
+def _decode(model, cache, logits_BxV, next_pos_B, keys_B, cfg: SamplingConfig) -> SampleOutput:
+  """The token loop (lax.while_loop) from a prefilled cache; row r draws step t with
+  fold_in(keys_B[r], t)."""
   b = logits_BxV.shape[0]
   n = cfg.max_new_tokens
 
@@ -130,7 +152,7 @@ def _decode(model, cache, logits_BxV, next_pos_B, key, cfg: SamplingConfig) -> S
 
   def body(carry):
     step, cache, logits, pos, tokens, logps, done, mask = carry
-    token, logp = _choose(logits, jax.random.fold_in(key, step), cfg)
+    token, logp = _choose(logits, keys_B, step, cfg)
     live = ~done
     token = jnp.where(live, token, cfg.pad_id)
     tokens = tokens.at[:, step].set(token)
@@ -148,7 +170,7 @@ def _decode(model, cache, logits_BxV, next_pos_B, key, cfg: SamplingConfig) -> S
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
+def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row_ids_B=None, *,
                  cfg: SamplingConfig) -> SampleOutput:
   """Reference sampler without a cache: every step reruns the full forward over the padded
   (prompt + max_new_tokens) sequence. Same outputs as `sample`; the benchmark's baseline."""
@@ -157,13 +179,14 @@ def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
   n = cfg.max_new_tokens
   seq = jnp.concatenate([prompt_tokens_BxP, jnp.full((b, n), cfg.pad_id, jnp.int32)], axis=1)
   valid = jnp.concatenate([prompt_valid_BxP.astype(bool), jnp.zeros((b, n), bool)], axis=1)
+  keys = row_keys(key, _row_ids(row_ids_B, b))
 
   def body(step, carry):
     seq, valid, logps, done = carry
     logits = model(seq, valid_BxT=valid).logits_BxTxV
     last = last_valid_index(valid)
     token, logp = _choose(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0],
-                          jax.random.fold_in(key, step), cfg)
+                          keys, step, cfg)
     live = ~done
     seq = seq.at[:, p + step].set(jnp.where(live, token, cfg.pad_id))
     valid = valid.at[:, p + step].set(live)
@@ -177,7 +200,7 @@ def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, *,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid_BxP, key,
-                   mixture_coef, *, cfg: SamplingConfig) -> SampleOutput:
+                   mixture_coef, row_ids_B=None, *, cfg: SamplingConfig) -> SampleOutput:
   """Samples from the token-level geometric mixture of a policy and a reference sharing one
   graphdef (Nash-MD-PG's opponent pi_mix, Munos et al. 2024), with a KV cache per model:
 
@@ -192,6 +215,7 @@ def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid
   n = cfg.max_new_tokens
   cache, logits, pos = _prefill(policy, prompt_tokens_BxP, prompt_valid_BxP, n)
   ref_cache, ref_logits, _ = _prefill(ref, prompt_tokens_BxP, prompt_valid_BxP, n)
+  keys = row_keys(key, _row_ids(row_ids_B, b))
   mixed_cfg = dataclasses.replace(cfg, temperature=1.0)  # temperature applied before mixing
   temp = 1.0 if cfg.greedy else cfg.temperature
 
@@ -205,7 +229,7 @@ def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid
 
   def body(carry):
     step, cache, ref_cache, logits, ref_logits, pos, tokens, done, logps, mask = carry
-    token, logp = _choose(mixed(logits, ref_logits), jax.random.fold_in(key, step), mixed_cfg)
+    token, logp = _choose(mixed(logits, ref_logits), keys, step, mixed_cfg)
     live = ~done
     token = jnp.where(live, token, cfg.pad_id)
     tokens = tokens.at[:, step].set(token)

@@ -11,6 +11,7 @@ from typing import Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -119,8 +120,98 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def shard_batch(batch, mesh: Mesh):
-  """Places a host batch (pytree of numpy arrays, this process's rows) on the mesh."""
+def mesh_of(params) -> Mesh:
+  """The mesh a pytree of arrays (a model's params) lives on: their NamedSharding's, or a
+  mesh of the devices they sit on (numpy leaves: the first device)."""
+  leaf = jax.tree.leaves(params)[0]
+  where = getattr(leaf, "sharding", None)
+  if isinstance(where, NamedSharding):
+    return where.mesh
+  return make_mesh(devices=sorted(where.device_set, key=lambda d: d.id) if where is not None
+                   else jax.devices()[:1])
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+  """The rows of a `global_rows`-row batch that this process's devices hold under
+  batch_sharding(mesh): the rows it reads, samples, scores and passes to shard_batch. With
+  several processes each holds one contiguous block (all rows in one process)."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  blocks = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                   for s in index.values()})
+  lo, hi = blocks[0][0], blocks[-1][1]
+  if sum(b - a for a, b in blocks) != hi - lo:
+    raise ValueError(f"this process's devices hold rows {blocks} of the batch, not one "
+                     f"contiguous block; build the mesh from jax.devices() in their order "
+                     f"(sharding.make_mesh) so each process owns whole rows")
+  return slice(lo, hi)
+
+
+def shard_batch(batch, mesh: Mesh, *, global_rows: int | None = None):
+  """Places a host batch (pytree of numpy arrays holding THIS PROCESS's rows,
+  process_rows(mesh, global_rows)) on the mesh as global arrays. global_rows defaults to the
+  local rows times the number of processes' row blocks (all rows in one process)."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+
+  def put(x):
+    x = np.asarray(x)
+    rows = global_rows or _global_rows(mesh, len(x))
+    return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+
+  return jax.tree.map(put, batch)
+
+
+def _global_rows(mesh: Mesh, local_rows: int) -> int:
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  probe = process_rows(mesh, shards)  # how many of the batch's shards this process holds
+  return local_rows * shards // (probe.stop - probe.start)
+
+
+def shard_global(batch, mesh: Mesh):
+  """Places a host batch that every process holds WHOLE (the same global rows everywhere,
+  e.g. a prompt list drawn from a shared seed) on the mesh, rows over the data axes; a batch
+  whose rows the data axes do not divide (4 prompts on 8 devices) is replicated instead."""
+  rows_split = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+  def put(x):
+    x = np.asarray(x)
+    where = batch_sharding(mesh) if len(x) % rows_split == 0 else replicated(mesh)
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+  return jax.tree.map(put, batch)
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one numpy array on every process (a cross-process gather when other
+  processes hold some of it; a plain copy in one process)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.sharding.is_fully_replicated:  # every process holds all of it (metrics, scalars)
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, as numpy (no communication)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  rows = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    rows.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([rows[k] for k in sorted(rows)])
+
+
+def gather_rows(x_local, mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Every process's rows process_rows(mesh, global_rows) of a host value (a reward, a
+  verifier's verdict) assembled into the global rows, on every process: how a value computed on
+  local rows becomes global, identical everywhere."""
+  x_local = np.asarray(x_local)
+  if jax.process_count() == 1:
+    return x_local
+  mine = process_rows(mesh, global_rows)
+  starts = np.asarray(multihost_utils.process_allgather(np.int64(mine.start)))
+  parts = np.asarray(multihost_utils.process_allgather(x_local, tiled=False))
+  out = np.empty((global_rows, *x_local.shape[1:]), x_local.dtype)
+  for start, part in zip(starts, parts):  # processes sharing a block (tensor axis) agree
+    out[start:start + len(part)] = part
+  return out

@@ -57,7 +57,8 @@ def test_endpoints_reproduce_sample(models, temperature):
 
 def _naive_mixture(graphdef, params, ref_params, coef, key, n):
   """Per step: full forward of both models over the sequence so far, mixed log-probs of the
-  last real token (NumPy, float64), the same categorical draw as the sampler."""
+  last real token (NumPy, float64), the same categorical draw as the sampler: row r at step s
+  draws with fold_in(fold_in(key, r), s)."""
   forward = helpers.make_forward(graphdef)
   seq = np.concatenate([PROMPTS, np.full((2, n), PAD, np.int32)], 1)
   valid = np.concatenate([VALID, np.zeros((2, n), bool)], 1)
@@ -69,8 +70,9 @@ def _naive_mixture(graphdef, params, ref_params, coef, key, n):
     lp = lsm(np.asarray(forward(params, seq, valid), np.float64)[rows, last])
     lr = lsm(np.asarray(forward(ref_params, seq, valid), np.float64)[rows, last])
     mixed = lsm((1 - coef) * lp + coef * lr)
-    tok = np.asarray(jax.random.categorical(jax.random.fold_in(key, s),
-                                            jnp.asarray(mixed, jnp.float32), axis=-1))
+    tok = np.asarray([jax.random.categorical(
+        jax.random.fold_in(jax.random.fold_in(key, r), s), jnp.asarray(mixed[r], jnp.float32))
+        for r in rows])
     tokens[:, s], logps[:, s] = tok, mixed[rows, tok]
     seq[:, P + s], valid[:, P + s] = tok, True
   return tokens, logps

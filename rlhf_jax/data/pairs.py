@@ -112,19 +112,21 @@ def make_encoder(tokenizer: Tokenizer, seq_len: int, fmt: str,
 
 
 def make_pair_train_iterator(source: Sequence[dict], *, batch_size: int, seed: int,
-                             encode: Encoder) -> grain.DatasetIterator:
+                             encode: Encoder, rows: slice = slice(None)) -> grain.DatasetIterator:
   """Infinite, seeded, resumable (get_state/set_state) batches, as
-  pipeline.make_train_iterator: global shuffle, a fresh order every epoch, nothing dropped."""
-  ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).map(encode)
-        .batch(batch_size, drop_remainder=True))
+  pipeline.make_train_iterator: global shuffle, a fresh order every epoch, nothing dropped;
+  this process's `rows` of each global batch."""
+  ds = pipeline.global_order_batches(len(source), batch_size, seed=seed, repeat=True).map(
+      pipeline.read_rows(source, encode, rows, batch_size))
   return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
 
 
-def make_pair_eval_iterator(source: Sequence[dict], *, batch_size: int, encode: Encoder):
-  """One pass in order; the last batch is padded with example_valid=False rows (a copy of
-  the first example), so every batch has one shape and padded rows are weighted 0."""
-  first = encode(source[0])
-  filler = {**first, "example_valid": np.False_}
-  ds = (grain.MapDataset.source(source).map(encode)
-        .batch(batch_size, batch_fn=pipeline._padded_stack(filler, batch_size)))
+def make_pair_eval_iterator(source: Sequence[dict], *, batch_size: int, encode: Encoder,
+                            rows: slice = slice(None)):
+  """One pass in order (this process's `rows` of each batch); the last batch is padded with
+  example_valid=False rows (a copy of the first example), so every batch has one shape and
+  padded rows are weighted 0."""
+  filler = {**encode(source[0]), "example_valid": np.False_}
+  ds = pipeline.global_order_batches(len(source), batch_size, seed=None, repeat=False).map(
+      pipeline.read_rows(source, encode, rows, batch_size, filler))
   return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))

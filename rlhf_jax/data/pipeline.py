@@ -98,52 +98,74 @@ def _encoder(kind: str, tokenizer: Tokenizer, seq_len: int) -> Callable[[dict], 
   raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def _padded_stack(filler: dict, batch_size: int) -> Callable[[Sequence[dict]], dict]:
-  """Stacks a (possibly short, last) batch and fills it to batch_size with `filler` rows."""
-  def stack(rows: Sequence[dict]) -> dict:
-    rows = list(rows) + [filler] * (batch_size - len(rows))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  return stack
+def _stack(rows: Sequence[dict]) -> dict:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def global_order_batches(num_records: int, batch_size: int, *, seed: int | None,
+                         repeat: bool) -> grain.MapDataset:
+  """Batches of record INDICES in the global order: shuffled with `seed` (a fresh order each
+  epoch) and repeated forever, or one pass in the source's order (seed None, repeat False; the
+  last batch short). Every process builds the same index batches and reads only its rows of
+  each (`rows` below), so the global batch and the data order do not depend on the process
+  count, and a process's data position is the same integer as every other's. (Sharding the
+  records per process first, grain's usual per-host split, would make the order depend on it.)"""
+  ds = grain.MapDataset.range(num_records)
+  if seed is not None:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  return ds.batch(batch_size, drop_remainder=repeat)
+
+
+def read_rows(source: Sequence[dict], encode: Callable[[dict], dict], rows: slice,
+              batch_size: int, filler: dict | None = None) -> Callable[[np.ndarray], dict]:
+  """index batch -> this process's `rows` of it, read from `source` and encoded. A short last
+  batch is first padded to batch_size with `filler` (example_valid False) rows."""
+  def read(indices: np.ndarray) -> dict:
+    picked = list(indices) + [-1] * (batch_size - len(indices))
+    return _stack([filler if i < 0 else encode(source[int(i)]) for i in picked[rows]])
+  return read
 
 
 def make_train_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int, seed: int,
-                        tokenizer: Tokenizer, kind: str) -> grain.DatasetIterator:
-  """Infinite, seeded, resumable training batches.
+                        tokenizer: Tokenizer, kind: str,
+                        rows: slice = slice(None)) -> grain.DatasetIterator:
+  """Infinite, seeded, resumable training batches: this process's `rows` of each global batch
+  (sharding.process_rows; all of them in one process).
 
   Shuffles globally, repeats forever with a fresh (seeded) order each epoch, and drops no
   examples: batches straddle epoch boundaries. `it.get_state()` is a JSON-able dict;
   `it.set_state(state)` on a new iterator over the same source and arguments continues with
   exactly the batches the uninterrupted iterator would have produced.
   """
-  ds = (grain.MapDataset.source(data_source)
-        .shuffle(seed=seed)
-        .repeat(None)
-        .map(_encoder(kind, tokenizer, seq_len))
-        .batch(batch_size, drop_remainder=True))
+  ds = global_order_batches(len(data_source), batch_size, seed=seed, repeat=True).map(
+      read_rows(data_source, _encoder(kind, tokenizer, seq_len), rows, batch_size))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
 def make_eval_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int,
-                       tokenizer: Tokenizer, kind: str) -> Iterator[dict]:
-  """One pass in the source's order. The last partial batch is PADDED to batch_size with
-  all-pad rows (loss_mask 0, valid False, example_valid False), so sums over the batch are
-  exact and the eval step keeps one shape."""
+                       tokenizer: Tokenizer, kind: str,
+                       rows: slice = slice(None)) -> Iterator[dict]:
+  """One pass in the source's order (this process's `rows` of each batch). The last partial
+  batch is PADDED to batch_size with all-pad rows (loss_mask 0, valid False, example_valid
+  False), so sums over the batch are exact and the eval step keeps one shape."""
   pad = tokenizer.pad_id
   filler = {"tokens": np.full(seq_len, pad, np.int32), "loss_mask": np.zeros(seq_len, np.float32),
             "valid": np.zeros(seq_len, bool), "example_valid": np.False_}
-  ds = (grain.MapDataset.source(data_source)
-        .map(_encoder(kind, tokenizer, seq_len))
-        .batch(batch_size, batch_fn=_padded_stack(filler, batch_size)))
+  ds = global_order_batches(len(data_source), batch_size, seed=None, repeat=False).map(
+      read_rows(data_source, _encoder(kind, tokenizer, seq_len), rows, batch_size, filler))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
 def make_prompt_iterator(data_source: Sequence[dict], *, batch_size: int, prompt_len: int,
-                         tokenizer: Tokenizer) -> Iterator[dict[str, Any]]:
-  """One pass of prompt batches in the source's order (records {"prompt", "response"}); the
-  last batch is padded with bos-only prompts, answer "" and example_valid False."""
+                         tokenizer: Tokenizer, rows: slice = slice(None)) -> Iterator[dict[str, Any]]:
+  """One pass of prompt batches in the source's order (records {"prompt", "response"}; this
+  process's `rows` of each); the last batch is padded with bos-only prompts, answer "" and
+  example_valid False."""
   filler = prompt_example("", "", tokenizer, prompt_len) | {"example_valid": np.False_}
-  ds = (grain.MapDataset.source(data_source)
-        .map(lambda r: prompt_example(_text(r["prompt"]), _text(r["response"]), tokenizer,
-                                      prompt_len))
-        .batch(batch_size, batch_fn=_padded_stack(filler, batch_size)))
+  encode = lambda r: prompt_example(_text(r["prompt"]), _text(r["response"]), tokenizer,
+                                    prompt_len)
+  ds = global_order_batches(len(data_source), batch_size, seed=None, repeat=False).map(
+      read_rows(data_source, encode, rows, batch_size, filler))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))

@@ -185,8 +185,9 @@ def heldout_loss_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
   source = [heldout_source[i] for i in range(min(cfg.eval_prompts, len(heldout_source)))]
 
   def eval_fn(params):
-    batches = pipeline.make_eval_iterator(source, batch_size=cfg.eval_batch_size,
-                                          seq_len=cfg.seq_len, tokenizer=tok, kind="sft")
+    batches = pipeline.make_eval_iterator(
+        source, batch_size=cfg.eval_batch_size, seq_len=cfg.seq_len, tokenizer=tok, kind="sft",
+        rows=sharding.process_rows(mesh, cfg.eval_batch_size))
     return step_lib.evaluate(eval_step, params,
                              (sharding.shard_batch(b, mesh) for b in batches))
 
@@ -236,7 +237,8 @@ def train_lm(cfg: LMConfig, mesh, graphdef, params, shardings, train_source, *, 
   """Trains params on train_source (kind "lm" or "sft"); saves final params; returns
   (params, summary). eval_fn(params) -> dict runs every --eval_every steps and at the end."""
   it = pipeline.make_train_iterator(train_source, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                    seed=data_seed(cfg), tokenizer=ByteTokenizer(), kind=kind)
+                                    seed=data_seed(cfg), tokenizer=ByteTokenizer(), kind=kind,
+                                    rows=sharding.process_rows(mesh, cfg.batch_size))
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   final, summary = run_training(cfg, mesh, lm_loss_fn(graphdef), params, shardings,
                                 batch_shardings, it, eval_fn=eval_fn,
@@ -251,7 +253,8 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
   sharded, the step compiled once with shardings and donation, checkpoints in --workdir
   (resumed automatically), metrics, and the final params saved to <workdir>/params.
 
-  host_iter: a resumable iterator of host batches (get_state/set_state); loss_fn follows
+  host_iter: a resumable iterator of host batches holding this process's rows of each global
+  batch (sharding.process_rows) with get_state/set_state; loss_fn follows
   rlhf_jax/train/step.py's contract. With --criterion, training stops at the first
   evaluation where it holds, and a run that spends --steps without it raises
   criterion.StageCriterionError after saving its last checkpoint, never <workdir>/params.

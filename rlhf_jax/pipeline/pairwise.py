@@ -42,6 +42,7 @@ from rlhf_jax.rl import comparisons
 from rlhf_jax.train import checkpoint, pairwise as pairwise_train
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.worlds import intransitive, registry
+from rlhf_jax.train.logging import write_json
 
 HELDOUT_PAIRS = 256  # held-out pairs (test prompts repeated), for a tight accuracy estimate
 _BATCH_KEYS = ("tokens_Bx2xT", "valid_Bx2xT", "label_B", "example_valid_B")
@@ -92,7 +93,7 @@ def predict(graphdef, params, prompts, ys_a, ys_b, *, seq_len: int, batch_size: 
     pad = batch_size - len(t)
     if pad:
       t, v = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([v, np.repeat(v[:1], pad, 0)])
-    out.append(np.asarray(fn(params, t, v), np.float64)[:batch_size - pad])
+    out.append(sharding.to_host(fn(params, t, v)).astype(np.float64)[:batch_size - pad])
   return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -168,7 +169,8 @@ def run(cfg, sft_dir: str) -> dict:
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn))
   eval_fn = lambda p: step_lib.evaluate(eval_step, p, _eval_batches(test_examples, cfg.batch_size))
   it = pairs.make_pair_train_iterator(examples, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      encode=lambda r: r)
+                                      encode=lambda r: r,
+                                      rows=sharding.process_rows(mesh, cfg.batch_size))
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   final, summary = lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                                    eval_fn=eval_fn,
@@ -190,10 +192,8 @@ def run(cfg, sft_dir: str) -> dict:
                   true_nash=intransitive.nash_equilibrium(true).tolist())
   manifest = {"reward_model": "pairwise", "sft_workdir": sft_dir, "seq_len": cfg.seq_len,
               "params": lm.PARAMS_DIR}
-  with open(os.path.join(cfg.workdir, reward_stage.MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, reward_stage.MANIFEST), manifest, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print(format_result(result))
   return result
 

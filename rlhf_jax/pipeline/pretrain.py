@@ -6,7 +6,6 @@ Writes <workdir>/{config.json, metrics.jsonl, tb/, checkpoints/, params/, result
 reports the base model's held-out metrics (rlhf_jax/worlds/heldout.py).
 """
 import dataclasses
-import json
 import os
 
 import jax
@@ -14,6 +13,7 @@ import jax
 from rlhf_jax import provenance
 from rlhf_jax.data import builders
 from rlhf_jax.pipeline import lm, worlds
+from rlhf_jax.train.logging import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,7 @@ def run(cfg: PretrainConfig) -> dict:
             "steps": summary["final_step"], "criterion": summary.get("criterion"),
             "provenance": provenance.provenance(),
             **worlds.heldout_metrics(cfg, graphdef, params, heldout, key=jax.random.key(cfg.seed))}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print(f"pretrain held-out: {lm.format_metrics(result, worlds.headline(cfg))}")
   return result
 

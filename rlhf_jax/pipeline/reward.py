@@ -38,7 +38,7 @@ from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.rl import comparisons, scorers
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.logging import write_config
+from rlhf_jax.train.logging import write_config, write_json
 from rlhf_jax.worlds import raters, registry
 
 MANIFEST = "reward_models.json"
@@ -184,7 +184,9 @@ def run(cfg: RewardConfig, sft_dir: str) -> dict:
     loss_fn = reward.ranking_loss_fn(rm_graphdef)
     eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn))
     eval_fn = lambda p: step_lib.evaluate(eval_step, p, _batches(test_examples, cfg.batch_size))
-    it = _ranking_iterator(source, cfg.batch_size, mcfg.seed)
+    it = pairs.make_pair_train_iterator(source, batch_size=cfg.batch_size, seed=mcfg.seed,
+                                        encode=lambda r: r,
+                                        rows=sharding.process_rows(mesh, cfg.batch_size))
     final, _ = lm.run_training(mcfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                                eval_fn=eval_fn,
                                tokens_per_batch=cfg.batch_size * cfg.ranking_k * cfg.seq_len)
@@ -211,18 +213,10 @@ def run(cfg: RewardConfig, sft_dir: str) -> dict:
   manifest = {"members": member_dirs, "norm_mean": np.asarray(norm_mean).tolist(),
               "norm_std": np.asarray(norm_std).tolist(), "rater_temperature": temperature,
               "sft_workdir": sft_dir, "reward_model": "bt"}
-  with open(os.path.join(cfg.workdir, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, MANIFEST), manifest, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print(format_result(result))
   return result
-
-
-def _ranking_iterator(examples, batch_size: int, seed: int):
-  """grain's seeded, resumable shuffle-repeat-batch over the in-memory examples."""
-  return pairs.make_pair_train_iterator(examples, batch_size=batch_size, seed=seed,
-                                        encode=lambda r: r)
 
 
 def evaluate(member_scores, ensemble_scores, test_rank, labels) -> dict:

@@ -17,6 +17,7 @@ from rlhf_jax import provenance
 from rlhf_jax.data import builders
 from rlhf_jax.pipeline import lm, worlds
 from rlhf_jax.pipeline.config import flag
+from rlhf_jax.train.logging import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,7 @@ def run(cfg: SFTConfig, base_dir: str) -> dict:
             "criterion": summary.get("criterion"),
             "provenance": provenance.provenance(),
             "pretrain_workdir": base_dir, "pretrain_steps": _steps_of(base_dir)}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print("held-out            base  ->  SFT")
   for name in worlds.headline(cfg):
     print(f"  {name:<16} {before[name]:7.3f} -> {after[name]:7.3f}")

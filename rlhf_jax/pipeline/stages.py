@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 import rlhf_jax
+from rlhf_jax import distributed
 from rlhf_jax.pipeline import config
 
 _CODE_ROOT = pathlib.Path(rlhf_jax.__file__).parent
@@ -62,9 +63,12 @@ def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
   print_fn(f"[stage {name}] building in {workdir}")
   start = time.perf_counter()
   run(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(done_marker, "w") as f:
-    f.write(json.dumps({"wall_s": time.perf_counter() - start}))
+  if distributed.is_writer():
+    os.makedirs(workdir, exist_ok=True)
+    with open(done_marker, "w") as f:
+      f.write(json.dumps({"wall_s": time.perf_counter() - start}))
+  # Every process sees the marker and the stage's outputs before any reads them.
+  distributed.barrier(f"stage {name} done")
   print_fn(f"[stage {name}] done in {time.perf_counter() - start:.1f}s")
   return workdir
 

@@ -6,6 +6,7 @@ registry's World, its config and what follows from it (datasets, prompts, length
 """
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax.worlds import heldout, registry
 
 
@@ -24,7 +25,14 @@ def world_config(cfg, **overrides):
 
 
 def build_datasets(cfg) -> dict:
-  return world(cfg).build_datasets(world_config(cfg), cfg.data_dir)
+  """The world's TFDS datasets in --data_dir; in a job of several processes process 0
+  materialises them and the others then read what it wrote (no two writers of one file)."""
+  if not distributed.is_writer():
+    distributed.barrier("world datasets built")
+  built = world(cfg).build_datasets(world_config(cfg), cfg.data_dir)
+  if distributed.is_writer():
+    distributed.barrier("world datasets built")
+  return built
 
 
 def max_new_tokens(cfg) -> int:

@@ -16,12 +16,12 @@ on one distribution.
 """
 import dataclasses
 
-import jax
 import numpy as np
 
+from rlhf_jax import evaluation
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +51,12 @@ def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: 
   flat = [p for p in prompts for _ in range(k)]
   source = [{"prompt": p, "response": ""} for p in flat]
   texts, finished = [], []
-  for i, batch in enumerate(pipeline.make_prompt_iterator(source, batch_size=batch_size,
-                                                          prompt_len=prompt_len, tokenizer=tok)):
-    out = sample(graphdef, params, batch["prompt_tokens"], batch["prompt_valid"],
-                 jax.random.fold_in(key, i), cfg=scfg)
-    tokens, mask, done = jax.device_get((out.tokens_BxN, out.mask_BxN, out.finished_B))
+  batches = pipeline.make_prompt_iterator(source, batch_size=batch_size, prompt_len=prompt_len,
+                                          tokenizer=tok)
+  for batch, out in evaluation.sample_stream(graphdef, params, batches, scfg, key):
+    tokens, mask, done = out["tokens"], out["mask"], out["finished"]
     for row in np.flatnonzero(batch["example_valid"]):
-      ids = tokens[row][mask[row].astype(bool)]
+      ids = tokens[row][mask[row]]
       texts.append(tok.decode([t for t in ids if t != tok.eos_id]))
       finished.append(bool(done[row]))
   n = len(prompts)

@@ -2,20 +2,20 @@
 the same keys (paired comparisons), in batches of one compiled shape (the last batch is filled
 with the first prompts and its extra rows dropped), so evaluating again compiles nothing.
 
-Batch b of prompt offset i samples with fold_in(key, i). What a world makes of the answers
+The prompt at offset n of the list samples as row id n (sampling.py), so its answers depend
+neither on the batch size nor on how many processes share the batch. What a world makes of the answers
 (accuracy, pass@k, gold reward, exploitability) is the caller's: these return text and the
 per-row quantities every online evaluation reports (reward, KL to the reference, length).
 """
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import evaluation
+from rlhf_jax import evaluation, sharding
 from rlhf_jax.rl.rollout import Experience, Rollout, RolloutStage, decode_responses, encode_prompts
-from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.sampling import SamplingConfig
 
 
 def _chunks(prompts: Sequence[str], batch_size: int):
@@ -37,16 +37,16 @@ def sample_heldout(stage: RolloutStage, policy_params, ref_params, value_params,
   """stage.group_size samples of each prompt; rewards_B from `scorer` when given."""
   exps, kls, rewards = [], [], []
   for i, chunk in _chunks(prompts, batch_size):
-    exp = stage.experience(policy_params, ref_params, value_params, chunk,
-                           jax.random.fold_in(key, i))
+    exp = stage.experience(policy_params, ref_params, value_params, chunk, key, first_id=i)
     ro = exp.rollout
     if ro.ref_logps_BxT is not None:
-      kls.append(np.asarray(jnp.sum((ro.old_logps_BxT - ro.ref_logps_BxT) * ro.mask_BxT, 1)))
+      kls.append(sharding.to_host(jnp.sum((ro.old_logps_BxT - ro.ref_logps_BxT) * ro.mask_BxT,
+                                          1)))
     if scorer is not None:
-      rewards.append(np.asarray(scorer(exp)))
+      rewards.append(sharding.to_host(scorer(exp)))
     exps.append(exp)
   rows = len(prompts) * stage.group_size
-  cat = lambda xs: np.concatenate([np.asarray(x) for x in xs])[:rows]
+  cat = lambda xs: np.concatenate([sharding.to_host(x) for x in xs])[:rows]
   rollout = Rollout(*[None if getattr(exps[0].rollout, f) is None
                       else cat([getattr(e.rollout, f) for e in exps])
                       for f in Rollout._fields])
@@ -64,8 +64,9 @@ def greedy_responses(graphdef, params, prompts: Sequence[str], *, prompt_len: in
   out = []
   for i, chunk in _chunks(prompts, batch_size):
     toks, valid = encode_prompts(chunk, prompt_len)
-    s = sample(graphdef, params, toks, valid, jax.random.fold_in(key, i), cfg=cfg)
-    out += decode_responses(s.tokens_BxN, s.mask_BxN)
+    batch = {"prompt_tokens": toks, "prompt_valid": valid}
+    for _, s in evaluation.sample_stream(graphdef, params, [batch], cfg, key, first_id=i):
+      out += decode_responses(s["tokens"], s["mask"])
   return out[:len(prompts)]
 
 

@@ -15,11 +15,11 @@ algorithm carry between iterations. The loop takes plain values and callables, n
 experiment's config.
 """
 import dataclasses
+import functools
 import time
 from typing import Callable, NamedTuple, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding
@@ -117,13 +117,24 @@ def epoch_order(rows: int, rng: np.random.Generator, *, epochs: int,
   return order
 
 
+@functools.lru_cache(maxsize=None)
+def _take_rows(mesh):
+  """jit: (batch of global arrays or host arrays every process holds whole, row indices) ->
+  those rows, sharded over the mesh's data axes (one compile per minibatch shape)."""
+  return jax.jit(lambda batch, idx: jax.tree.map(lambda v: v[idx], batch),
+                 out_shardings=sharding.batch_sharding(mesh))
+
+
 def train_on_rollout(train_step, state, batch: dict, order, mesh, *, extend=lambda b: b):
-  """One optimizer step per entry of `order` (row indices of the batch). Returns (state, the
-  steps' metrics, on device)."""
+  """One optimizer step per entry of `order` (row indices of the batch, the same on every
+  process). extend may add host arrays of this process's rows (PPO-ptx's pretraining rows).
+  Returns (state, the steps' metrics, on device)."""
   metrics = []
   for idx in order:
-    minibatch = extend({k: v[jnp.asarray(idx)] for k, v in batch.items()})
-    state, m = train_step(state, sharding.shard_batch(minibatch, mesh))
+    minibatch = extend(_take_rows(mesh)(batch, np.asarray(idx, np.int32)))
+    minibatch = {k: v if isinstance(v, jax.Array) else sharding.shard_batch(v, mesh)
+                 for k, v in minibatch.items()}
+    state, m = train_step(state, minibatch)
     metrics.append(m)
   return state, metrics
 
@@ -131,7 +142,7 @@ def train_on_rollout(train_step, state, batch: dict, order, mesh, *, extend=lamb
 def _step_metrics(metrics: list, how: str) -> dict:
   if how == "last":
     return _floats(metrics[-1])
-  host = jax.device_get(metrics)
+  host = [{k: sharding.to_host(v) for k, v in m.items()} for m in metrics]
   out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   if "learning_rate" in out:
     out["learning_rate"] = float(host[-1]["learning_rate"])
@@ -152,7 +163,7 @@ def resume(workdir: str, state, *, save_every: int, keep: int):
 
 
 def _floats(tree) -> dict:
-  return {k: float(v) for k, v in jax.device_get(tree).items()}
+  return {k: float(sharding.to_host(v)) for k, v in tree.items()}
 
 
 def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,

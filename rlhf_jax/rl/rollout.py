@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer, Tokenizer
 from rlhf_jax.logprobs import shifted_entropy, shifted_logps
@@ -56,6 +57,19 @@ class Experience:
   def rows(self) -> int:
     return len(self.responses)
 
+  def local_rows(self) -> slice:
+    """The rows this process's devices sampled: what a host-side scorer scores here."""
+    if jax.process_count() == 1:
+      return slice(0, self.rows)
+    return sharding.process_rows(sharding.mesh_of(self.rollout.tokens_BxT), self.rows)
+
+  def gather(self, local_values) -> np.ndarray:
+    """Per-row values computed for local_rows() -> every row's, on every process."""
+    if jax.process_count() == 1:
+      return np.asarray(local_values)
+    return sharding.gather_rows(local_values, sharding.mesh_of(self.rollout.tokens_BxT),
+                                self.rows)
+
 
 def shift_values(head_BxT):
   """Value-head outputs (column t sees tokens <= t) -> V(s_t) at column t (0 at t = 0)."""
@@ -81,7 +95,7 @@ def encode_prompts(prompts: Sequence[str], prompt_len: int,
 def decode_responses(tokens_BxN, mask_BxN, tokenizer: Tokenizer | None = None) -> list[str]:
   """Response texts of sampled rows: masked-in tokens, EOS dropped."""
   tok = tokenizer or ByteTokenizer()
-  tokens, mask = jax.device_get((tokens_BxN, mask_BxN))
+  tokens, mask = sharding.to_host(tokens_BxN), sharding.to_host(mask_BxN)
   return [tok.decode([t for t in row[m > 0] if t != tok.eos_id]) for row, m in zip(tokens, mask)]
 
 
@@ -109,7 +123,7 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
 
   @jax.jit
   def rollout(policy_params, ref_params, value_params, prompt_tokens_BxP, prompt_valid_BxP,
-              key) -> Rollout:
+              key, row_ids_B=None) -> Rollout:
     if (ref_params is None) == with_ref:
       raise ValueError(f"with_ref={with_ref} but ref_params is "
                        f"{'None' if ref_params is None else 'given'}")
@@ -117,10 +131,10 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
       raise ValueError("value_params and value_graphdef come together")
     if group_size == 1:
       out = sample(policy_graphdef, policy_params, prompt_tokens_BxP, prompt_valid_BxP, key,
-                   cfg=sampling_cfg)
+                   row_ids_B, cfg=sampling_cfg)
     else:
       out = sample_groups(policy_graphdef, policy_params, prompt_tokens_BxP, prompt_valid_BxP,
-                          key, cfg=sampling_cfg, group_size=group_size)
+                          key, row_ids_B, cfg=sampling_cfg, group_size=group_size)
     repeat = lambda x: jnp.repeat(x, group_size, axis=0) if group_size > 1 else x
     prompt_valid = repeat(prompt_valid_BxP.astype(bool))
     tokens = jnp.concatenate([repeat(prompt_tokens_BxP.astype(jnp.int32)), out.tokens_BxN], 1)
@@ -158,19 +172,18 @@ class RolloutStage:
                                with_ref=self.with_ref, value_graphdef=self.value_graphdef)
 
   def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],
-                 key) -> Experience:
-    """G samples of each prompt; prompts are given once per group."""
+                 key, first_id: int = 0) -> Experience:
+    """G samples of each prompt; prompts are given once per group, the same (global) list on
+    every process. Prompt n samples with row id first_id + n (sampling.py): its responses
+    depend on (key, its id), not on its batch-mates or the process count. The rows are
+    sharded over the policy's mesh; the responses are decoded on every process."""
     toks, valid = encode_prompts(prompts, self.prompt_len, self.tokenizer)
-    ro = self._fn(policy_params, ref_params if self.with_ref else None, value_params, toks,
-                  valid, key)
+    ids = np.arange(first_id, first_id + len(prompts), dtype=np.int32)
+    inputs = sharding.shard_global({"t": toks, "v": valid, "ids": ids},
+                                   sharding.mesh_of(policy_params))
+    ro = self._fn(policy_params, ref_params if self.with_ref else None, value_params,
+                  inputs["t"], inputs["v"], key, inputs["ids"])
     p = self.prompt_len
     responses = decode_responses(ro.tokens_BxT[:, p:], ro.mask_BxT[:, p:], self.tokenizer)
     rows = [q for q in prompts for _ in range(self.group_size)]
     return Experience(ro, rows, responses, self.group_size)
-
-
-def sequence_kl(rollout: Rollout) -> np.ndarray:
-  """Per-row sum_t (log pi_old - log pi_ref) over the response: the k1 estimate of
-  KL(pi || ref) of each sequence (host float)."""
-  mask = np.asarray(rollout.mask_BxT)
-  return np.sum(np.asarray(rollout.old_logps_BxT - rollout.ref_logps_BxT) * mask, 1)

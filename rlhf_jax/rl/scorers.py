@@ -1,10 +1,15 @@
 """Scorers: what an online algorithm's responses are worth. A scorer maps an Experience (the
-rollout's arrays and its decoded text) to one reward per row, rewards_B:
+rollout's arrays and its decoded text) to one reward per row, rewards_B, a host float32 array
+of EVERY row, the same on every process of a job:
 
   RewardModelScorer   a learned reward model or an ensemble of them (mean / WCO / UWO over
                       members, each normalised by its SFT-sample statistics first)
   VerifierScorer      a rule on the text: 1.0 if verify(response, answer) else 0.0 (RLVR)
   Penalised           another scorer minus length and truncation terms
+
+A reward model scores on the devices (each its rows); a rule on the text scores this process's
+rows (Experience.local_rows) and the rewards are gathered, so a job of P processes runs each
+verification once, not P times.
 
 Pairwise judges answer a different question, P(y > y' | x), for algorithms that compare two
 responses (Nash-MD): any callable (prompts, ys_a, ys_b) -> float32 [B], a learned pairwise
@@ -18,14 +23,15 @@ from typing import Callable, Mapping, Protocol, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.rl import comparisons
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import reward
 
 
 class Scorer(Protocol):
-  def __call__(self, exp: Experience):
-    """rewards_B (float32, host or device) of the experience's rows."""
+  def __call__(self, exp: Experience) -> np.ndarray:
+    """rewards_B (host float32) of every row of the experience."""
 
 
 class PairwiseJudge(Protocol):
@@ -49,10 +55,10 @@ class RewardModelScorer:
   def _norm_stats(self):
     return None if self.norm_mean is None else (self.norm_mean, self.norm_std)
 
-  def __call__(self, exp: Experience):
-    return reward.ensemble_scores(self.graphdef, self.params, exp.rollout.tokens_BxT,
-                                  exp.rollout.valid_BxT, aggregate=self.aggregate,
-                                  uwo_coef=self.uwo_coef, norm_stats=self._norm_stats)
+  def __call__(self, exp: Experience) -> np.ndarray:
+    return sharding.to_host(reward.ensemble_scores(
+        self.graphdef, self.params, exp.rollout.tokens_BxT, exp.rollout.valid_BxT,
+        aggregate=self.aggregate, uwo_coef=self.uwo_coef, norm_stats=self._norm_stats))
 
   def score_samples(self, samples: comparisons.Samples, *, seq_len: int,
                     batch_size: int) -> np.ndarray:
@@ -81,7 +87,8 @@ def member_scores(graphdef, params, samples: comparisons.Samples, *, seq_len: in
     pad = batch_size - len(t)
     t = np.concatenate([t, np.repeat(t[:1], pad, 0)]) if pad else t
     v = np.concatenate([v, np.repeat(v[:1], pad, 0)]) if pad else v
-    out.append(np.asarray(score(params, t, v))[:batch_size - pad])
+    rows = sharding.shard_global({"t": t, "v": v}, sharding.mesh_of(params))
+    out.append(sharding.to_host(score(params, rows["t"], rows["v"]))[:batch_size - pad])
   return np.concatenate(out).reshape(len(samples.prompts), samples.k)
 
 
@@ -92,8 +99,9 @@ class VerifierScorer:
   answers: Mapping[str, str]
 
   def __call__(self, exp: Experience) -> np.ndarray:
-    return np.array([self.verify(y, self.answers[p]) for p, y in
-                     zip(exp.prompts, exp.responses)], np.float32)
+    rows = exp.local_rows()
+    return exp.gather(np.array([self.verify(y, self.answers[p]) for p, y in
+                                zip(exp.prompts[rows], exp.responses[rows])], np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +117,12 @@ class Penalised:
       raise ValueError(f"truncation_penalty ({self.truncation_penalty}) and length_coef "
                        f"({self.length_coef}) must be >= 0")
 
-  def __call__(self, exp: Experience):
-    r = jnp.asarray(self.scorer(exp), jnp.float32)
+  def __call__(self, exp: Experience) -> np.ndarray:
+    r = np.asarray(self.scorer(exp), np.float32)
     if self.truncation_penalty:
-      r = r - self.truncation_penalty * exp.rollout.truncated_B.astype(jnp.float32)
+      r = r - np.float32(self.truncation_penalty) * sharding.to_host(
+          exp.rollout.truncated_B).astype(np.float32)
     if self.length_coef:
-      r = r - self.length_coef * jnp.sum(exp.rollout.mask_BxT, axis=1)
+      r = r - np.float32(self.length_coef) * sharding.to_host(exp.rollout.mask_BxT).sum(
+          1, dtype=np.float32)
     return r

@@ -50,7 +50,7 @@ from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, worlds
 from rlhf_jax.losses import diagnostics
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import reward
-from rlhf_jax.train.logging import MetricsLogger, write_config
+from rlhf_jax.train.logging import MetricsLogger, write_config, write_json
 from rlhf_jax.worlds import gold, registry
 
 PER_N_KEYS = ("gold", "gold_se", "proxy", "proxy_se", "kl_bound", "kl_exact", "words")
@@ -186,8 +186,7 @@ def write_outputs(cfg: BestOfNConfig, result: dict, samples: comparisons.Samples
   for row in result["per_n"]:
     logger.log(row["n"], {k: row[k] for k in PER_N_KEYS}, split="eval")
   logger.close()
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   with open(os.path.join(cfg.workdir, "samples.json"), "w") as f:
     json.dump({"prompts": samples.prompts, "responses": samples.responses,
                "finished": samples.finished.tolist(), "proxy": proxy_NxK.tolist()}, f)

@@ -113,10 +113,10 @@ def map_pairs(fn, params, source, cfg: DPOConfig, encode, mesh) -> dict[str, np.
   """fn(params, batch) -> dict of per-row arrays, over `source` in order, padding dropped."""
   out = {}
   for batch in pairs.make_pair_eval_iterator(source, batch_size=cfg.eval_batch_size,
-                                             encode=encode):
+                                             encode=encode):  # every row, on every process
     keep = np.asarray(batch["example_valid"])
-    for k, v in jax.device_get(fn(params, sharding.shard_batch(batch, mesh))).items():
-      out.setdefault(k, []).append(np.asarray(v)[keep])
+    for k, v in fn(params, sharding.shard_global(batch, mesh)).items():
+      out.setdefault(k, []).append(sharding.to_host(v)[keep])
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -139,8 +139,9 @@ def with_reference(cfg: DPOConfig, graphdef, params, shardings, mesh, source, en
 def pair_eval_fn(eval_step, test_src, cfg: DPOConfig, encode, mesh):
   """eval_fn(params): the loss and metrics over the held-out pairs."""
   def eval_fn(params):
-    batches = pairs.make_pair_eval_iterator(test_src, batch_size=cfg.eval_batch_size,
-                                            encode=encode)
+    batches = pairs.make_pair_eval_iterator(
+        test_src, batch_size=cfg.eval_batch_size, encode=encode,
+        rows=sharding.process_rows(mesh, cfg.eval_batch_size))
     return step_lib.evaluate(eval_step, params, (sharding.shard_batch(b, mesh) for b in batches))
   return eval_fn
 
@@ -148,6 +149,7 @@ def pair_eval_fn(eval_step, test_src, cfg: DPOConfig, encode, mesh):
 def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_shardings, train_src,
            encode, eval_fn):
   it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
-                                      encode=encode)
+                                      encode=encode,
+                                      rows=sharding.process_rows(mesh, cfg.batch_size))
   return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                          eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)

@@ -33,7 +33,6 @@ analytic per-device memory (rlhf_jax.memory), loading no weights and compiling n
 real flagfile can be checked before the checkpoint is downloaded.
 """
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -56,6 +55,7 @@ from rlhf_jax.models import hf, hf_export, hf_import
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
+from rlhf_jax.train.logging import write_json
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
@@ -184,8 +184,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
             "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
                      "skipped": built.report.skipped},
             "memory": memory_estimate(cfg, mcfg, mesh), "provenance": provenance.provenance()}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   if summary["eval"]:
     print(f"held-out preference accuracy {summary['eval']['rewards/accuracies']:.3f}, "
           f"loss {summary['eval']['loss']:.4f}")

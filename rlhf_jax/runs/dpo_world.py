@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax.pipeline import chain, lm, sft, worlds
 from rlhf_jax.runs.dpo import (DPOConfig, jit_pair_fn, map_pairs, precompute_reference,
                                    train_pairs, with_reference)
@@ -21,6 +22,7 @@ from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import preference
 from rlhf_jax.worlds import heldout, registry
+from rlhf_jax.train.logging import write_json
 
 
 def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
@@ -136,8 +138,9 @@ def run_world(cfg: DPOConfig) -> dict:
   t0 = time.perf_counter()
   policy_logps = precompute_reference(logps_fn, final.params, records, cfg, encode, mesh)
   lines, ches_summary = displacement(records, ches, sft_logps, policy_logps)
-  with open(os.path.join(cfg.workdir, "ches.jsonl"), "w") as f:
-    f.writelines(json.dumps(line) + "\n" for line in lines)
+  if distributed.is_writer():
+    with open(os.path.join(cfg.workdir, "ches.jsonl"), "w") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
   key = jax.random.key(cfg.seed + 1)
   sft_row, sft_gold = world_eval(cfg, graphdef, sft_params, test_prompts, key)
   table = {"sft": sft_row}
@@ -156,8 +159,7 @@ def run_world(cfg: DPOConfig) -> dict:
             "data": {"pairs": len(records), "train_examples": len(train_src),
                      "test_prompts": len(test_prompts)},
             "provenance": provenance.provenance()}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print(format_world(result, cfg.world))
   return result
 

@@ -59,6 +59,7 @@ from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint
 from rlhf_jax.worlds import arithmetic, registry
+from rlhf_jax.train.logging import write_json
 
 
 ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
@@ -305,8 +306,7 @@ def run(cfg: GRPOConfig) -> dict:
             "upstream_steps": upstream_steps,
             "updates": cfg.updates, "provenance": provenance.provenance(),
             **{f"prompts_{k}": sum(map(len, v)) for k, v in prompts_seen.items()}}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   baselines = {"SFT": table["sft"]["accuracy_temp1"]}
   for row, label in (("sft_matched", "SFT + matched steps"),
                      ("sft_matched_rolled_out", "... on every prompt rolled out")):

@@ -32,7 +32,6 @@ config.json, metrics.jsonl, tb/, checkpoints/ (resumed automatically), params/,
 result.json and nash_md_curve.png.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -52,6 +51,7 @@ from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint
 from rlhf_jax.worlds import intransitive
+from rlhf_jax.train.logging import write_json
 
 JUDGES = ("model", "raters")
 KL_ESTIMATORS = {"k1": kl_lib.k1, "k3": kl_lib.k3}
@@ -237,8 +237,7 @@ def run(cfg: NashMDConfig) -> dict:
             "tau_equilibrium": None if target is None else target.tolist(),
             "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall,
             "provenance": provenance.provenance()}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   plots.styles_over_training(
       {"Nash-MD": curve}, nash, os.path.join(cfg.workdir, "nash_md_curve.png"),
       title=f"Nash-MD-PG (judge={cfg.judge}, tau={cfg.nash_tau}, a={cfg.mixture_coef})")

@@ -25,7 +25,6 @@ The end table compares SFT, online DPO and (--matched_sft) SFT continued for as 
 optimizer steps, with win rates vs SFT on paired samples; result.json, online_dpo_gold.png.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -40,6 +39,7 @@ from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
 from rlhf_jax.train import checkpoint, preference, reward
 from rlhf_jax.worlds import gold, heldout, raters, registry
+from rlhf_jax.train.logging import write_json
 
 LABELERS = ("reward_model", "raters")
 
@@ -211,8 +211,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
   result = {"table": table, "curve": curve, "labeler": cfg.labeler, "loss": cfg.loss,
             "optimizer_steps": cfg.total_steps, "wall": wall, "reward_workdir": rm_dir,
             "provenance": provenance.provenance()}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   baselines = {"SFT": curve[0]["gold"]}
   if "sft_matched" in table:
     baselines["SFT, matched compute"] = table["sft_matched"]["gold"]

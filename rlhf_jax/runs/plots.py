@@ -5,7 +5,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from rlhf_jax import distributed  # noqa: E402
 from rlhf_jax.worlds.intransitive import STYLES  # noqa: E402
+
+
+def _save(fig, path: str, *, dpi: int) -> None:
+  """Process 0 writes the figure (every process of a job draws the same one)."""
+  if distributed.is_writer():
+    fig.savefig(path, dpi=dpi)
 
 
 def reward_vs_kl(curve: list[dict], path: str, *, title: str) -> None:
@@ -24,7 +31,7 @@ def reward_vs_kl(curve: list[dict], path: str, *, title: str) -> None:
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -47,7 +54,7 @@ def seeds_over_training(runs: list[list[dict]], path: str, *, title: str) -> Non
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -68,7 +75,7 @@ def curve_with_se(curve: list[dict], x_key: str, key: str, path: str, *, title: 
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -87,7 +94,7 @@ def bars_over_seeds(values: dict[str, dict[str, list[float]]], path: str, *,
     ax.set_ylabel(metric)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -113,7 +120,7 @@ def metric_over_seeds(runs: list[list[dict]], key: str, path: str, *, title: str
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -145,7 +152,7 @@ def styles_over_training(runs: dict[str, list[dict]], nash, path: str, *, title:
     ax.legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -171,5 +178,5 @@ def stage_curves(curves: dict[str, dict[str, list]], metric: str, path: str, *,
   axes[0][0].legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)

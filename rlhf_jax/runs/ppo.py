@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import provenance
+from rlhf_jax import provenance, sharding
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
 from rlhf_jax.data import builders, pipeline
@@ -44,6 +44,7 @@ from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint, reward
 from rlhf_jax.worlds import heldout, registry
+from rlhf_jax.train.logging import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +166,10 @@ def run(cfg: PPOConfig) -> dict:
   ptx_iter = None
   if cfg.ptx_coef:
     corpus = builders.load_split(lm.build_world(cfg)["pretrain"], "train")
+    ptx_rows = cfg.batch_size // cfg.num_minibatches
     ptx_iter = pipeline.make_train_iterator(
-        corpus, batch_size=cfg.batch_size // cfg.num_minibatches, seq_len=cfg.seq_len,
-        seed=cfg.seed, tokenizer=tok, kind="lm")
+        corpus, batch_size=ptx_rows, seq_len=cfg.seq_len, seed=cfg.seed, tokenizer=tok,
+        kind="lm", rows=sharding.process_rows(mesh, ptx_rows))
   algorithm = ppo.PPO(stage, scorer, worlds.split_prompts(cfg)["train"], sft_params,
                       cfg.batch_size, cfg.seed, cfg.kl_coef, cfg.gae_gamma, cfg.gae_lambda,
                       ppo.AdaptiveKL(cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None,
@@ -202,8 +204,7 @@ def run(cfg: PPOConfig) -> dict:
   checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params["policy"])
   result = {"table": table, "curve": curve, "final_kl_coef": algorithm.kl_coef, "wall": wall,
             "reward_workdir": rm_dir, "updates": cfg.updates, "provenance": provenance.provenance()}
-  with open(os.path.join(cfg.workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   plots.reward_vs_kl(curve, os.path.join(cfg.workdir, "ppo_curve.png"),
                      title=f"PPO, kl_coef {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}")
   print(format_table(table, cfg.world))

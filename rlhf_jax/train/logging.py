@@ -8,21 +8,24 @@ TensorBoard events are written with tensorboard's own EventFileWriter and protos
 writers in flax/clu need tensorflow, which is not a dependency. A resumed run appends to
 metrics.jsonl, so steps logged after the last checkpoint of a killed run appear twice;
 readers keep the last record per (split, step) -- `read_metrics(..., dedupe=True)`.
+
+In a job of several processes only process 0 writes (distributed.is_writer): the others log
+the same replicated values, so their loggers and writes are no-ops.
 """
 import json
 import os
 import time
 from typing import Any, Mapping
 
-import jax
-import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from rlhf_jax import distributed, sharding
+
 
 def _to_float(value: Any) -> float:
-  return float(np.asarray(jax.device_get(value)))
+  return float(sharding.to_host(value))
 
 
 class MetricsLogger:
@@ -30,13 +33,17 @@ class MetricsLogger:
   they are fetched here, so call it only at log steps (fetching blocks on the step)."""
 
   def __init__(self, workdir: str):
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = EventFileWriter(os.path.join(workdir, "tb"))
+    self._writer = distributed.is_writer()
+    if self._writer:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = EventFileWriter(os.path.join(workdir, "tb"))
 
   def log(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> dict:
     """Writes one record; returns the metrics as Python floats."""
     values = {k: _to_float(v) for k, v in metrics.items()}
+    if not self._writer:
+      return values
     now = time.time()
     record = {"step": int(step), "split": split, "time": now, "metrics": values}
     self._jsonl.write(json.dumps(record) + "\n")
@@ -47,21 +54,30 @@ class MetricsLogger:
     return values
 
   def flush(self) -> None:
-    self._jsonl.flush()
-    self._tb.flush()
+    if self._writer:
+      self._jsonl.flush()
+      self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
-    self._tb.close()
+    if self._writer:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def write_json(path: str, obj: Any, **dump_kwargs) -> str:
+  """Writes obj as JSON to path on process 0 only (the others hold the same values); the
+  directory is created. Returns the path."""
+  if distributed.is_writer():
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(obj, f, **dump_kwargs)
+  return path
 
 
 def write_config(workdir: str, config: Mapping[str, Any]) -> str:
   """Writes the run's resolved config to <workdir>/config.json (sorted keys, for diffs)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True, default=str)
-  return path
+  return write_json(os.path.join(workdir, "config.json"), dict(config), indent=2,
+                    sort_keys=True, default=str)
 
 
 def read_metrics(workdir: str, *, split: str | None = None, dedupe: bool = True) -> list[dict]:

@@ -128,7 +128,7 @@ def evaluate(eval_step: Callable, params: PyTree, batches) -> dict[str, float]:
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:
     raise ValueError("evaluate got no batches")
-  return {k: float(v) for k, v in _normalise(total).items()}
+  return {k: float(sharding.to_host(v)) for k, v in _normalise(total).items()}
 
 
 def _replicated(shardings: PyTree) -> NamedSharding | None:

@@ -60,7 +60,8 @@ def test_sample_heldout_fills_and_trims_in_prompt_order(stage_models):
   np.testing.assert_array_equal(exp.rollout.tokens_BxT[:, :PROMPT_LEN], np.repeat(toks, G, 0))
   # Rewards and KL belong to the kept rows.
   np.testing.assert_array_equal(exp.rewards_B, length_scorer(exp))
-  want_kl = rollout_lib.sequence_kl(exp.rollout)
+  ro = exp.rollout  # the k1 estimate of each sequence, in float64 from the kept rows
+  want_kl = np.sum((ro.old_logps_BxT.astype(np.float64) - ro.ref_logps_BxT) * ro.mask_BxT, 1)
   assert h.kl_B.shape == (rows,) and np.abs(want_kl).max() > 1e-3
   np.testing.assert_allclose(h.kl_B, want_kl, **helpers.f32_tol(
       2 * (PROMPT_LEN + N), scale=np.abs(exp.rollout.old_logps_BxT).max()))
@@ -98,7 +99,7 @@ class ChunkSpy:
   def __init__(self):
     self.sizes = []
 
-  def experience(self, policy, ref, value, prompts, key):
+  def experience(self, policy, ref, value, prompts, key, first_id=0):
     self.sizes.append(len(prompts))
     b, z = len(prompts), np.zeros((len(prompts), 2), np.float32)
     ro = Rollout(z.astype(np.int32), z > 0, z, z, None, None, None, np.zeros(b, bool), z)

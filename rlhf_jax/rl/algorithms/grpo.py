@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.losses import grpo as grpo_losses
 from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
 from rlhf_jax.rl.rollout import Rollout, RolloutStage, policy_forward
@@ -94,14 +95,14 @@ def select_groups(rounds: list, batch_groups: int, group_size: int) -> Selection
     raise ValueError(f"{len(picked)} groups in the rounds, fewer than the batch's "
                      f"{batch_groups}")
   informative = min(len(good), batch_groups)
-  offsets = np.cumsum([0] + [len(np.asarray(rw)) for _, rw in rounds])
+  offsets = np.cumsum([0] + [len(rw) for _, rw in rounds])
   rows = np.concatenate([offsets[r] + g * group_size + np.arange(group_size)
                          for r, g in picked])
 
   def gather(*xs):  # on the host: the number of rounds varies, so jnp ops would recompile
     if xs[0] is None:
       return None
-    return np.concatenate([np.asarray(x) for x in xs], axis=0)[rows]
+    return np.concatenate([sharding.to_host(x) for x in xs], axis=0)[rows]
 
   ro = jax.tree.map(gather, *[ro for ro, _ in rounds], is_leaf=lambda x: x is None)
   keep = np.repeat(np.arange(batch_groups) < informative, group_size)
@@ -122,11 +123,12 @@ def rollout_batch(rollout: Rollout, advantages_B) -> dict:
 def rollout_summary(ro: Rollout) -> dict:
   """Length (response tokens, EOS included), truncation rate and, with a reference, the
   per-sequence KL estimate sum_t (log pi_old - log pi_ref) of a rollout."""
-  mask = np.asarray(ro.mask_BxT)
+  mask = sharding.to_host(ro.mask_BxT)
   out = {"length": float(mask.sum(1).mean()),
-         "truncated_frac": float(np.asarray(ro.truncated_B).mean())}
+         "truncated_frac": float(sharding.to_host(ro.truncated_B).mean())}
   if ro.ref_logps_BxT is not None:
-    out["kl_seq"] = float(np.sum(np.asarray(ro.old_logps_BxT - ro.ref_logps_BxT) * mask, 1).mean())
+    kl = sharding.to_host(ro.old_logps_BxT - ro.ref_logps_BxT)
+    out["kl_seq"] = float(np.sum(kl * mask, 1).mean())
   return out
 
 
