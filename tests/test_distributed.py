@@ -14,7 +14,7 @@ from rlhf_jax import distributed
 from rlhf_jax.pipeline import config
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-PRETRAIN_FLAGS = os.path.join(REPO_ROOT, "experiments", "configs", "pretrain_tiny.flags")
+CONFIGS = os.path.join(REPO_ROOT, "experiments", "configs")
 
 
 def _parse(*argv):
@@ -91,26 +91,29 @@ def test_reachable_coordinator_returns_at_once():
     assert time.monotonic() - start < 5.0
 
 
-def _experiment(process_id: int, port: int, *extra: str) -> subprocess.Popen:
-  """`python -m experiments.pretrain` as one process of a 2-process job of 4 CPU devices each."""
+def _experiment(process_id: int, port: int, *extra: str,
+                name: str = "pretrain") -> subprocess.Popen:
+  """`python -m experiments.<name>` as one process of a 2-process job of 4 CPU devices each."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   return subprocess.Popen(
-      [sys.executable, "-m", "experiments.pretrain", f"--flagfile={PRETRAIN_FLAGS}",
-       "--smoke", "--workdir=/nonexistent/never-written", f"--coordinator_address=127.0.0.1:{port}",
+      [sys.executable, "-m", f"experiments.{name}",
+       f"--flagfile={os.path.join(CONFIGS, name + '_tiny.flags')}", "--smoke", "--workdir=/nonexistent/never-written", f"--coordinator_address=127.0.0.1:{port}",
        "--num_processes=2", f"--process_id={process_id}", "--distributed_timeout_s=60", *extra],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_join_from_flags_then_stop_before_training():
+def test_an_experiment_without_multi_process_support_joins_then_stops():
   """Both processes join the job (8 devices between them), then stop with the message that
-  multi-process training is not built yet, before touching their workdir."""
+  online DPO runs in one process only, before touching their workdir. (The experiments that
+  do run in several processes: tests/distributed/.)"""
   port = _free_port()
-  procs = [_experiment(i, port) for i in (1, 0)]  # the non-coordinator first: it waits
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  procs = [_experiment(i, port, name="online_dpo") for i in (1, 0)]  # the non-coordinator
+  outs = [p.communicate(timeout=120)[0] for p in procs]  # first: it waits
   for p, out in zip(procs, outs):
     assert p.returncode != 0, out
-    assert "joined a job of 2 processes" in out, out[-3000:]
+    assert "joined a job of 2 processes, but OnlineDPOConfig runs in one process" in out, \
+        out[-3000:]
   assert not os.path.exists("/nonexistent/never-written")
 
 
