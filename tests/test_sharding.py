@@ -215,3 +215,23 @@ def test_shard_batch_places_rows_on_data_axes():
   devs = mesh.devices
   assert starts[devs[0, 0, 0]] == starts[devs[0, 0, 1]]
   assert len({starts[d] for d in devs[:, :, 0].flat}) == 4
+
+
+# ------------------------------------------------------------ rows of a batch per process
+
+def test_one_process_holds_every_row_and_places_host_batches():
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert sharding.process_rows(mesh, 12) == slice(0, 12)
+  x = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
+  placed = sharding.shard_batch({"x": x}, mesh)["x"]
+  assert placed.sharding.spec == P(("data", "fsdp")) and placed.shape == (12, 3)
+  np.testing.assert_array_equal(sharding.to_host(placed), x)
+  np.testing.assert_array_equal(sharding.local_rows(placed), x)
+  # A batch every process holds whole: rows over the data axes when they divide, else
+  # replicated (3 prompts on a 4-way data axis).
+  whole = sharding.shard_global({"a": x, "b": x[:3]}, mesh)
+  assert whole["a"].sharding.spec == P(("data", "fsdp"))
+  assert whole["b"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(sharding.to_host(whole["b"]), x[:3])
+  np.testing.assert_array_equal(sharding.gather_rows(x[:5], mesh, 5), x[:5])
+  assert sharding.mesh_of({"w": placed}) is mesh
