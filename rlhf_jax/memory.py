@@ -1,25 +1,50 @@
 """Analytic per-device memory of a training run: will it fit, before anything compiles?
 
 Terms (bytes per device; `shards(x)` = how many devices split tensor x under
-sharding.LOGICAL_RULES for the given mesh shape, computed from the model's real logical axes):
+sharding.LOGICAL_RULES for the given mesh shape, computed from the model's real logical axes;
+c = compute_bytes; a head count, d_ff or the vocabulary is divided by `tensor` when it divides):
   params       sum_x numel(x) / shards(x) * param_bytes
-  optimizer    Adam mu and nu in float32: 2 * 4 * sum_x numel(x) / shards(x)
-  gradients    float32 accumulators (step.py sums microbatch grads in f32):
-               4 * sum_x numel(x) / shards(x)
+  optimizer    Adam mu and nu in float32: 2 * 4 * sum_x numel(x) / shards(x)   (train only)
+  gradients    float32 gradients, 4 * sum_x numel(x) / shards(x), twice with microbatches:
+               step.py's scan carries the f32 sum while each microbatch's backward makes its
+               own; with one microbatch XLA folds the sum away                (train only)
   reference    a frozen copy of the policy (param_bytes), when its log-probs are NOT
                precomputed; 0 otherwise
   other_models reward / value models: their parameter count (an argument; 0 for DPO) in
                param_bytes, sharded over fsdp*tensor
-  activations  what backprop keeps for one microbatch of b = batch / microbatches / (data*fsdp)
-               sequences of length T on this device (no rematerialisation):
-                 per layer  c * b*T*D * compute_bytes        (c = ACTIVATION_FACTOR: norm inputs,
-                                                            q/k/v, attention output, the SwiGLU
-                                                            gate/up/product, residuals)
-                          + b*(N/tensor)*T*T * 4              (f32 attention probabilities)
-                 plus logits b*T*(V/tensor) * 4 * 2           (f32 logits and their log-softmax)
+  activations  for b = batch / microbatches / (data*fsdp) sequences of length T on this
+               device (no rematerialisation), per layer what backprop must keep, from
+               models/layers.py: every matmul's input and every nonlinearity's input:
+                 b*T*c * (4*D                the block input, the residual after attention
+                                             and the two RMSNorm outputs
+                          + 2*N*H + 2*K*H    q and the attention output; k and v (GQA)
+                          + 4*F)             SwiGLU gate pre-activation, silu(gate), up and
+                                             their product
+                 + b*N*T*T * (2*4 + 1 + c)   attention, scores in f32: of the three f32
+                                             arrays JAX saves (masked scores, their exp, the
+                                             probabilities) XLA keeps two, measured at T <=
+                                             512 (three at 1024), plus the boolean mask, plus
+                                             the probabilities' compute-dtype copy (c = 0
+                                             when c = 4)
+               A train step holds L + 1 layers of it (all L layers' kept activations plus the
+               gradients of the layer being differentiated) and an LM's logits b*T*V * 4 * 2
+               (f32 logits and their log-softmax / gradient). A forward (frozen model,
+               sampler prefill) frees each layer's intermediates before the next: its peak is
+               the widest of the attention (b*T*c * (D + N*H + 2*K*H), the residual, q, k, v,
+               plus the attention term above), the MLP (b*T*c * (D + 2*F), the residual,
+               SwiGLU's gate and up) and the logits.
+  gathered     under fsdp > 1, the all-gathered weights (tensor-sharded only) in the compute
+               dtype: XLA keeps each layer's gathered weights from the forward to the
+               backward (no re-gather), and a sampler's decode loop hoists them out of the
+               loop, so a device holds one unsharded copy; 0 without fsdp
   kv_cache     sampling cache: 2 (k, v) * layers * B_s/(data*fsdp) * S * (kv_heads/tensor)
-               * head_dim * compute_bytes; 0 when no sampling batch is given
-The estimate leaves out XLA's temporaries and fragmentation: plan for ~20% headroom.
+               * head_dim * c; 0 when no sampling batch is given
+Why these activation counts and not one flat factor: SwiGLU's d_ff is 3x (nano, tiny) to 4x
+(Llama 3.2 1B) d_model, GQA makes k and v smaller than q, and bf16 compute still keeps f32
+attention scores; a single factor per d_model is off by the ratio of those shapes.
+What the estimate leaves out (XLA's fusion temporaries, its choice of what to keep or
+recompute, fragmentation) is measured by compiling the real programs: `python -m
+rlhf_jax.plan` prints both; docs/plan.md has the measured agreement.
 """
 import math
 from typing import Mapping
@@ -29,11 +54,10 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import ScalarHeadModel, Transformer
 
-ACTIVATION_FACTOR = 16
 TERMS = ("params", "optimizer", "gradients", "reference", "other_models", "activations",
-         "kv_cache")
+         "gathered", "kv_cache")
 
 
 class _MeshShape:
@@ -43,9 +67,11 @@ class _MeshShape:
     self.shape = {a: int(shape.get(a, 1)) for a in sharding.MESH_AXES}
 
 
-def sharded_numel(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> int:
+def sharded_numel(cfg: ModelConfig, mesh_shape: Mapping[str, int], *,
+                  scalar_head: bool = False) -> int:
   """Parameters one device holds under LOGICAL_RULES (from the model's abstract state)."""
-  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  model = ScalarHeadModel if scalar_head else Transformer
+  _, state = nnx.split(nnx.eval_shape(lambda: model(cfg, rngs=nnx.Rngs(0))))
   mesh = _MeshShape(mesh_shape)
   axes = sharding.logical_axes(state)
   shapes = state.to_pure_dict()
@@ -76,34 +102,53 @@ def _size(mesh: _MeshShape, entry) -> int:
 def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], *, batch_size: int, seq_len: int,
              num_microbatches: int = 1, reference_params: bool = False,
              other_model_params: int = 0, sample_batch: int = 0, sample_len: int = 0,
-             activation_factor: int = ACTIVATION_FACTOR) -> dict[str, int]:
+             scalar_head: bool = False, train: bool = True) -> dict[str, int]:
   """Bytes per device for each of TERMS plus "total" (see the module docstring).
 
-  batch_size: sequences per step through the trained model (DPO: 2 per pair).
+  batch_size: sequences per step through the model (DPO: 2 per pair).
+  scalar_head: a reward / value model (ScalarHeadModel: no LM head, no logits).
+  train: a train step (optimizer, gradients, every layer's activations kept); False: a
+    forward of a frozen model or a sampler's prefill.
   """
   mesh = _MeshShape(mesh_shape)
   dp, tp = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
   p_bytes = jnp.dtype(cfg.param_dtype).itemsize
   c_bytes = jnp.dtype(cfg.dtype).itemsize
-  numel = sharded_numel(cfg, mesh.shape)
+  numel = sharded_numel(cfg, mesh.shape, scalar_head=scalar_head)
   b = math.ceil(batch_size / num_microbatches / dp)
-  heads = cfg.n_heads // tp if cfg.n_heads % tp == 0 else cfg.n_heads
-  vocab = cfg.vocab_size // tp if cfg.vocab_size % tp == 0 else cfg.vocab_size
-  per_layer = (activation_factor * b * seq_len * cfg.d_model * c_bytes
-               + b * heads * seq_len * seq_len * 4)
-  kv_heads = cfg.n_kv_heads // tp if cfg.n_kv_heads % tp == 0 else cfg.n_kv_heads
+  split = lambda n: n // tp if n % tp == 0 else n
+  heads, kv_heads, h = split(cfg.n_heads), split(cfg.n_kv_heads), cfg.dim_per_head
+  d, f = cfg.d_model, split(cfg.d_ff)
+  token = c_bytes * (4 * d + 2 * heads * h + 2 * kv_heads * h + 4 * f)
+  probs = heads * seq_len * (2 * 4 + 1 + (c_bytes if c_bytes != 4 else 0))
+  logits = 0 if scalar_head else b * seq_len * split(cfg.vocab_size) * 4 * 2
+  if train:
+    activations = (cfg.n_layers + 1) * b * seq_len * (token + probs) + logits
+  else:
+    mlp = c_bytes * (d + 2 * f)
+    attention = c_bytes * (d + heads * h + 2 * kv_heads * h) + probs
+    activations = max(b * seq_len * max(mlp, attention), logits)
+  gathered = 0
+  if mesh.shape["fsdp"] > 1:
+    gathered = sharded_numel(cfg, {"tensor": tp}, scalar_head=scalar_head) * c_bytes
   out = {
       "params": numel * p_bytes,
-      "optimizer": 2 * 4 * numel,
-      "gradients": 4 * numel,
+      "optimizer": 2 * 4 * numel if train else 0,
+      "gradients": 4 * numel * (2 if num_microbatches > 1 else 1) if train else 0,
       "reference": numel * p_bytes if reference_params else 0,
       "other_models": math.ceil(other_model_params / (mesh.shape["fsdp"] * tp)) * p_bytes,
-      "activations": cfg.n_layers * per_layer + b * seq_len * vocab * 4 * 2,
-      "kv_cache": (2 * cfg.n_layers * math.ceil(sample_batch / dp) * sample_len * kv_heads
-                   * cfg.dim_per_head * c_bytes),
+      "activations": activations,
+      "gathered": gathered,
+      "kv_cache": (2 * cfg.n_layers * math.ceil(sample_batch / dp) * sample_len
+                   * split(cfg.n_kv_heads) * h * c_bytes),
   }
   out["total"] = sum(out.values())
   return out
+
+
+def add(*estimates: Mapping[str, int]) -> dict[str, int]:
+  """Term-wise sum of estimates (models that live side by side, e.g. PPO's policy + value)."""
+  return {k: sum(e[k] for e in estimates) for k in (*TERMS, "total")}
 
 
 def format_table(est: Mapping[str, int]) -> str:

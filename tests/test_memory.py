@@ -18,10 +18,13 @@ def test_unsharded_terms_by_hand():
   b, t = 6, 10
   est = memory.estimate(NANO, {}, batch_size=b, seq_len=t, reference_params=True,
                         other_model_params=1000, sample_batch=3, sample_len=20)
-  act = 2 * (16 * b * t * 64 * 4 + b * 4 * t * t * 4) + b * t * 264 * 4 * 2
+  # L + 1 = 3 layers of, per token, 4 bytes x (4 D + 2 N H + 2 K H + 4 F) and N t (2 x 4 + 1)
+  # attention bytes; then f32 logits and log-softmax
+  act = 3 * b * t * (4 * (4 * 64 + 2 * 4 * 16 + 2 * 2 * 16 + 4 * 192) + 4 * t * 9)
+  act += b * t * 264 * 4 * 2
   assert est == {
       "params": 4 * NUMEL, "optimizer": 8 * NUMEL, "gradients": 4 * NUMEL,
-      "reference": 4 * NUMEL, "other_models": 4 * 1000, "activations": act,
+      "reference": 4 * NUMEL, "other_models": 4 * 1000, "activations": act, "gathered": 0,
       "kv_cache": 2 * 2 * 3 * 20 * 2 * 16 * 4,
       "total": 4 * NUMEL * 5 + 4000 + act + 2 * 2 * 3 * 20 * 2 * 16 * 4}
   assert memory.estimate(NANO, {}, batch_size=b, seq_len=t)["reference"] == 0
@@ -52,6 +55,26 @@ def test_sharding_divides_the_sharded_terms():
   assert tensor["activations"] < one["activations"]  # attention heads and vocab split
   assert memory.estimate(NANO, {}, batch_size=8, seq_len=10, num_microbatches=4)[
       "activations"] * 4 == one["activations"]
+
+
+def test_forward_scalar_head_microbatch_and_fsdp_terms():
+  fwd = memory.estimate(NANO, {}, batch_size=2, seq_len=8, train=False)
+  assert fwd["optimizer"] == fwd["gradients"] == 0
+  # per token, the widest of: logits 264 x 4 x 2 = 2112 bytes, the MLP 4 (D + 2 F) = 1792,
+  # the attention 4 (D + N H + 2 K H) + N t 9 = 1056
+  assert fwd["activations"] == 2 * 8 * 2112
+  rm = memory.estimate(NANO, {}, batch_size=2, seq_len=8, train=False, scalar_head=True)
+  assert rm["params"] == 4 * (NUMEL - 64 * 264 + 64 + 1)  # no LM head; head_w (D) and head_b
+  assert rm["activations"] == 2 * 8 * 1792  # no logits: the MLP is the widest
+  one = memory.estimate(NANO, {}, batch_size=8, seq_len=8)
+  two = memory.estimate(NANO, {}, batch_size=8, seq_len=8, num_microbatches=2)
+  assert one["gradients"] == 4 * NUMEL and two["gradients"] == 2 * 4 * NUMEL
+  assert one["gathered"] == 0
+  # under fsdp a device holds one all-gathered copy of the weights (compute dtype), still
+  # split over tensor
+  assert memory.estimate(NANO, {"fsdp": 4}, batch_size=8, seq_len=8)["gathered"] == 4 * NUMEL
+  assert memory.estimate(NANO, {"fsdp": 2, "tensor": 2}, batch_size=8, seq_len=8)[
+      "gathered"] == 4 * memory.sharded_numel(NANO, {"tensor": 2})
 
 
 def test_table_lists_every_term():

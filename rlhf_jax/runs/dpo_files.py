@@ -27,10 +27,13 @@ preference accuracy (implicit reward), loss and chosen/rejected log-probs; write
 config.json, metrics.jsonl, tb/, checkpoints/ (resumes), params/, result.json, and with
 --export_hf the trained policy as a Hugging Face directory.
 
---dry_run resolves the model's shapes and shardings on the mesh with eval_shape and prints the
-analytic per-device memory (rlhf_jax.memory), loading no weights and compiling nothing. A
---init_hf directory without config.json falls back to the --model preset's shape there, so a
-real flagfile can be checked before the checkpoint is downloaded.
+--dry_run resolves the model's shapes and shardings on the mesh with eval_shape, prints the
+analytic per-device memory (rlhf_jax.memory) and, unless --nodry_run_compile, compiles the real
+train step and reference precompute pass on abstract arrays (rlhf_jax.plan) and prints what XLA
+assigned beside it; no weights are loaded. The mesh is this host's devices when it has enough,
+else as many fake CPU devices (a v5e-8 flagfile plans on a laptop). A --init_hf directory
+without config.json falls back to the --model preset's shape there, so a real flagfile can be
+checked before the checkpoint is downloaded.
 """
 import hashlib
 import math
@@ -45,7 +48,7 @@ from flax import nnx
 
 from rlhf_jax.pipeline import lm
 from rlhf_jax.runs import dpo, dpo_world
-from rlhf_jax import memory, provenance, sharding
+from rlhf_jax import memory, plan, provenance, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
@@ -75,11 +78,12 @@ def model_config(cfg: dpo.DPOConfig):
 
 
 def _mesh(cfg: dpo.DPOConfig):
-  """The flags' mesh; a dry run of a mesh smaller than this host takes its first devices."""
+  """The flags' mesh; a dry run of a fixed-size mesh plans on plan.plan_devices (this host's
+  devices when it has enough, else fake CPU ones)."""
   sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
   devices = None
-  if cfg.dry_run and -1 not in sizes and math.prod(sizes) < jax.device_count():
-    devices = jax.devices()[:math.prod(sizes)]
+  if cfg.dry_run and -1 not in sizes:
+    devices = plan.plan_devices(math.prod(sizes))
   return lm.setup(cfg, devices=devices)
 
 
@@ -102,8 +106,14 @@ def dry_run(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
   est = memory_estimate(cfg, mcfg, mesh)
   print(f"[dry run] mesh {dict(mesh.shape)}, {mcfg.num_params():,} parameters, "
         f"{len(jax.tree.leaves(state))} state arrays\n{memory.format_table(est)}")
-  return {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
-          "memory": est}
+  out = {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
+         "memory": est}
+  if cfg.dry_run_compile:
+    out["plan"] = plan.plan("dpo", mcfg, mesh, plan.Shapes(
+        batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
+        eval_batch_size=cfg.eval_batch_size, precompute_ref=cfg.precompute_ref))
+    print(plan.format_plan(out["plan"]))
+  return out
 
 
 def load_tokenizer(cfg: dpo.DPOConfig):

@@ -52,7 +52,8 @@ def _pairs(n=32):
 @pytest.mark.parametrize("flagfile, devices", [("dpo_llama3_1b_hh_v5e8.flags", 8),
                                                ("dpo_llama3_1b_hh_h100.flags", 1)])
 def test_real_flagfiles_dry_run(flagfile, devices, capsys):
-  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/{flagfile}", "--dry_run"])
+  cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/{flagfile}", "--dry_run",
+                                  "--nodry_run_compile"])  # compiling: tests/test_plan.py
   with CompileCounter() as compiles:
     result = dpo.run(cfg)
   assert _model_compiles(compiles) == []
@@ -70,7 +71,8 @@ def test_real_flagfiles_dry_run(flagfile, devices, capsys):
 def test_dry_run_reads_the_checkpoint_config_without_its_weights(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(preset("1b"))))
   cfg = config.parse(DPOConfig, [f"--flagfile={FLAGS_DIR}/dpo_llama3_1b_hh_v5e8.flags",
-                                  "--dry_run", f"--init_hf={tmp_path}", "--model=nano"])
+                                  "--dry_run", "--nodry_run_compile", f"--init_hf={tmp_path}",
+                                  "--model=nano"])
   assert dpo.run(cfg)["num_params"] == preset("1b").num_params()
 
 
