@@ -141,12 +141,17 @@ def optim_config(cfg: LMConfig, total_steps: int) -> optim.OptimConfig:
                            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
 
 
-def setup(cfg: LMConfig, devices=None):
-  """The run's mesh (over `devices`, default all), checked against the batch sizes."""
+def setup(cfg: LMConfig, devices=None, *, sharded_eval: bool = True):
+  """The run's mesh (over `devices`, default all), checked against the batch sizes.
+
+  sharded_eval: the run feeds --eval_batch_size batches through a sharded step (held-out loss,
+  DPO's pairs), so they must split over the data axes; runs that only SAMPLE at evaluation
+  (PPO, GRPO, best-of-n, ...) pass False: a sampling batch that does not split is replicated
+  (sharding.shard_global)."""
   runtime.enable_compilation_cache()
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, devices=devices)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name in ("batch_size", "eval_batch_size"):
+  for name in ("batch_size", "eval_batch_size")[:2 if sharded_eval else 1]:
     if getattr(cfg, name) % data_parallel:
       raise ValueError(f"--{name}={getattr(cfg, name)} must be divisible by the data-parallel "
                        f"size mesh_data*mesh_fsdp={data_parallel}")

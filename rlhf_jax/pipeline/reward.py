@@ -144,7 +144,7 @@ def start(cfg: RewardConfig, sft_dir: str):
   policy_params, prompt_len, train_prompts (--num_rankings drawn with replacement by --seed),
   test_prompts, rng): rng is the generator that drew them, which the stage goes on drawing
   labels from."""
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)  # eval batches are only sampled and scored
   write_config(cfg.workdir, to_dict(cfg))
   graphdef, policy_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)
   rng = np.random.default_rng(cfg.seed)

@@ -150,7 +150,7 @@ def run(cfg: BestOfNConfig) -> dict:
   # by key would rebuild it if the code changed while the reward stage was being built.
   sft_dir = reward_stage.read_manifest(rm_dir)["sft_workdir"]
   wall["upstream_stages_s"] = time.perf_counter() - t0
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)
   world = cfg.world_config()
   test_prompts = gold.split_prompts(world)["test"][:min(cfg.eval_prompts, world.num_test)]
   g, sft_params, _ = lm.init_model(cfg, mesh, init_from=sft_dir)

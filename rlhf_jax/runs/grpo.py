@@ -236,7 +236,7 @@ def matched_sft_params(scfg: sft.SFTConfig, workdir: str, records: list[dict], s
 
 def run(cfg: GRPOConfig) -> dict:
   cfg = cfg.effective()
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)
   check_mesh(cfg, mesh)
   wall = {}
   t0 = time.perf_counter()

@@ -182,7 +182,7 @@ def run(cfg: NashMDConfig) -> dict:
   else:
     pref_dir, sft_dir = None, chain.ensure("sft", chain.upstream_config("sft", rcfg.sft_flagfile, rcfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if (cfg.rows // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
     raise ValueError(f"a Nash-MD microbatch (--batch_size * --group_size / --num_minibatches / "

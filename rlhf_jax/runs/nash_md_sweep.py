@@ -93,7 +93,7 @@ def final_evaluator(ncfg: nash_md.NashMDConfig, samples: int, sft_dir: str):
   """evaluate(workdir or None for SFT) -> nash_md.style_eval's numbers, the same prompts,
   samples and keys for every policy."""
   ncfg = ncfg.effective()
-  mesh = lm.setup(ncfg)
+  mesh = lm.setup(ncfg, sharded_eval=False)
   g, sft_params, _ = lm.init_model(ncfg, mesh, init_from=sft_dir)
   scfg = SamplingConfig(max_new_tokens=worlds.max_new_tokens(ncfg),
                         eos_id=ByteTokenizer.eos_id, pad_id=ByteTokenizer.pad_id)

@@ -155,7 +155,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
   # The SFT stage the reward models were trained on, from their manifest: recomputing its
   # key here would rebuild it if any code changed while the reward stage was being built.
   sft_dir, rater_temperature = manifest["sft_workdir"], manifest["rater_temperature"]
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)
   world = cfg.world_config()
   split = gold.split_prompts(world)
   g, sft_params, shardings = lm.init_model(cfg, mesh, init_from=sft_dir)

@@ -142,7 +142,7 @@ def run(cfg: PPOConfig) -> dict:
   sft_dir = reward_stage.read_manifest(rm_dir)["sft_workdir"]
   with open(os.path.join(sft_dir, "result.json")) as f:
     base_dir = json.load(f)["pretrain_workdir"]
-  mesh = lm.setup(cfg)
+  mesh = lm.setup(cfg, sharded_eval=False)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % data_parallel:
     raise ValueError(f"a PPO microbatch (--batch_size / --num_minibatches / "

@@ -93,3 +93,15 @@ def test_command_line_overrides_flagfile():
   cfg = config.parse(pretrain.PretrainConfig,
                   [f"--flagfile={FLAGS_DIR}/pretrain_tiny.flags", "--steps=70"])
   assert cfg.steps == 70 and cfg.model == "tiny"
+
+
+def test_eval_batches_must_split_over_the_devices_only_where_a_step_shards_them(tmp_path):
+  """8 devices: --eval_batch_size=100 cannot be split into 8 row blocks. A stage whose
+  held-out loss runs through the sharded eval step refuses it; a run that only samples at
+  evaluation (PPO, GRPO: its batches are replicated when they do not split) accepts it."""
+  from rlhf_jax.pipeline import lm
+  cfg = _sft_config(tmp_path, "--eval_batch_size=100", "--batch_size=16")
+  with pytest.raises(ValueError, match="--eval_batch_size=100 must be divisible by the "
+                                       "data-parallel size mesh_data\\*mesh_fsdp=8"):
+    lm.setup(cfg)
+  assert dict(lm.setup(cfg, sharded_eval=False).shape)["data"] == 8
