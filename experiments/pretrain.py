@@ -9,4 +9,5 @@ from experiments import cli
 from rlhf_jax.pipeline import chain, pretrain
 
 if __name__ == "__main__":
-  cli.main(pretrain.PretrainConfig, lambda cfg: chain.run_stage("pretrain", cfg), multi_process=True)
+  cli.main(pretrain.PretrainConfig, lambda cfg: chain.run_stage("pretrain", cfg),
+           multi_process=True)

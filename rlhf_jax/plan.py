@@ -35,6 +35,7 @@ import sys
 import time
 
 import jax
+from absl import flags
 
 from rlhf_jax import sharding
 from rlhf_jax.models import hf
@@ -160,8 +161,17 @@ def format_plan(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> dict:
-  cfg = config.parse(PlanConfig, argv)
+def main(argv: list[str]) -> dict | None:
+  if {"--help", "-h", "--helpfull"} & set(argv):
+    fv = flags.FlagValues()
+    config.define_flags(PlanConfig, fv)
+    print(f"python -m rlhf_jax.plan [--flag=value ...] (docs/plan.md)\n\n"
+          f"{fv.main_module_help() or fv}")
+    return None
+  try:
+    cfg = config.parse(PlanConfig, argv)
+  except ValueError as e:  # a user error is one line and the usage status, not a traceback
+    sys.exit(f"python -m rlhf_jax.plan: {e} (--help lists the flags)")
   sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
   if not cfg.fake_devices and -1 in sizes:
     raise ValueError("a mesh axis of -1 needs --fake_devices (how many devices to fill)")

@@ -98,7 +98,8 @@ def _experiment(process_id: int, port: int, *extra: str,
              JAX_PLATFORMS="cpu")
   return subprocess.Popen(
       [sys.executable, "-m", f"experiments.{name}",
-       f"--flagfile={os.path.join(CONFIGS, name + '_tiny.flags')}", "--smoke", "--workdir=/nonexistent/never-written", f"--coordinator_address=127.0.0.1:{port}",
+       f"--flagfile={os.path.join(CONFIGS, name + '_tiny.flags')}", "--smoke",
+       "--workdir=/nonexistent/never-written", f"--coordinator_address=127.0.0.1:{port}",
        "--num_processes=2", f"--process_id={process_id}", "--distributed_timeout_s=60", *extra],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -159,7 +159,8 @@ def make_eval_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len:
 
 
 def make_prompt_iterator(data_source: Sequence[dict], *, batch_size: int, prompt_len: int,
-                         tokenizer: Tokenizer, rows: slice = slice(None)) -> Iterator[dict[str, Any]]:
+                         tokenizer: Tokenizer,
+                         rows: slice = slice(None)) -> Iterator[dict[str, Any]]:
   """One pass of prompt batches in the source's order (records {"prompt", "response"}; this
   process's `rows` of each); the last batch is padded with bos-only prompts, answer "" and
   example_valid False."""

@@ -3,8 +3,8 @@ the same keys (paired comparisons), in batches of one compiled shape (the last b
 with the first prompts and its extra rows dropped), so evaluating again compiles nothing.
 
 The prompt at offset n of the list samples as row id n (sampling.py), so its answers depend
-neither on the batch size nor on how many processes share the batch. What a world makes of the answers
-(accuracy, pass@k, gold reward, exploitability) is the caller's: these return text and the
+neither on the batch size nor on how many processes share the batch. What a world makes of the
+answers (accuracy, pass@k, gold reward, exploitability) is the caller's: these return text and the
 per-row quantities every online evaluation reports (reward, KL to the reference, length).
 """
 import dataclasses
