@@ -117,7 +117,8 @@ def _train(name, loss_fn, params, shardings, batch, shapes: Shapes, estimate, fr
     return Program(name, lambda: jitted.lower(state, batch), nbytes(state), True, estimate)
   ref, ref_sh = frozen
   metrics_sh = sharding.replicated(jax.tree.leaves(ref_sh)[0].mesh)
-  jitted = jax.jit(lambda st, b, r: make(loss_fn(r))(st, b),
+  jitted = jax.jit(sharding.traced_on(lambda st, b, r: make(loss_fn(r))(st, b),
+                                      jax.tree.leaves(ref_sh)[0].mesh),
                    in_shardings=(state_sh, batch_sh, ref_sh),
                    out_shardings=(state_sh, metrics_sh), donate_argnums=0)
   return Program(name, lambda: jitted.lower(state, batch, ref), nbytes(state) + nbytes(ref),
@@ -126,7 +127,8 @@ def _train(name, loss_fn, params, shardings, batch, shapes: Shapes, estimate, fr
 
 def _forward(name, fn, params, inputs, estimate, owns: bool):
   """A frozen model's forward, jitted with the shardings its abstract arguments carry."""
-  return Program(name, lambda: jax.jit(fn).lower(params, *inputs), nbytes(params), owns,
+  traced = sharding.traced_on(fn, jax.tree.leaves(params)[0].sharding.mesh)  # as the runs do
+  return Program(name, lambda: jax.jit(traced).lower(params, *inputs), nbytes(params), owns,
                  estimate)
 
 

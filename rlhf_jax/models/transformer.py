@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import Block, LayerCache, RMSNorm, dense, param
 
@@ -82,7 +83,8 @@ class Transformer(nnx.Module):
       positions_BxT = positions_from_valid(valid_BxT)
     mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache)
     index = None if cache is None else cache.index
-    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+    x = sharding.constrain_rows(
+        jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype))
     new_layers = []
     for i, block in enumerate(self.blocks):
       x, layer_cache = block(x, positions_BxT, mask_BxTxS,

@@ -108,9 +108,10 @@ def check_sampling_matches_training(cfg: SamplingConfig) -> None:
 
 
 def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size: int = 1,
-                    with_ref: bool = True, value_graphdef=None):
+                    with_ref: bool = True, value_graphdef=None, mesh=None):
   """Returns jitted rollout(policy_params, ref_params, value_params, prompt_tokens_BxP,
-  prompt_valid_BxP, key) -> Rollout of B * group_size rows.
+  prompt_valid_BxP, key, row_ids_B=None) -> Rollout of B * group_size rows, traced on `mesh`
+  when given (sharding.traced_on: the forwards keep their rows sharded).
 
   group_size > 1 samples G responses per prompt from one prefill of the prompt
   (sampling.sample_groups). The reference shares the policy's graphdef; with_ref=False
@@ -121,7 +122,6 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   temp = sampling_cfg.temperature
 
-  @jax.jit
   def rollout(policy_params, ref_params, value_params, prompt_tokens_BxP, prompt_valid_BxP,
               key, row_ids_B=None) -> Rollout:
     if (ref_params is None) == with_ref:
@@ -152,7 +152,7 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
     return Rollout(tokens, valid, mask, old_logps * mask, ref_logps, values, boot,
                    ~out.finished_B, out.logps_BxN)
 
-  return rollout
+  return jax.jit(rollout if mesh is None else sharding.traced_on(rollout, mesh))
 
 
 @dataclasses.dataclass
@@ -168,8 +168,14 @@ class RolloutStage:
   tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
 
   def __post_init__(self):
-    self._fn = make_rollout_fn(self.policy_graphdef, self.sampling, group_size=self.group_size,
-                               with_ref=self.with_ref, value_graphdef=self.value_graphdef)
+    self._fns = {}  # the compiled rollout per mesh
+
+  def _fn(self, mesh):
+    if mesh not in self._fns:
+      self._fns[mesh] = make_rollout_fn(
+          self.policy_graphdef, self.sampling, group_size=self.group_size,
+          with_ref=self.with_ref, value_graphdef=self.value_graphdef, mesh=mesh)
+    return self._fns[mesh]
 
   def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],
                  key, first_id: int = 0) -> Experience:
@@ -179,9 +185,9 @@ class RolloutStage:
     sharded over the policy's mesh; the responses are decoded on every process."""
     toks, valid = encode_prompts(prompts, self.prompt_len, self.tokenizer)
     ids = np.arange(first_id, first_id + len(prompts), dtype=np.int32)
-    inputs = sharding.shard_global({"t": toks, "v": valid, "ids": ids},
-                                   sharding.mesh_of(policy_params))
-    ro = self._fn(policy_params, ref_params if self.with_ref else None, value_params,
+    mesh = sharding.mesh_of(policy_params)
+    inputs = sharding.shard_global({"t": toks, "v": valid, "ids": ids}, mesh)
+    ro = self._fn(mesh)(policy_params, ref_params if self.with_ref else None, value_params,
                   inputs["t"], inputs["v"], key, inputs["ids"])
     p = self.prompt_len
     responses = decode_responses(ro.tokens_BxT[:, p:], ro.mask_BxT[:, p:], self.tokenizer)

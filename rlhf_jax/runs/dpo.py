@@ -108,7 +108,8 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
 
 def jit_pair_fn(fn, shardings, mesh, keys):
   """jit of fn(params, batch) -> per-row outputs, for batches with `keys`."""
-  return jax.jit(fn, in_shardings=(shardings, {k: sharding.batch_sharding(mesh) for k in keys}),
+  return jax.jit(sharding.traced_on(fn, mesh),
+                 in_shardings=(shardings, {k: sharding.batch_sharding(mesh) for k in keys}),
                  out_shardings=sharding.batch_sharding(mesh))
 
 

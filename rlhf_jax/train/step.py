@@ -131,6 +131,10 @@ def evaluate(eval_step: Callable, params: PyTree, batches) -> dict[str, float]:
   return {k: float(sharding.to_host(v)) for k, v in _normalise(total).items()}
 
 
+def _mesh(shardings: PyTree):
+  return jax.tree.leaves(shardings)[0].mesh
+
+
 def _replicated(shardings: PyTree) -> NamedSharding | None:
   leaves = jax.tree.leaves(shardings)
   return sharding.replicated(leaves[0].mesh) if leaves else None
@@ -144,6 +148,7 @@ def compile_train_step(step_fn: Callable, state_shardings: TrainState | None = N
   """
   if state_shardings is None:
     return jax.jit(step_fn, donate_argnums=0)
+  step_fn = sharding.traced_on(step_fn, _mesh(state_shardings))
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, _replicated(state_shardings)),
                  donate_argnums=0)
@@ -154,5 +159,6 @@ def compile_eval_step(eval_fn: Callable, param_shardings: PyTree | None = None,
   """jax.jit of an eval step; params are not donated (training continues with them)."""
   if param_shardings is None:
     return jax.jit(eval_fn)
+  eval_fn = sharding.traced_on(eval_fn, _mesh(param_shardings))
   return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings),
                  out_shardings=_replicated(param_shardings))
