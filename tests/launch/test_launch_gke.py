@@ -16,11 +16,7 @@ GPU = ["apply", "--name=sft-h100", "--image=us-docker.pkg.dev/p/r/rlhf:1",
        "--gpu_type=nvidia-h100-80gb", "--num_nodes=2", "--gpus_per_node=8"]
 
 
-@pytest.fixture(autouse=True)
-def nothing_runs(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError(f"a process was started: {args}")
-  monkeypatch.setattr(subprocess, "run", refuse)
+pytestmark = pytest.mark.usefixtures("nothing_runs")  # tests/launch/conftest.py
 
 
 def kubernetes_expand(arg: str) -> str:

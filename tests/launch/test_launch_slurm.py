@@ -14,11 +14,7 @@ CLUSTER = ["--nodes=2", "--gpus_per_node=8", "--partition=gpu", "--account=rlhf"
 ROOT = str(common.REPO_ROOT)
 
 
-@pytest.fixture(autouse=True)
-def nothing_runs(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError(f"a process was started: {args}")
-  monkeypatch.setattr(subprocess, "run", refuse)
+pytestmark = pytest.mark.usefixtures("nothing_runs")  # tests/launch/conftest.py
 
 
 def script_of(argv: list[str]) -> str:

@@ -14,12 +14,7 @@ GCLOUD_WHERE = ["--project=my-proj", "--zone=us-west4-a"]
 SFT = ["python", "-m", "experiments.sft", "--flagfile=experiments/configs/sft_tiny.flags"]
 
 
-@pytest.fixture(autouse=True)
-def nothing_runs(monkeypatch):
-  """A dry run, or input refused, must start no process."""
-  def refuse(*args, **kwargs):
-    raise AssertionError(f"a process was started: {args}")
-  monkeypatch.setattr(subprocess, "run", refuse)
+pytestmark = pytest.mark.usefixtures("nothing_runs")  # tests/launch/conftest.py
 
 
 def remote_script(line: str) -> str:
