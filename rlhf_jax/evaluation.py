@@ -12,8 +12,8 @@ def sample_stream(graphdef, params, prompt_batches: Iterable[dict], cfg: Samplin
                   key, first_id: int = 0) -> Iterator[tuple[dict, dict]]:
   """(batch, host outputs {tokens, mask, finished}) for each prompt batch, every row of it.
 
-  The prompt at position n of the stream samples as row id first_id + n (sampling.py), so its answer
-  depends neither on the batch size nor on the number of processes. Rows are sharded over the
+  The prompt at position n of the stream samples as row id first_id + n (sampling.py), so its
+  answer depends neither on the batch size nor on the number of processes. Rows are sharded over the
   params' mesh (each device samples its share) and the outputs gathered to every process."""
   offset = first_id
   mesh = sharding.mesh_of(params)

@@ -161,10 +161,14 @@ def mesh_of(params) -> Mesh:
                    else jax.devices()[:1])
 
 
+@functools.lru_cache(maxsize=None)  # asked for every leaf of every batch: cache the answer
 def process_rows(mesh: Mesh, global_rows: int) -> slice:
   """The rows of a `global_rows`-row batch that this process's devices hold under
   batch_sharding(mesh): the rows it reads, samples, scores and passes to shard_batch. With
-  several processes each holds one contiguous block (all rows in one process)."""
+  several processes each holds one contiguous block (all rows in one process). A batch the
+  data axes do not divide is replicated (shard_global), so every process holds all of it."""
+  if global_rows % int(np.prod([mesh.shape[a] for a in BATCH_AXES])):
+    return slice(0, global_rows)
   index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
   blocks = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
                    for s in index.values()})
@@ -218,17 +222,6 @@ def to_host(x) -> np.ndarray:
       return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
-
-
-def local_rows(x) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, as numpy (no communication)."""
-  if not isinstance(x, jax.Array) or x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  rows = {}
-  for shard in x.addressable_shards:
-    start = shard.index[0].start or 0
-    rows.setdefault(start, np.asarray(shard.data))
-  return np.concatenate([rows[k] for k in sorted(rows)])
 
 
 def gather_rows(x_local, mesh: Mesh, global_rows: int) -> np.ndarray:

@@ -58,7 +58,8 @@ class Experience:
     return len(self.responses)
 
   def local_rows(self) -> slice:
-    """The rows this process's devices sampled: what a host-side scorer scores here."""
+    """The rows this process's devices sampled: what a host-side scorer scores here. (One
+    process holds them all, also for an Experience of text alone, without a rollout.)"""
     if jax.process_count() == 1:
       return slice(0, self.rows)
     return sharding.process_rows(sharding.mesh_of(self.rollout.tokens_BxT), self.rows)
