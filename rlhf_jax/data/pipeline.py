@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from rlhf_jax.data import chat
+from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.tokenizer import Tokenizer
 
 KINDS = ("lm", "sft")
@@ -71,6 +73,22 @@ def sft_example(prompt: str, response: str, tokenizer: Tokenizer, seq_len: int) 
   return _frame(ids, len(head), seq_len, tokenizer.pad_id, repr((prompt[:40], response[:40])))
 
 
+def chat_example(messages: Sequence[dict], tokenizer: Tokenizer, template: ChatTemplate,
+                 seq_len: int) -> dict:
+  """A whole conversation rendered by its chat template; the loss on EVERY assistant turn
+  (with the template's end-of-turn token, which is how the model learns to stop) and nowhere
+  else (chat.encode_chat). [bos] leads unless the template wrote it itself."""
+  tokens, mask = chat.encode_chat(tokenizer, template, messages)
+  if not tokens or tokens[0] != tokenizer.bos_id:
+    tokens, mask = [tokenizer.bos_id, *tokens], [0, *mask]
+  if len(tokens) > seq_len:
+    raise ValueError(f"conversation {str(messages)[:60]!r} is {len(tokens)} tokens (with bos), "
+                     f"longer than seq_len={seq_len}; raise seq_len or filter the data")
+  example = _frame(tokens, 1, seq_len, tokenizer.pad_id, "")
+  example["loss_mask"][:len(mask)] = np.asarray(mask, np.float32)
+  return example
+
+
 def prompt_example(prompt: str, response: str, tokenizer: Tokenizer, prompt_len: int) -> dict:
   """LEFT-padded [bos] + prompt, and the reference answer, for sampling."""
   ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
@@ -79,7 +97,10 @@ def prompt_example(prompt: str, response: str, tokenizer: Tokenizer, prompt_len:
                      f"prompt_len={prompt_len}")
   tokens = np.full(prompt_len, tokenizer.pad_id, np.int32)
   tokens[prompt_len - len(ids):] = ids
-  return {"prompt_tokens": tokens, "prompt_valid": tokens != tokenizer.pad_id,
+  # Validity by position, not by id: a tokenizer may use one token as pad and bos (Qwen2's
+  # <|endoftext|>), and the prompt's bos must stay valid.
+  valid = np.arange(prompt_len) >= prompt_len - len(ids)
+  return {"prompt_tokens": tokens, "prompt_valid": valid,
           "answers": np.str_(response), "example_valid": np.True_}
 
 
@@ -129,24 +150,26 @@ def read_rows(source: Sequence[dict], encode: Callable[[dict], dict], rows: slic
 
 
 def make_train_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int, seed: int,
-                        tokenizer: Tokenizer, kind: str,
-                        rows: slice = slice(None)) -> grain.DatasetIterator:
+                        tokenizer: Tokenizer, kind: str, rows: slice = slice(None),
+                        encode: Callable[[dict], dict] | None = None) -> grain.DatasetIterator:
   """Infinite, seeded, resumable training batches: this process's `rows` of each global batch
   (sharding.process_rows; all of them in one process).
 
   Shuffles globally, repeats forever with a fresh (seeded) order each epoch, and drops no
   examples: batches straddle epoch boundaries. `it.get_state()` is a JSON-able dict;
   `it.set_state(state)` on a new iterator over the same source and arguments continues with
-  exactly the batches the uninterrupted iterator would have produced.
+  exactly the batches the uninterrupted iterator would have produced. encode(record) ->
+  example replaces `kind`'s encoder (e.g. chat_example for message lists).
   """
+  encode = encode or _encoder(kind, tokenizer, seq_len)
   ds = global_order_batches(len(data_source), batch_size, seed=seed, repeat=True).map(
-      read_rows(data_source, _encoder(kind, tokenizer, seq_len), rows, batch_size))
+      read_rows(data_source, encode, rows, batch_size))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
 def make_eval_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len: int,
-                       tokenizer: Tokenizer, kind: str,
-                       rows: slice = slice(None)) -> Iterator[dict]:
+                       tokenizer: Tokenizer, kind: str, rows: slice = slice(None),
+                       encode: Callable[[dict], dict] | None = None) -> Iterator[dict]:
   """One pass in the source's order (this process's `rows` of each batch). The last partial
   batch is PADDED to batch_size with all-pad rows (loss_mask 0, valid False, example_valid
   False), so sums over the batch are exact and the eval step keeps one shape."""
@@ -154,7 +177,8 @@ def make_eval_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len:
   filler = {"tokens": np.full(seq_len, pad, np.int32), "loss_mask": np.zeros(seq_len, np.float32),
             "valid": np.zeros(seq_len, bool), "example_valid": np.False_}
   ds = global_order_batches(len(data_source), batch_size, seed=None, repeat=False).map(
-      read_rows(data_source, _encoder(kind, tokenizer, seq_len), rows, batch_size, filler))
+      read_rows(data_source, encode or _encoder(kind, tokenizer, seq_len), rows, batch_size,
+                filler))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 

@@ -7,7 +7,12 @@ Formats (the `format` flag value -> what one input record looks like):
                 (UltraFeedback-binarized); the response is each list's final assistant message.
   pairs         {"prompt": str, "chosen": str, "rejected": str}.
   sft_messages  {"messages": [messages]}: a conversation; loss on the assistant turns.
-  prompts       {"prompt": str | [messages]}: prompts for online RL (no reference response).
+  prompts       {"prompt": str | [messages], "answer": str (optional)}: prompts for online RL,
+                with the reference answer a verifier checks responses against, if any.
+  gsm8k         {"question": str, "answer": "<worked solution> #### 72"} (GSM8K): a prompt
+                with its reference solution; the answer after "####" is what is verified.
+  math          {"problem": str, "solution": "... \\boxed{\\frac{1}{2}} ..."} (MATH), or with
+                an "answer" field holding the final answer (MATH-500 style), used when present.
 A message is {"role": "system"|"user"|"assistant"|"tool", "content": str}. Other keys of a
 record (ids, scores) are ignored.
 
@@ -15,8 +20,10 @@ Normalised records (all fields text, so they go straight into an array_record TF
   preference (hh_rlhf, ultrafeedback, pairs):
     {"prompt", "prompt_kind", "chosen", "rejected"}
   sft_messages: {"messages"}                         JSON-encoded message list
-  prompts:      {"prompt", "prompt_kind", "response"}  response is "" (kept so the records fit
-                                                     pipeline.make_prompt_iterator as is)
+  prompts, gsm8k, math: {"prompt", "prompt_kind", "response"}  response is the reference
+                   answer or solution ("" when there is none), so the records fit
+                   pipeline.make_prompt_iterator as is; gsm8k and math prompts are a user
+                   message (prompt_kind "messages"), which a chat template renders
   prompt_kind is "text" (prompt is raw text the responses continue, e.g. HH's
   "\\n\\nHuman: Hi\\n\\nAssistant:" with chosen " Hello.") or "messages" (prompt is a
   JSON-encoded message list: the conversation before the response; chosen/rejected are the
@@ -34,12 +41,13 @@ from typing import Any, Callable, Sequence
 
 from rlhf_jax.data.tokenizer import Tokenizer
 
-FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "sft_messages", "prompts")
+FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "sft_messages", "prompts", "gsm8k", "math")
+PROMPT_FORMATS = ("prompts", "gsm8k", "math")
 PREFERENCE_FORMATS = ("hh_rlhf", "ultrafeedback", "pairs")
 PREFERENCE_FIELDS = ("prompt", "prompt_kind", "chosen", "rejected")
 FIELDS = {"hh_rlhf": PREFERENCE_FIELDS, "ultrafeedback": PREFERENCE_FIELDS,
           "pairs": PREFERENCE_FIELDS, "sft_messages": ("messages",),
-          "prompts": ("prompt", "prompt_kind", "response")}
+          **{f: ("prompt", "prompt_kind", "response") for f in PROMPT_FORMATS}}
 ROLES = ("system", "user", "assistant", "tool")
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -53,6 +61,7 @@ REASONS = (
     "empty_response",       # a response that is empty or whitespace only
     "identical_responses",  # chosen == rejected
     "too_long",             # over max_len tokens after tokenisation (bos/eos included)
+    "no_answer",            # gsm8k / math: the reference solution states no final answer
 )
 
 Messages = list[dict[str, str]]
@@ -186,22 +195,50 @@ def parse_sft_messages(obj: Any) -> dict[str, str]:
 
 def parse_prompts(obj: Any) -> dict[str, str]:
   prompt = _field(obj, "prompt", (str, list))
+  answer = _field(obj, "answer", str) if isinstance(obj, dict) and obj.get("answer") is not None \
+      else ""
   if isinstance(prompt, str):
     if not prompt.strip():
       raise Malformed("empty_prompt", "the prompt is empty")
-    return {"prompt": prompt, "prompt_kind": "text", "response": ""}
+    return {"prompt": prompt, "prompt_kind": "text", "response": answer}
   messages = _messages(prompt, "prompt")
   if messages[-1]["role"] == "assistant":
     raise Malformed("bad_messages", "a prompt message list must not end with an assistant "
                     "message")
   if not any(m["content"].strip() for m in messages):
     raise Malformed("empty_prompt", "the prompt is empty")
-  return {"prompt": _dumps(messages), "prompt_kind": "messages", "response": ""}
+  return {"prompt": _dumps(messages), "prompt_kind": "messages", "response": answer}
+
+
+def _question(text: str, answer: str) -> dict[str, str]:
+  if not text.strip():
+    raise Malformed("empty_prompt", "the question is empty")
+  return {"prompt": _dumps([{"role": "user", "content": text}]), "prompt_kind": "messages",
+          "response": answer}
+
+
+def parse_gsm8k(obj: Any) -> dict[str, str]:
+  question, answer = _field(obj, "question", str), _field(obj, "answer", str)
+  if "####" not in answer or not answer.rsplit("####", 1)[1].strip():
+    raise Malformed("no_answer", "the answer has no final '#### <number>' line")
+  return _question(question, answer)
+
+
+def parse_math(obj: Any) -> dict[str, str]:
+  problem = _field(obj, "problem", str)
+  if isinstance(obj.get("answer"), str) and obj["answer"].strip():
+    return _question(problem, obj["answer"])
+  solution = _field(obj, "solution", str)
+  if "\\boxed" not in solution and "\\fbox" not in solution:
+    raise Malformed("no_answer", "the solution has no \\boxed{...} final answer (and the record "
+                    "no 'answer' field)")
+  return _question(problem, solution)
 
 
 PARSERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "hh_rlhf": parse_hh_rlhf, "ultrafeedback": parse_ultrafeedback, "pairs": parse_pairs,
-    "sft_messages": parse_sft_messages, "prompts": parse_prompts}
+    "sft_messages": parse_sft_messages, "prompts": parse_prompts, "gsm8k": parse_gsm8k,
+    "math": parse_math}
 
 
 def parse(fmt: str, obj: Any) -> dict[str, str]:
@@ -235,7 +272,7 @@ def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
   if record["prompt_kind"] == "text":
     return [(record["prompt"], r) for r in responses]
   context = json.loads(record["prompt"])
-  if fmt == "prompts":
+  if fmt in PROMPT_FORMATS:
     return [render_fn(context)]
   return [render_fn(context + [{"role": "assistant", "content": r}]) for r in responses]
 
@@ -246,7 +283,7 @@ def check_length(record: dict, fmt: str, tokenizer: Tokenizer, max_len: int,
   pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt)."""
   for prompt, response in render_pairs(record, fmt, render_fn):
     n = 1 + len(tokenizer.encode(prompt))
-    if fmt != "prompts":
+    if fmt not in PROMPT_FORMATS:
       n += len(tokenizer.encode(response)) + 1
     if n > max_len:
       raise Malformed("too_long", f"{n} tokens (with bos/eos) > max_len={max_len}")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import evaluation, sharding
+from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.rl.rollout import Experience, Rollout, RolloutStage, decode_responses, encode_prompts
 from rlhf_jax.sampling import SamplingConfig
 
@@ -57,16 +58,17 @@ def sample_heldout(stage: RolloutStage, policy_params, ref_params, value_params,
 
 
 def greedy_responses(graphdef, params, prompts: Sequence[str], *, prompt_len: int,
-                     batch_size: int, sampling: SamplingConfig, key) -> list[str]:
+                     batch_size: int, sampling: SamplingConfig, key,
+                     tokenizer: Tokenizer | None = None) -> list[str]:
   """One greedy answer per prompt, batched and keyed as sample_heldout (greedy ignores the
-  key; it keeps the batches aligned)."""
+  key; it keeps the batches aligned). tokenizer: the byte tokenizer when None."""
   cfg = dataclasses.replace(sampling, greedy=True)
   out = []
   for i, chunk in _chunks(prompts, batch_size):
-    toks, valid = encode_prompts(chunk, prompt_len)
+    toks, valid = encode_prompts(chunk, prompt_len, tokenizer)
     batch = {"prompt_tokens": toks, "prompt_valid": valid}
     for _, s in evaluation.sample_stream(graphdef, params, [batch], cfg, key, first_id=i):
-      out += decode_responses(s["tokens"], s["mask"])
+      out += decode_responses(s["tokens"], s["mask"], tokenizer)
   return out[:len(prompts)]
 
 

@@ -5,6 +5,8 @@ of EVERY row, the same on every process of a job:
   RewardModelScorer   a learned reward model or an ensemble of them (mean / WCO / UWO over
                       members, each normalised by its SFT-sample statistics first)
   VerifierScorer      a rule on the text: 1.0 if verify(response, answer) else 0.0 (RLVR)
+  FunctionsScorer     K reward functions of the text (rlhf_jax/rewards/functions.py), one
+                      column each: rewards_BxK, NaN where a function could not score a row
   Penalised           another scorer minus length and truncation terms
 
 A reward model scores on the devices (each its rows); a rule on the text scores this process's
@@ -25,6 +27,7 @@ import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.rl import comparisons
+from rlhf_jax.rewards import functions
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import reward
 
@@ -102,6 +105,23 @@ class VerifierScorer:
     rows = exp.local_rows()
     return exp.gather(np.array([self.verify(y, self.answers[p]) for p, y in
                                 zip(exp.prompts[rows], exp.responses[rows])], np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionsScorer:
+  """rewards_BxK (float32): column k is functions[k] = (name, fn) called on this process's
+  rows with (prompts, completions, reference answers; None where a prompt has none), NaN where
+  it returned None or NaN (not computed: masked out of the group statistics downstream)."""
+  functions: Sequence[tuple[str, Callable]]
+  answers: Mapping[str, str]
+
+  def __call__(self, exp: Experience) -> np.ndarray:
+    rows = exp.local_rows()
+    prompts, completions = list(exp.prompts[rows]), list(exp.responses[rows])
+    answers = [self.answers.get(p) or None for p in prompts]
+    columns = [functions.call(fn, name, prompts, completions, answers)
+               for name, fn in self.functions]
+    return exp.gather(np.stack(columns, axis=1).astype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)

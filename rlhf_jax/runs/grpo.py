@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import provenance
 from rlhf_jax.runs import plots
-from rlhf_jax.pipeline import chain, config, lm, sft, worlds
+from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models, sft, worlds
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import loop as rl_loop, scorers
@@ -66,7 +66,8 @@ ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags):
+class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
+                 prompt_sets.PromptFileFlags):
   sft_flagfile: str = config.flag("experiments/configs/sft_grpo_tiny.flags",
                                "Flagfile of the SFT stage the policy starts from.")
   stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
@@ -109,9 +110,14 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "arithmetic":
+    if self.file_mode:
+      self._check_file_mode()
+    elif self.world != "arithmetic":
       raise ValueError("experiments.grpo runs on --world=arithmetic (its reward is the "
-                       "arithmetic verifier)")
+                       "arithmetic verifier) or on --prompt_files")
+    elif self.init_hf or self.export_hf:
+      raise ValueError("--init_hf and --export_hf need --prompt_files (the arithmetic world "
+                       "starts from its own SFT stage, in its byte vocabulary)")
     if self.advantage == "rloo" and self.group_size < 2:
       raise ValueError(f"--advantage=rloo needs --group_size >= 2 (its baseline is the mean "
                        f"of the other G - 1 samples), got --group_size={self.group_size}")
@@ -155,6 +161,21 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags):
       raise ValueError(f"--batch_size * --group_size = {rows} rollout rows must be divisible "
                        f"by --num_minibatches * --num_microbatches = "
                        f"{self.num_minibatches * self.num_microbatches}")
+
+  def _check_file_mode(self):
+    self.check_prompt_files()
+    if self.algorithm not in ("grpo", "gspo"):
+      raise ValueError(f"--algorithm={self.algorithm} runs on the arithmetic world only; "
+                       "--prompt_files runs grpo or gspo")
+    if self.advantage != "grpo":
+      raise ValueError(f"--advantage={self.advantage} is a world-mode estimator; with "
+                       "--prompt_files pass --adv_std_scale=none for Dr. GRPO's mean-centred "
+                       "advantage")
+    if self.matched_sft:
+      raise ValueError("--matched_sft trains on the world's correct answers; it is not "
+                       "available with --prompt_files")
+    if self.max_new_tokens < 1:
+      raise ValueError("--prompt_files needs --max_new_tokens (response tokens per sample)")
 
   def effective(self) -> "GRPOConfig":
     if not self.smoke:

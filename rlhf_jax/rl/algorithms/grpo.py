@@ -69,9 +69,20 @@ def make_group_advantages_fn(group_size: int, *, estimator: str, std_ddof: int =
 
 
 def informative_groups(rewards_BxG) -> np.ndarray:
-  """bool per group: its rewards are not all equal."""
-  r = np.asarray(rewards_BxG)
-  return r.max(axis=1) != r.min(axis=1)
+  """bool per group: its rewards are not all equal. rewards_BxGxK (several reward functions,
+  NaN where one could not score a row): some function's scored values differ in the group."""
+  r = np.asarray(rewards_BxG, np.float64)
+  r = r.reshape(*r.shape[:2], -1)
+  scored = ~np.isnan(r)
+  hi = np.where(scored, r, -np.inf).max(axis=1)
+  lo = np.where(scored, r, np.inf).min(axis=1)
+  return (hi > lo).any(axis=-1)
+
+
+def groups_of(rewards, group_size: int) -> np.ndarray:
+  """rewards_B -> BxG, rewards_BxK -> BxGxK (prompt-major rows)."""
+  r = np.asarray(rewards)
+  return r.reshape(-1, group_size, *r.shape[1:])
 
 
 class Selection(NamedTuple):
@@ -88,7 +99,7 @@ def select_groups(rounds: list, batch_groups: int, group_size: int) -> Selection
   zero-variance groups, their response mask zeroed: absent from the loss and its normaliser."""
   good, flat = [], []
   for r, (_, rewards_B) in enumerate(rounds):
-    for g, ok in enumerate(informative_groups(np.asarray(rewards_B).reshape(-1, group_size))):
+    for g, ok in enumerate(informative_groups(groups_of(rewards_B, group_size))):
       (good if ok else flat).append((r, g))
   picked = (good + flat)[:batch_groups]
   if len(picked) < batch_groups:
@@ -191,7 +202,9 @@ class GroupSampling(StatelessAlgorithm):
 
   Per iteration: batch_size distinct prompts drawn by (seed, it) (round r > 0 of dynamic
   sampling: (seed, it, r)), sampled with fold_in(key(seed), it) (round r: fold_in of that
-  by r), scored; make_batch turns the selected groups into train rows, shuffled by
+  by r), scored (rewards_B, or rewards_BxK from several reward functions, whose make_batch
+  reports the reward statistics); make_batch turns the selected groups into train rows,
+  shuffled by
   default_rng((seed, it, 1)). The log's reward and zero-variance fraction are the FIRST
   rollout's (the on-policy sample of fresh prompts, comparable with and without dynamic
   sampling), with rollout_rounds and informative_groups. prompts_seen keeps the prompts whose
@@ -227,7 +240,7 @@ class GroupSampling(StatelessAlgorithm):
                                   jax.random.fold_in(key, r) if r else key)
       exp.rewards_B = np.asarray(self.scorer(exp), np.float32)
       rounds.append(exp)
-      informative += int(informative_groups(exp.rewards_B.reshape(-1, g)).sum())
+      informative += int(informative_groups(groups_of(exp.rewards_B, g)).sum())
       if informative >= self.batch_size:
         break
     if not self.dynamic_sampling_rounds:  # every group enters the loss, informative or not
@@ -241,7 +254,9 @@ class GroupSampling(StatelessAlgorithm):
                                         if self.dynamic_sampling_rounds else firsts(rounds[0]))
     self.prompts_seen["rolled_out"].append([p for e in rounds for p in firsts(e)])
     batch, stats = self.make_batch(sel.rollout, sel.rewards_B)
-    stats = {**stats, **group_stats(rounds[0].rewards_B.reshape(-1, g)),
+    if rounds[0].rewards_B.ndim == 1:  # several rewards: make_batch's stats have them
+      stats = {**stats, **group_stats(rounds[0].rewards_B.reshape(-1, g))}
+    stats = {**stats,
              **rollout_summary(rounds[0].rollout),
              "informative_groups": sel.informative / self.batch_size,
              "rollout_rounds": float(len(rounds))}
