@@ -15,13 +15,14 @@ import jax.numpy as jnp
 
 from rlhf_jax import provenance
 from rlhf_jax.data import builders
-from rlhf_jax.pipeline import lm, worlds
+from rlhf_jax.pipeline import lm, real_models, sft_files, worlds
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.train.logging import write_json
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig(lm.LMConfig, lm.ArithmeticFlags, lm.SycophancyFlags):
+class SFTConfig(lm.LMConfig, lm.ArithmeticFlags, lm.SycophancyFlags, real_models.HFFlags,
+                sft_files.SFTFileFlags):
   pretrain_flagfile: str = flag("experiments/configs/pretrain_tiny.flags",
                                     "Flagfile of the pretraining stage this run starts from.")
   stage_root: str = flag("workdirs/stages", "Where cached upstream stages live.")
@@ -31,6 +32,11 @@ class SFTConfig(lm.LMConfig, lm.ArithmeticFlags, lm.SycophancyFlags):
     super().__post_init__()
     if self.num_sft < 1:
       raise ValueError(f"--num_sft must be >= 1, got {self.num_sft}")
+    if self.file_mode:
+      self.check_data_files()
+    elif self.init_hf or self.export_hf:
+      raise ValueError("--init_hf and --export_hf need --data_files (the world's SFT starts "
+                       "from its own pretraining stage, in its byte vocabulary)")
 
 
 def run(cfg: SFTConfig, base_dir: str) -> dict:
