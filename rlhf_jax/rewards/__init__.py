@@ -1,0 +1,1 @@
+"""Rule-based rewards on text: answer verifiers and batched reward functions (RLVR)."""
