@@ -6,6 +6,9 @@ Formats (the `format` flag value -> what one input record looks like):
   ultrafeedback {"prompt": str, "chosen": [messages], "rejected": [messages]}
                 (UltraFeedback-binarized); the response is each list's final assistant message.
   pairs         {"prompt": str, "chosen": str, "rejected": str}.
+  rankings      {"prompt": str | [messages], "responses": [str, ...]}: K >= 2 responses best
+                first, or with "scores": [number, ...] (higher is better) to rank them by
+                (tied scores are malformed: a ranking needs a strict order).
   sft_messages  {"messages": [messages]}: a conversation; loss on the assistant turns.
   prompts       {"prompt": str | [messages], "answer": str (optional)}: prompts for online RL,
                 with the reference answer a verifier checks responses against, if any.
@@ -19,6 +22,7 @@ record (ids, scores) are ignored.
 Normalised records (all fields text, so they go straight into an array_record TFDS build):
   preference (hh_rlhf, ultrafeedback, pairs):
     {"prompt", "prompt_kind", "chosen", "rejected"}
+  rankings:     {"prompt", "prompt_kind", "responses"}  responses JSON-encoded, best first
   sft_messages: {"messages"}                         JSON-encoded message list
   prompts, gsm8k, math: {"prompt", "prompt_kind", "response"}  response is the reference
                    answer or solution ("" when there is none), so the records fit
@@ -41,12 +45,14 @@ from typing import Any, Callable, Sequence
 
 from rlhf_jax.data.tokenizer import Tokenizer
 
-FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "sft_messages", "prompts", "gsm8k", "math")
+FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "rankings", "sft_messages", "prompts", "gsm8k",
+           "math")
 PROMPT_FORMATS = ("prompts", "gsm8k", "math")
 PREFERENCE_FORMATS = ("hh_rlhf", "ultrafeedback", "pairs")
 PREFERENCE_FIELDS = ("prompt", "prompt_kind", "chosen", "rejected")
 FIELDS = {"hh_rlhf": PREFERENCE_FIELDS, "ultrafeedback": PREFERENCE_FIELDS,
           "pairs": PREFERENCE_FIELDS, "sft_messages": ("messages",),
+          "rankings": ("prompt", "prompt_kind", "responses"),
           **{f: ("prompt", "prompt_kind", "response") for f in PROMPT_FORMATS}}
 ROLES = ("system", "user", "assistant", "tool")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -62,6 +68,7 @@ REASONS = (
     "identical_responses",  # chosen == rejected
     "too_long",             # over max_len tokens after tokenisation (bos/eos included)
     "no_answer",            # gsm8k / math: the reference solution states no final answer
+    "tied_scores",          # rankings: two responses with the same score
 )
 
 Messages = list[dict[str, str]]
@@ -181,6 +188,38 @@ def parse_pairs(obj: Any) -> dict[str, str]:
   return {"prompt": prompt, "prompt_kind": "text", "chosen": chosen, "rejected": rejected}
 
 
+def parse_rankings(obj: Any) -> dict[str, str]:
+  prompt = _field(obj, "prompt", (str, list))
+  responses = _field(obj, "responses", list)
+  if len(responses) < 2:
+    raise Malformed("bad_messages", f"{len(responses)} responses; a ranking needs >= 2")
+  for i, r in enumerate(responses):
+    if not isinstance(r, str):
+      raise Malformed("wrong_type", f"responses[{i}] is a {type(r).__name__}, expected a string")
+    if not r.strip():
+      raise Malformed("empty_response", f"responses[{i}] is empty")
+  if len(set(responses)) < len(responses):
+    raise Malformed("identical_responses", "two responses are identical")
+  if obj.get("scores") is not None:
+    scores = _field(obj, "scores", list)
+    if len(scores) != len(responses) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+      raise Malformed("wrong_type", f"scores must be {len(responses)} numbers, one per response")
+    if len(set(scores)) < len(scores):
+      raise Malformed("tied_scores", f"scores {scores} tie; a ranking needs a strict order")
+    responses = [r for _, r in sorted(zip(scores, responses), key=lambda x: -x[0])]
+  if isinstance(prompt, str):
+    if not prompt.strip():
+      raise Malformed("empty_prompt", "the prompt is empty")
+    return {"prompt": prompt, "prompt_kind": "text", "responses": json.dumps(responses)}
+  messages = _messages(prompt, "prompt")
+  if messages[-1]["role"] == "assistant":
+    raise Malformed("bad_messages", "a prompt message list must not end with an assistant "
+                    "message")
+  return {"prompt": _dumps(messages), "prompt_kind": "messages",
+          "responses": json.dumps(responses)}
+
+
 def parse_sft_messages(obj: Any) -> dict[str, str]:
   messages = _messages(_field(obj, "messages", list), "messages")
   if messages[-1]["role"] != "assistant":
@@ -237,6 +276,7 @@ def parse_math(obj: Any) -> dict[str, str]:
 
 PARSERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "hh_rlhf": parse_hh_rlhf, "ultrafeedback": parse_ultrafeedback, "pairs": parse_pairs,
+    "rankings": parse_rankings,
     "sft_messages": parse_sft_messages, "prompts": parse_prompts, "gsm8k": parse_gsm8k,
     "math": parse_math}
 
@@ -268,7 +308,8 @@ def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
   record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
   if fmt == "sft_messages":
     return [render_fn(json.loads(record["messages"]))]
-  responses = [record["chosen"], record["rejected"]] if fmt in PREFERENCE_FORMATS else [""]
+  responses = ([record["chosen"], record["rejected"]] if fmt in PREFERENCE_FORMATS else
+               json.loads(record["responses"]) if fmt == "rankings" else [""])
   if record["prompt_kind"] == "text":
     return [(record["prompt"], r) for r in responses]
   context = json.loads(record["prompt"])

@@ -33,7 +33,7 @@ from rlhf_jax import sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.losses import bradley_terry as bt
 from rlhf_jax.models.transformer import ScalarHeadModel
-from rlhf_jax.pipeline import lm, worlds
+from rlhf_jax.pipeline import lm, real_models, reward_files, worlds
 from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.rl import comparisons, scorers
 from rlhf_jax.train import checkpoint, reward
@@ -46,7 +46,8 @@ REWARD_MODELS = ("bt", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig(lm.LMConfig, lm.SycophancyFlags):
+class RewardConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags,
+                   reward_files.RewardFileFlags):
   sft_flagfile: str = flag("experiments/configs/sft_gold_tiny.flags",
                                "Flagfile of the SFT stage whose samples are ranked and whose "
                                "backbone initialises the reward models.")
@@ -66,7 +67,12 @@ class RewardConfig(lm.LMConfig, lm.SycophancyFlags):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world not in registry.PREFERENCE_WORLDS:
+    if self.file_mode:
+      self.check_data_files()
+    elif self.init_hf or self.export_hf:
+      raise ValueError("--init_hf and --export_hf need --data_files (the world's reward models "
+                       "start from its own SFT stage, in its byte vocabulary)")
+    if self.world not in registry.PREFERENCE_WORLDS and not self.file_mode:
       raise ValueError(f"experiments.reward needs a preference world "
                        f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
     if ((registry.get(self.world).pairs_only or self.reward_model == "pairwise")

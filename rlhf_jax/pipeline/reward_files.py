@@ -1,0 +1,150 @@
+"""Bradley-Terry reward models on local preference files from a Hugging Face checkpoint (the
+reward stage's file mode; the simulated raters' rankings are reward.py's).
+
+    python -m experiments.reward --init_hf=out/sft --data_files=data/hh/train.jsonl \\
+        --data_format=hh_rlhf --seq_len=512 --export_hf=out/rm
+
+Data (--data_files): preference pairs (hh_rlhf, ultrafeedback, pairs: a ranking of K = 2,
+chosen first) or K-way rankings (rankings: K >= 2 responses best first, or ranked by their
+scores). Every pair of a prompt's ranking trains in one batch, weighted 1/C(K,2) (the
+InstructGPT ranking loss, train/reward.py); prompts with fewer responses than the file's
+largest K are padded with absent responses. Message prompts render with the tokenizer's chat
+template (each response as the assistant reply), text prompts verbatim.
+
+Model: --init_hf a causal LM (an SFT model: its backbone with a fresh scalar head, Ouyang 2022
+sec 3.5) or a *ForSequenceClassification reward model (trained further). Held out: a hashed
+--test_fraction, its pairwise accuracy and loss logged every --eval_every steps. --export_hf
+writes *ForSequenceClassification (num_labels=1), the layout transformers' reward models load,
+scoring at the last non-padding token. HF's score layer has no bias: the head's bias, which
+the pairwise loss cannot see (r_w - r_l is shift invariant), is dropped from the export.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax import provenance, sharding
+from rlhf_jax.data import builders, file_datasets, pairs, pipeline
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import ScalarHeadModel
+from rlhf_jax.pipeline import lm, real_models
+from rlhf_jax.pipeline.config import flag
+from rlhf_jax.train import reward
+from rlhf_jax.train import step as step_lib
+from rlhf_jax.train.logging import write_json
+
+REWARD_FORMATS = (*pf.PREFERENCE_FORMATS, "rankings")
+_KEYS = ("tokens_BxKxT", "valid_BxKxT", "response_valid_BxK")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFileFlags:
+  data_files: str = flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet); "
+                         "set, the stage trains on them instead of simulated raters' labels.")
+  data_format: str = flag("hh_rlhf", "Record format of --data_files.", choices=REWARD_FORMATS)
+  test_fraction: float = flag(0.05, "Held-out fraction (hashed by prompt).")
+  on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
+                       choices=file_datasets.ON_ERROR)
+
+  @property
+  def file_mode(self) -> bool:
+    return bool(self.data_files)
+
+  def check_data_files(self):
+    if not 0.0 < self.test_fraction < 1.0:
+      raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+    if self.reward_model != "bt" or self.ensemble_size != 1:
+      raise ValueError("--data_files trains one Bradley-Terry reward model: pass "
+                       "--reward_model=bt --ensemble_size=1")
+
+
+def max_responses(source, fmt: str) -> int:
+  if fmt != "rankings":
+    return 2
+  return max(len(json.loads(pipeline._text(source[i]["responses"]))) for i in range(len(source)))
+
+
+def make_encoder(fmt: str, tokenizer, render_fn, seq_len: int, k: int):
+  """record -> {tokens_BxKxT: K x T, valid_BxKxT, response_valid_BxK: K}: [bos] + prompt +
+  response + [eos] per response in rank order, right-padded; absent responses are all
+  padding with response_valid False."""
+  def encode(record):
+    seqs = pf.render_pairs(record, fmt, render_fn)
+    tokens = np.full((k, seq_len), tokenizer.pad_id, np.int32)
+    valid = np.zeros((k, seq_len), bool)
+    for j, (prompt, response) in enumerate(seqs):
+      ids = [tokenizer.bos_id, *tokenizer.encode(prompt), *tokenizer.encode(response),
+             tokenizer.eos_id]
+      if len(ids) > seq_len:
+        raise ValueError(f"prompt + response {j} of {prompt[:40]!r} is {len(ids)} tokens, "
+                         f"longer than --seq_len={seq_len}")
+      tokens[j, :len(ids)], valid[j, :len(ids)] = ids, True
+    return {"tokens_BxKxT": tokens, "valid_BxKxT": valid,
+            "response_valid_BxK": np.arange(k) < len(seqs)}
+  return encode
+
+
+def init_reward_model(cfg, mcfg, mesh):
+  """(graphdef, params, shardings): an HF reward model as it is, an HF causal LM's backbone
+  with a fresh scalar head (seeded by --seed), or a random --model preset."""
+  if cfg.init_hf and hf.architecture(hf.read_hf_config(cfg.init_hf))[2] == "scalar":
+    return real_models.load(cfg.init_hf, mesh, cfg, kind="scalar")
+  g, fresh, shardings = sharding.init_sharded(lambda r: ScalarHeadModel(mcfg, rngs=r),
+                                              jax.random.key(cfg.seed), mesh)
+  if cfg.init_hf:
+    _, policy, _ = real_models.load(cfg.init_hf, mesh, cfg)
+    fresh = reward.init_reward_from_policy(policy, fresh)
+  return g, fresh, shardings
+
+
+def run(cfg) -> dict:
+  """Trains a reward model on --data_files; writes <workdir>/result.json (and --export_hf)."""
+  cfg = cfg.effective()
+  mcfg = real_models.model_config(cfg, lm.model_config)
+  mesh = lm.setup(cfg)
+  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
+  real_models.check_vocabulary(tok, mcfg)
+  built = file_datasets.build_file_dataset(
+      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
+      on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
+      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+  train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
+  k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
+  encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
+  graphdef, params, shardings = init_reward_model(cfg, mcfg, mesh)
+  loss_fn = reward.ranking_loss_fn(graphdef)
+  batch_shardings = {key: sharding.batch_sharding(mesh) for key in _KEYS}
+  eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,
+                                         batch_shardings)
+
+  # The last eval batch is filled with rows of no valid response: they add nothing to a sum.
+  filler = {**encode(test[0]), "response_valid_BxK": np.zeros(k, bool)}
+
+  def eval_fn(p):
+    ds = pipeline.global_order_batches(len(test), cfg.eval_batch_size, seed=None,
+                                       repeat=False).map(pipeline.read_rows(
+        test, encode, sharding.process_rows(mesh, cfg.eval_batch_size), cfg.eval_batch_size,
+        filler))
+    batches = iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
+    return step_lib.evaluate(eval_step, p, (sharding.shard_batch(b, mesh) for b in batches))
+
+  it = pairs.make_pair_train_iterator(train, batch_size=cfg.batch_size, seed=lm.data_seed(cfg),
+                                      encode=encode,
+                                      rows=sharding.process_rows(mesh, cfg.batch_size))
+  final, summary = lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
+                                   eval_fn=eval_fn,
+                                   tokens_per_batch=cfg.batch_size * k * cfg.seq_len,
+                                   stage="reward")
+  real_models.export(cfg, graphdef, final.params, drop_head_bias=True)
+  result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
+            "steps": summary["final_step"], "responses_per_prompt": k,
+            "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped},
+            "head_bias_dropped": float(sharding.to_host(final.params["head_b"])),
+            "provenance": provenance.provenance()}
+  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
+  print(f"held-out pairwise accuracy {summary['eval']['accuracy']:.3f}, loss "
+        f"{summary['eval']['loss']:.4f}")
+  return result
