@@ -30,12 +30,19 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
   test_fraction: float = config.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
   on_error: str = config.flag("raise", "Malformed records: fail the build or skip and count them.",
                            choices=file_datasets.ON_ERROR)
-  loss: str = config.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs).",
-                       choices=preference.LOSSES)
-  beta: float = config.flag(0.1, "DPO/cDPO KL coefficient beta (> 0).")
-  label_smoothing: float = config.flag(0.0, "cDPO label-flip probability eps in [0, 0.5].")
+  loss: str = config.flag("dpo", "Objective (kto needs unpaired labels: refused on pairs; "
+                       "simpo needs no reference model).", choices=preference.LOSSES)
+  beta: float = config.flag(0.1, "KL coefficient beta (> 0) of dpo/cdpo/robust_dpo/kto; hinge's "
+                         "inverse margin 1/beta; simpo's reward scale on averaged log-probs, "
+                         "where the 0.1 default is far too small: SimPO used 2 to 2.5 (later 10).")
+  label_smoothing: float = config.flag(0.0, "Label-flip probability eps: cdpo's in [0, 0.5], "
+                                    "robust_dpo's in [0, 0.5) (0: plain DPO).")
   ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
-  average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO).")
+  simpo_gamma: float = config.flag(0.5, "SimPO target reward margin gamma (>= 0; margin gamma/beta "
+                                "in averaged log-prob). 0.5: TRL's default, in SimPO's grid "
+                                "0.3-1.6 (at beta 2: 0.25 nats per token).")
+  average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO); "
+                                 "simpo always averages.")
   precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
   export_hf: str = config.flag("", "Directory to export the trained policy to (HF layout).")
   dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory plan only "
@@ -64,6 +71,12 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
       raise ValueError(f"--ipo_tau must be > 0, got {self.ipo_tau}")
     if not 0.0 <= self.label_smoothing <= 0.5:
       raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+    if self.loss == "robust_dpo" and self.label_smoothing >= 0.5:
+      raise ValueError(f"--label_smoothing={self.label_smoothing} with --loss=robust_dpo: robust "
+                       "DPO divides by 1 - 2 eps, so eps must be < 0.5; pass --label_smoothing "
+                       "below 0.5 (your estimate of the labels' flip rate)")
+    if self.simpo_gamma < 0:
+      raise ValueError(f"--simpo_gamma must be >= 0, got {self.simpo_gamma}")
     if not 0.0 <= self.test_fraction < 1.0:
       raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
     if self.world_mode:

@@ -4,8 +4,8 @@
 
 One policy forward covers both sides: chosen and rejected rows are concatenated along the
 batch (2B rows), which halves the number of kernel launches and keeps the two sides on the
-same devices. Sequence log-probs are sums over the response tokens (docs/math.md, conventions), or means with
-average=True (TRL's IPO).
+same devices. Sequence log-probs are sums over the response tokens (docs/math.md,
+conventions), or means with average=True (TRL's IPO; always for SimPO).
 
 Reference log-probs come from one of two places:
   - precomputed (default for training): `reference_logps_fn` runs the frozen reference once
@@ -13,7 +13,8 @@ Reference log-probs come from one of two places:
     The step then holds ONE model: no reference params, no reference forward.
   - in-step: `ref_params` closed over by the loss_fn (jit treats them as constants of the
     step: fine for a fixed reference), used when the batch carries no reference values.
-Both give identical losses (a test checks it).
+Both give identical losses (a test checks it). SimPO needs neither (`needs_reference`): its
+loss_fn reads no reference values and ignores ref_params, so callers skip the precompute.
 
 Rows with example_valid False (padding of the last eval batch) weigh 0: each pair's loss and
 metrics are computed per row (vmap over the (B,) loss) and summed with that weight.
@@ -30,10 +31,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.logprobs import sequence_logps, shifted_logps
-from rlhf_jax.losses import diagnostics, dpo
+from rlhf_jax.losses import diagnostics, dpo, dpo_variants
 
-LOSSES = ("dpo", "cdpo", "ipo", "kto")
-PAIR_LOSSES = ("dpo", "cdpo", "ipo")
+LOSSES = ("dpo", "cdpo", "ipo", "kto", "hinge", "robust_dpo", "simpo")
+PAIR_LOSSES = ("dpo", "cdpo", "ipo")  # the online DPO's choices
+REFERENCE_FREE = ("simpo",)
 KTO_REFUSAL = "KTO needs desirable/undesirable labels; this dataset format has pairs"
 
 
@@ -66,11 +68,27 @@ def check_loss(loss: str, *, unpaired_labels: bool = False) -> None:
     raise ValueError(KTO_REFUSAL)
 
 
-def _pair_objective(loss: str, *, beta: float, label_smoothing: float, ipo_tau: float):
-  """(pc, pr, rc, rr) -> (loss, metric sums) for one family member; cdpo is dpo with eps."""
+def needs_reference(loss: str) -> bool:
+  """Whether --loss reads reference log-probs: False for SimPO (reference-free), whose callers
+  skip the reference precompute and the reference params."""
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  return loss not in REFERENCE_FREE
+
+
+def _pair_objective(loss: str, *, beta: float, label_smoothing: float, ipo_tau: float,
+                    simpo_gamma: float):
+  """(pc, pr[, rc, rr]) -> (loss, metric sums) for one family member; cdpo is dpo with eps,
+  robust_dpo takes eps = label_smoothing too; simpo takes no reference log-probs."""
   check_loss(loss)
   if loss == "ipo":
     return lambda *a: dpo.ipo_loss(*a, ipo_tau=ipo_tau)
+  if loss == "hinge":
+    return lambda *a: dpo_variants.hinge_loss(*a, beta=beta)
+  if loss == "robust_dpo":
+    return lambda *a: dpo_variants.robust_dpo_loss(*a, beta=beta, label_smoothing=label_smoothing)
+  if loss == "simpo":
+    return lambda *a: dpo_variants.simpo_loss(*a, beta=beta, gamma=simpo_gamma)
   eps = label_smoothing if loss == "cdpo" else 0.0
   return lambda *a: dpo.dpo_loss(*a, beta=beta, label_smoothing=eps)
 
@@ -90,24 +108,31 @@ def _reference_logps(graphdef, ref_params, batch, average: bool):
 
 def preference_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1,
                        label_smoothing: float = 0.0, ipo_tau: float = 0.1,
-                       average_logps: bool = False, ref_params=None):
+                       simpo_gamma: float = 0.5, average_logps: bool = False, ref_params=None):
   """The loss_fn for step.make_train_step / make_eval_step (see the module docstring).
+
+  loss="simpo" always uses length-averaged policy log-probs (SimPO's reward is defined on
+  them), whatever average_logps says, and reads no reference: the batch's ref_* values and
+  ref_params, if given, are ignored. Every other loss needs either.
 
   Metrics (sums; the step divides by the pair count): rewards/chosen, rewards/rejected,
   rewards/margins, rewards/accuracies (implicit-reward preference accuracy), logps/chosen,
-  logps/rejected (policy sequence log-probs)."""
+  logps/rejected (policy sequence log-probs; SimPO: their per-token means)."""
   objective = _pair_objective(loss, beta=beta, label_smoothing=label_smoothing,
-                              ipo_tau=ipo_tau)
+                              ipo_tau=ipo_tau, simpo_gamma=simpo_gamma)
+  with_ref = needs_reference(loss)
+  average = average_logps or not with_ref
 
-  def per_pair(pc, pr, rc, rr):
-    _, sums = objective(pc[None], pr[None], rc[None], rr[None])
+  def per_pair(*logps):
+    _, sums = objective(*(x[None] for x in logps))
     return sums
 
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward
-    policy_chosen, policy_rejected = pair_logps(graphdef, params, batch, average=average_logps)
-    ref_chosen, ref_rejected = _reference_logps(graphdef, ref_params, batch, average_logps)
-    sums = jax.vmap(per_pair)(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    logps = pair_logps(graphdef, params, batch, average=average)
+    if with_ref:
+      logps += _reference_logps(graphdef, ref_params, batch, average)
+    sums = jax.vmap(per_pair)(*logps)
     weight_B = batch["example_valid"].astype(jnp.float32)
     total = {k: jnp.sum(weight_B * v) for k, v in sums.items()}
     aux = {k.removesuffix("_sum"): v for k, v in total.items()
