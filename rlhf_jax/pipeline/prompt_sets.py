@@ -13,11 +13,12 @@ the rendered text is what the policy samples from and what reward functions rece
 prompt.
 """
 import dataclasses
+import json
 import math
 
 import numpy as np
 
-from rlhf_jax.data import builders, file_datasets
+from rlhf_jax.data import builders, file_datasets, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.rewards import functions
@@ -25,6 +26,7 @@ from rlhf_jax.rewards.math_answers import answers_match, extract_answer, referen
 
 NORMALIZATIONS = ("sum", "each")
 STD_SCALES = ("group", "batch", "none")
+PROMPT_SOURCES = (*pf.PROMPT_FORMATS, *pf.PREFERENCE_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,8 @@ class PromptFileFlags:
                            "reference answers; set, the run trains on them instead of the "
                            "embedded world.")
   prompt_format: str = flag("gsm8k", "Record format of --prompt_files and --eval_files "
-                            "(rlhf_jax/data/preference_formats.py).", choices=pf.PROMPT_FORMATS)
+                            "(rlhf_jax/data/preference_formats.py); of a preference format, "
+                            "the prompts of its pairs.", choices=PROMPT_SOURCES)
   eval_files: str = flag("", "Held-out prompt files; empty: a hashed --test_fraction of "
                          "--prompt_files.")
   test_fraction: float = flag(0.05, "Held-out fraction of --prompt_files (hashed by prompt) "
@@ -43,6 +46,24 @@ class PromptFileFlags:
   system_prompt: str = flag("", "System message put before every prompt conversation.")
   max_prompt_len: int = flag(256, "Longest prompt in tokens (bos included); longer records are "
                              "malformed (too_long).")
+
+  @property
+  def file_mode(self) -> bool:
+    return bool(self.prompt_files)
+
+  def check_prompt_files(self):
+    """Flag checks of a file-mode run, before anything is read or compiled."""
+    if not 0.0 < self.test_fraction < 1.0 and not self.eval_files:
+      raise ValueError(f"--test_fraction must be in (0, 1) without --eval_files, got "
+                       f"{self.test_fraction}")
+    if self.max_prompt_len < 2:
+      raise ValueError(f"--max_prompt_len must be >= 2, got {self.max_prompt_len}")
+    getattr(super(), "check_prompt_files", lambda: None)()
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunctionFlags:
+  """How a run on prompt files scores responses with reward functions (GRPO)."""
   reward_fns: str = flag("math", "Comma-separated reward functions: built-ins "
                          f"({', '.join(functions.BUILTINS)}) or package.module:function, "
                          "which RUNS that code (signature: rlhf_jax/rewards/functions.py).")
@@ -55,20 +76,12 @@ class PromptFileFlags:
                             "the whole batch's, or none (mean-centred only, Dr. GRPO).",
                             choices=STD_SCALES)
 
-  @property
-  def file_mode(self) -> bool:
-    return bool(self.prompt_files)
-
   def check_prompt_files(self):
-    """Flag checks of a file-mode run (before anything is read or compiled): the reward
-    functions resolve (an import error names the module now, not after loading a model)."""
-    if not 0.0 < self.test_fraction < 1.0 and not self.eval_files:
-      raise ValueError(f"--test_fraction must be in (0, 1) without --eval_files, got "
-                       f"{self.test_fraction}")
-    if self.max_prompt_len < 2:
-      raise ValueError(f"--max_prompt_len must be >= 2, got {self.max_prompt_len}")
+    """The reward functions resolve: an import error names the module now, not after a
+    model has been loaded."""
     for name, _ in self.reward_specs:
       functions.resolve(name)
+    getattr(super(), "check_prompt_files", lambda: None)()
 
   @property
   def reward_specs(self) -> list[tuple[str, float]]:
@@ -84,40 +97,72 @@ class PromptSet:
   answers: dict[str, str]
   report: file_datasets.Report
   prompt_len: int  # tokens of the longest prompt, bos included
+  too_long: int = 0  # preference files' prompts over --max_prompt_len, skipped
 
 
-def _prompts(source, fmt: str, render_fn, answers: dict[str, str]) -> list[str]:
+def prompt_text(record, render_fn) -> str:
+  """The text a policy samples from: a text prompt verbatim, a message prompt rendered with
+  the generation cue (the chat template's assistant header)."""
+  prompt = pipeline._text(record["prompt"])
+  if pipeline._text(record["prompt_kind"]) == "text":
+    return prompt
+  return render_fn(json.loads(prompt))[0]
+
+
+def _prompts(source, render_fn, answers: dict[str, str], keep) -> list[str]:
+  """Distinct prompts of a split in order (a preference file repeats a prompt per pair)."""
   out = []
   for i in range(len(source)):
     record = source[i]
-    (prompt, _), = pf.render_pairs(record, fmt, render_fn)
-    answer = record["response"].decode("utf-8")
-    if answers.setdefault(prompt, answer) != answer:
-      raise ValueError(f"prompt {prompt[:80]!r} appears with two reference answers "
-                       f"({answers[prompt][-40:]!r} and {answer[-40:]!r}); deduplicate the "
-                       "files")
-    out.append(prompt)
+    prompt = prompt_text(record, render_fn)
+    answer = pipeline._text(record.get("response", b""))
+    if prompt in answers:
+      if answers[prompt] != answer:
+        raise ValueError(f"prompt {prompt[:80]!r} appears with two reference answers "
+                         f"({answers[prompt][-40:]!r} and {answer[-40:]!r}); deduplicate the "
+                         "files")
+      continue
+    if keep(prompt):
+      answers[prompt] = answer
+      out.append(prompt)
   return out
 
 
 def build_prompt_set(cfg: PromptFileFlags, *, data_dir: str, tokenizer, render_fn,
                      render_id: str) -> PromptSet:
   """The train and held-out prompts of the flags' files (built once, reused while the files
-  and the rendering are unchanged)."""
+  and the rendering are unchanged). Prompt formats are length-checked at the build (too_long
+  records skipped or raised by --on_error); preference files, whose build checks whole
+  pairs, have their prompts checked here the same way."""
   files = cfg.prompt_files.split(",")
   if cfg.eval_files:
     files = {"train": files, "test": cfg.eval_files.split(",")}
+  checked = cfg.prompt_format in pf.PROMPT_FORMATS
   built = file_datasets.build_file_dataset(
       files, format=cfg.prompt_format, data_dir=data_dir, on_error=cfg.on_error,
-      test_fraction=None if cfg.eval_files else cfg.test_fraction, tokenizer=tokenizer,
-      max_len=cfg.max_prompt_len, render_fn=render_fn, render_id=render_id)
+      test_fraction=None if cfg.eval_files else cfg.test_fraction,
+      tokenizer=tokenizer if checked else None, max_len=cfg.max_prompt_len if checked else None,
+      render_fn=render_fn, render_id=render_id)
+  too_long = []
+
+  def fits(prompt: str) -> bool:
+    if 1 + len(tokenizer.encode(prompt)) <= cfg.max_prompt_len:
+      return True
+    too_long.append(prompt)
+    return False
+
   answers: dict[str, str] = {}
-  train, test = (_prompts(builders.load_split(built.builder, split), cfg.prompt_format,
-                          render_fn, answers) for split in ("train", "test"))
+  train, test = (_prompts(builders.load_split(built.builder, split), render_fn, answers, fits)
+                 for split in ("train", "test"))
+  if too_long and cfg.on_error == "raise":
+    raise ValueError(f"{len(too_long)} prompts are over --max_prompt_len={cfg.max_prompt_len} "
+                     f"tokens (first: {too_long[0][:60]!r}); raise it, or pass --on_error=skip "
+                     "to drop and count them")
   prompt_len = max(1 + len(tokenizer.encode(p)) for p in train + test)
   print(f"prompts: {len(train)} train, {len(test)} held out, longest {prompt_len} tokens; "
-        f"{built.report.num_skipped} malformed skipped {built.report.skipped or ''}")
-  return PromptSet(train, test, answers, built.report, prompt_len)
+        f"malformed records skipped: {built.report.skipped or 0}, prompts over "
+        f"--max_prompt_len skipped: {len(too_long)}")
+  return PromptSet(train, test, answers, built.report, prompt_len, len(too_long))
 
 
 def verify_math(response: str, answer: str) -> bool:

@@ -137,3 +137,16 @@ def export(cfg: HFFlags, graphdef, params, *, drop_head_bias: bool = False) -> N
     if (pathlib.Path(source) / name).exists():
       shutil.copy(pathlib.Path(source) / name, pathlib.Path(cfg.export_hf) / name)
   print(f"exported to {cfg.export_hf}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelFlags:
+  reward_hf: str = flag("", "With --prompt_files: the reward model, a Hugging Face "
+                        "*ForSequenceClassification directory.")
+  value_hf: str = flag("", "With --prompt_files: the value model's start, a reward model or a "
+                       "causal LM (empty: --reward_hf).")
+
+  def check_reward_model_flags(self):
+    if not self.reward_hf:
+      raise ValueError("--prompt_files needs --reward_hf (the reward model scoring responses; "
+                       "experiments.reward --data_files=... --export_hf=DIR trains one)")

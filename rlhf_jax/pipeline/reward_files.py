@@ -87,15 +87,18 @@ def make_encoder(fmt: str, tokenizer, render_fn, seq_len: int, k: int):
   return encode
 
 
-def init_reward_model(cfg, mcfg, mesh):
-  """(graphdef, params, shardings): an HF reward model as it is, an HF causal LM's backbone
-  with a fresh scalar head (seeded by --seed), or a random --model preset."""
-  if cfg.init_hf and hf.architecture(hf.read_hf_config(cfg.init_hf))[2] == "scalar":
-    return real_models.load(cfg.init_hf, mesh, cfg, kind="scalar")
+def init_scalar_model(path: str, cfg, mcfg, mesh, seed: int):
+  """(graphdef, params, shardings) of a ScalarHeadModel: the HF reward model at `path` as it
+  is, an HF causal LM's backbone there with a fresh scalar head (seeded), or with path "" a
+  random mcfg model."""
+  if path and hf.architecture(hf.read_hf_config(path))[2] == "scalar":
+    return real_models.load(path, mesh, cfg, kind="scalar")
+  if path:
+    mcfg = hf.config_from_hf(hf.read_hf_config(path), dtype="float32", compute_dtype=cfg.dtype)
   g, fresh, shardings = sharding.init_sharded(lambda r: ScalarHeadModel(mcfg, rngs=r),
-                                              jax.random.key(cfg.seed), mesh)
-  if cfg.init_hf:
-    _, policy, _ = real_models.load(cfg.init_hf, mesh, cfg)
+                                              jax.random.key(seed), mesh)
+  if path:
+    _, policy, _ = real_models.load(path, mesh, cfg)
     fresh = reward.init_reward_from_policy(policy, fresh)
   return g, fresh, shardings
 
@@ -114,7 +117,7 @@ def run(cfg) -> dict:
   train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
   k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
   encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
-  graphdef, params, shardings = init_reward_model(cfg, mcfg, mesh)
+  graphdef, params, shardings = init_scalar_model(cfg.init_hf, cfg, mcfg, mesh, cfg.seed)
   loss_fn = reward.ranking_loss_fn(graphdef)
   batch_shardings = {key: sharding.batch_sharding(mesh) for key in _KEYS}
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,

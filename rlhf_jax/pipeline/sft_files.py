@@ -12,6 +12,7 @@ Data (--data_files, validated and counted as every local file is: data/file_data
                 response to the "role: content" rendering of the rest.
   gsm8k, math, prompts   a prompt with its reference solution: the solution is the one
                 assistant turn (a prompts record needs an "answer").
+  hh_rlhf, ultrafeedback, pairs   preference pairs: SFT on the chosen responses.
 Held out: a hashed --test_fraction (by conversation prefix); its teacher-forced loss and token
 accuracy are logged every --eval_every steps. The policy starts from --init_hf (else a random
 --model preset) and is exported with --export_hf; checkpoints resume as in every stage.
@@ -30,7 +31,7 @@ from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.lm import lm_loss_fn
 from rlhf_jax.train.logging import write_json
 
-SFT_FORMATS = ("sft_messages", *pf.PROMPT_FORMATS)
+SFT_FORMATS = ("sft_messages", *pf.PROMPT_FORMATS, *pf.PREFERENCE_FORMATS)
 _BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
 
 
@@ -59,16 +60,21 @@ def conversation(record: dict, fmt: str) -> list[dict] | None:
     return json.loads(record["messages"])
   if record["prompt_kind"] != "messages":
     return None
-  return [*json.loads(record["prompt"]), {"role": "assistant", "content": record["response"]}]
+  return [*json.loads(record["prompt"]), {"role": "assistant", "content": _target(record)}]
+
+
+def _target(record: dict) -> str:
+  """What a record trains on: the reference answer, or a preference pair's chosen response."""
+  return pipeline._text(record["chosen"] if "chosen" in record else record["response"])
 
 
 def make_encoder(fmt: str, tokenizer, template: ChatTemplate | None, render_fn, seq_len: int):
   """record -> training example (pipeline.py's layout) for the file's format."""
   def encode(record):
     messages = conversation(record, fmt)
-    if messages is None:  # a text prompt: its reference answer continues it
-      return pipeline.sft_example(pipeline._text(record["prompt"]),
-                                  pipeline._text(record["response"]), tokenizer, seq_len)
+    if messages is None:  # a text prompt: its reference answer (chosen response) continues it
+      return pipeline.sft_example(pipeline._text(record["prompt"]), _target(record),
+                                  tokenizer, seq_len)
     if template is not None:
       return pipeline.chat_example(messages, tokenizer, template, seq_len)
     prompt, response = render_fn(messages)  # the final assistant turn only
@@ -96,7 +102,7 @@ def run(cfg) -> dict:
       on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
       max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
   train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
-  if cfg.data_format != "sft_messages" and not any(
+  if cfg.data_format in pf.PROMPT_FORMATS and not any(
       pipeline._text(train[i]["response"]) for i in range(len(train))):
     raise ValueError(f"--data_format={cfg.data_format}: no record has a reference answer to "
                      "train on")

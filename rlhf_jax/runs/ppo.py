@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from rlhf_jax import provenance, sharding
 from rlhf_jax.runs import plots
-from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
+from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models
+from rlhf_jax.pipeline import reward as reward_stage, sft, worlds
 from rlhf_jax.data import builders, pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import loop as rl_loop, scorers
@@ -48,7 +49,8 @@ from rlhf_jax.train.logging import write_json
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig(lm.LMConfig, lm.SycophancyFlags):
+class PPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags,
+                prompt_sets.PromptFileFlags, real_models.RewardModelFlags):
   reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
   stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
@@ -78,7 +80,12 @@ class PPOConfig(lm.LMConfig, lm.SycophancyFlags):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world not in registry.PREFERENCE_WORLDS:
+    if self.file_mode:
+      self._check_file_mode()
+    elif self.init_hf or self.export_hf or self.reward_hf:
+      raise ValueError("--init_hf, --reward_hf and --export_hf need --prompt_files (the "
+                       "world's PPO starts from its own SFT and reward stages)")
+    if self.world not in registry.PREFERENCE_WORLDS and not self.file_mode:
       raise ValueError(f"experiments.ppo needs a preference world "
                        f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
     for name in ("ppo_epochs", "num_minibatches", "kl_horizon"):
@@ -97,6 +104,18 @@ class PPOConfig(lm.LMConfig, lm.SycophancyFlags):
       raise ValueError(f"--batch_size={self.batch_size} (prompts per rollout) must be "
                        f"divisible by --num_minibatches * --num_microbatches = "
                        f"{self.num_minibatches * self.num_microbatches}")
+
+  def _check_file_mode(self):
+    self.check_prompt_files()
+    self.check_reward_model_flags()
+    for name in ("ptx_coef", "matched_sft"):
+      if getattr(self, name):
+        raise ValueError(f"--{name} trains on the world's data; it is not available with "
+                         "--prompt_files")
+    if self.aggregate != "mean":
+      raise ValueError("--aggregate combines an ensemble; --reward_hf is one reward model")
+    if self.max_new_tokens < 1:
+      raise ValueError("--prompt_files needs --max_new_tokens (response tokens per sample)")
 
   def effective(self) -> "PPOConfig":
     if not self.smoke:
