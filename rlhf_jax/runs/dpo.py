@@ -12,18 +12,16 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.data import file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
-from rlhf_jax.pipeline import config, lm
+from rlhf_jax.pipeline import config, lm, real_models
 from rlhf_jax.train import preference
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.worlds import raters, registry
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
+class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
   workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
-  init_hf: str = config.flag("", "Hugging Face model directory to start from (policy and reference).")
   init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
-  tokenizer: str = config.flag("", "HF tokenizer directory (tokenizer.json); empty: byte tokenizer.")
   data_files: str = config.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
   data_format: str = config.flag("pairs", "Preference file format.",
                               choices=pf.PREFERENCE_FORMATS)
@@ -44,7 +42,6 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags):
   average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO); "
                                  "simpo always averages.")
   precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
-  export_hf: str = config.flag("", "Directory to export the trained policy to (HF layout).")
   dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory plan only "
                               "(no weights loaded, no training).")
   dry_run_compile: bool = config.flag(True, "--dry_run also compiles the train step and the "

@@ -35,46 +35,25 @@ else as many fake CPU devices (a v5e-8 flagfile plans on a laptop). A --init_hf 
 without config.json falls back to the --model preset's shape there, so a real flagfile can be
 checked before the checkpoint is downloaded.
 """
-import hashlib
 import math
 import os
-import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-from rlhf_jax.pipeline import lm
-from rlhf_jax.runs import dpo, dpo_world
 from rlhf_jax import memory, plan, provenance, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
-from rlhf_jax.data import preference_formats as pf
-from rlhf_jax.data.chat import ChatTemplate
-from rlhf_jax.data.hf_tokenizer import HFTokenizer
-from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.models import hf, hf_export, hf_import
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.pipeline import lm, real_models
+from rlhf_jax.runs import dpo, dpo_world
 from rlhf_jax.train import checkpoint, optim, preference, state as state_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_json
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "generation_config.json")
-
-
 def model_config(cfg: dpo.DPOConfig):
   """Parameters stored in float32 (Adam's master copy), computed in --dtype."""
-  if cfg.init_hf:
-    if (pathlib.Path(cfg.init_hf) / "config.json").exists():
-      return hf.config_from_hf(hf.read_hf_config(cfg.init_hf), dtype="float32",
-                               compute_dtype=cfg.dtype)
-    if not cfg.dry_run:
-      raise FileNotFoundError(f"--init_hf={cfg.init_hf}: no config.json (see WORKSPACE.md, "
-                              "'Real checkpoints and data')")
-    print(f"[dry run] {cfg.init_hf}/config.json not found: using the --model={cfg.model} shape")
-  return lm.model_config(cfg)
+  return real_models.model_config(cfg, lm.model_config, dry_run=cfg.dry_run)
 
 
 def _mesh(cfg: dpo.DPOConfig):
@@ -90,7 +69,8 @@ def _mesh(cfg: dpo.DPOConfig):
 def memory_estimate(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
   return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
                          seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
-                         reference_params=not cfg.precompute_ref)
+                         reference_params=(not cfg.precompute_ref
+                                           and preference.needs_reference(cfg.loss)))
 
 
 def dry_run(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
@@ -116,25 +96,10 @@ def dry_run(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
   return out
 
 
-def load_tokenizer(cfg: dpo.DPOConfig):
-  """(tokenizer, render_fn, render_id): the tokenizer dir's chat template renders message
-  prompts when it has one, else preference_formats.default_render."""
-  if not cfg.tokenizer:
-    return ByteTokenizer(), pf.default_render, None
-  tok = HFTokenizer.from_file(cfg.tokenizer)
-  try:
-    template = ChatTemplate.from_file(cfg.tokenizer)
-  except ValueError:
-    return tok, pf.default_render, None
-  digest = hashlib.sha256(template.source.encode()).hexdigest()[:12]
-  return tok, pairs.chat_render_fn(template), f"chat_template:{digest}"
-
-
 def init_policy(cfg: dpo.DPOConfig, mcfg, mesh):
   """(graphdef, params, shardings) from --init_hf, --init_from or a random init."""
   if cfg.init_hf:
-    return hf_import.load_hf_model(cfg.init_hf, mesh, dtype="float32", compute_dtype=cfg.dtype,
-                            kind="lm")
+    return real_models.load(cfg.init_hf, mesh, cfg)
   if cfg.init_from:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
     shardings = sharding.param_shardings(abstract, mesh)
@@ -155,10 +120,8 @@ def run(cfg: dpo.DPOConfig) -> dict:
   mesh = _mesh(cfg)
   if cfg.dry_run:
     return dry_run(cfg, mcfg, mesh)
-  tok, render_fn, render_id = load_tokenizer(cfg)
-  if tok.vocab_size > mcfg.vocab_size:
-    raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
-                     f"{mcfg.vocab_size}")
+  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
+  real_models.check_vocabulary(tok, mcfg)
   graphdef, params, shardings = init_policy(cfg, mcfg, mesh)
   built = file_datasets.build_file_dataset(
       cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
@@ -168,15 +131,17 @@ def run(cfg: dpo.DPOConfig) -> dict:
   test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
   encode = pairs.make_encoder(tok, cfg.seq_len, cfg.data_format, render_fn)
   ref_params = None
-  if cfg.precompute_ref:
+  needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
+  if needs_ref and cfg.precompute_ref:
     train_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, train_src, encode)
     if test_src is not None:
       test_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
-  else:  # a copy: the policy's buffers are donated to the train step
+  elif needs_ref:  # a copy: the policy's buffers are donated to the train step
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
   loss_fn = preference.preference_loss_fn(
       graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-      ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
+      ipo_tau=cfg.ipo_tau, simpo_gamma=cfg.simpo_gamma, average_logps=cfg.average_logps,
+      ref_params=ref_params)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
   eval_fn = None if test_src is None else dpo.pair_eval_fn(
       step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
@@ -184,12 +149,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
 
   final, summary = dpo.train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
                           encode, eval_fn)
-  if cfg.export_hf:
-    base = hf.read_hf_config(cfg.init_hf) if cfg.init_hf else None
-    hf_export.save_hf_model(cfg.export_hf, graphdef, final.params, hf_config_base=base)
-    for name in _TOKENIZER_FILES if cfg.tokenizer else ():
-      if (pathlib.Path(cfg.tokenizer) / name).exists():
-        shutil.copy(pathlib.Path(cfg.tokenizer) / name, pathlib.Path(cfg.export_hf) / name)
+  real_models.export(cfg, graphdef, final.params)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
                      "skipped": built.report.skipped},

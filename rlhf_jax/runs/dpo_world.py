@@ -116,10 +116,11 @@ def run_world(cfg: DPOConfig) -> dict:
   else:
     train_src, train_encode = records, encode
   ref_params = None
-  if cfg.precompute_ref:
+  needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
+  if needs_ref and cfg.precompute_ref:
     train_src = with_reference(cfg, graphdef, sft_params, shardings, mesh, train_src,
                                train_encode)
-  else:
+  elif needs_ref:
     ref_params = sft_params  # training gets a copy: its buffers are donated
   if cfg.loss == "kto":
     loss_fn = preference.kto_loss_fn(graphdef, beta=cfg.beta, average_logps=cfg.average_logps,
@@ -127,7 +128,8 @@ def run_world(cfg: DPOConfig) -> dict:
   else:
     loss_fn = preference.preference_loss_fn(
         graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-        ipo_tau=cfg.ipo_tau, average_logps=cfg.average_logps, ref_params=ref_params)
+        ipo_tau=cfg.ipo_tau, simpo_gamma=cfg.simpo_gamma, average_logps=cfg.average_logps,
+        ref_params=ref_params)
   wall["pairs_s"] = time.perf_counter() - t0
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in train_encode(train_src[0])}
   copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)

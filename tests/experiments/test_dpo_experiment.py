@@ -198,3 +198,16 @@ def test_tiny_flagfile_smoke_with_in_step_reference_and_ipo(tmp_path):
   train = read_metrics(cfg.workdir, split="train")
   assert train[0]["metrics"]["loss"] == pytest.approx((1 / (2 * cfg.ipo_tau)) ** 2, rel=1e-4)
   assert 0.0 <= result["eval"]["rewards/accuracies"] <= 1.0
+
+
+def test_simpo_runs_without_any_reference(tmp_path):
+  """SimPO is reference-free: no precompute pass, no reference copy in memory; the step-1
+  loss is SimPO's on the policy's own averaged log-probs, so it is finite and positive."""
+  cfg = config.parse(DPOConfig, [
+      f"--flagfile={FLAGS_DIR}/dpo_tiny.flags", "--smoke", "--loss=simpo", "--beta=2",
+      "--precompute_ref=false", f"--workdir={tmp_path}/run", f"--data_dir={tmp_path}/data",
+      f"--data_files={os.path.join(FLAGS_DIR, '..', 'data', 'pairs_tiny.jsonl')}"])
+  result = dpo.run(cfg)
+  assert result["memory"]["reference"] == 0
+  first = read_metrics(cfg.workdir, split="train")[0]["metrics"]
+  assert np.isfinite(first["loss"]) and first["loss"] > 0
