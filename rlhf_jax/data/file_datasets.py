@@ -97,7 +97,8 @@ def _raise_if_problems(report: Report) -> None:
         f"{report.num_skipped} malformed of {report.read} {report.format} records "
         f"(by reason: {dict(sorted(report.skipped.items()))}); first "
         f"{min(SHOWN_IN_ERROR, report.num_skipped)}:\n  {shown}\n"
-        "Fix the files, or pass on_error='skip' to drop and count them.")
+        "Fix the files, or pass --on_error=skip (on_error='skip' from Python) to drop and "
+        "count them.")
 
 
 def _split_key(record: Mapping[str, str]) -> str:

@@ -130,3 +130,42 @@ def make_pair_eval_iterator(source: Sequence[dict], *, batch_size: int, encode: 
   ds = pipeline.global_order_batches(len(source), batch_size, seed=None, repeat=False).map(
       pipeline.read_rows(source, encode, rows, batch_size, filler))
   return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
+
+
+def kto_examples(records: Sequence[dict]) -> list[dict]:
+  """KTO's examples, each {prompt, prompt_kind, response, kl_response, desirable}: a pair
+  record gives a desirable (its chosen) and an undesirable (its rejected) example; an
+  unpaired record (preference_formats "unpaired") gives its completion with its label. The
+  `kl_response` is the same kind of response of the next record with ANOTHER prompt, so
+  (prompt, kl_response) is a mismatched pair whose log-ratio estimates KL(pi || pi_ref) for
+  KTO's z_0 (a fixed partner, as TRL builds its KL dataset once, so reference log-probs can
+  be precomputed). Needs at least two distinct prompts."""
+  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else v  # noqa: E731
+  rows = []
+  for r in records:
+    r = {k: text(v) for k, v in r.items()}
+    if "completion" in r:
+      rows.append((r, [("completion", r["label"] == "true")]))
+    else:
+      rows.append((r, [("chosen", True), ("rejected", False)]))
+  n, out = len(rows), []
+  for i, (rec, sides) in enumerate(rows):
+    partner = next((rows[(i + d) % n][0] for d in range(1, n)
+                    if rows[(i + d) % n][0]["prompt"] != rec["prompt"]), None)
+    if partner is None:
+      raise ValueError("KTO's KL estimate needs examples of at least two distinct prompts")
+    for side, desirable in sides:
+      out.append({"prompt": rec["prompt"], "prompt_kind": rec["prompt_kind"],
+                  "response": rec[side], "kl_response": partner.get(side, partner.get(
+                      "completion")), "desirable": desirable})
+  return out
+
+
+def kto_encoder(encode: Encoder) -> Encoder:
+  """KTO examples (kto_examples) -> the pair layout preference.kto_loss_fn reads: chosen_* =
+  (prompt, response), rejected_* = (prompt, kl_response), desirable."""
+  def enc(r):
+    pair = {"prompt": r["prompt"], "prompt_kind": r["prompt_kind"], "chosen": r["response"],
+            "rejected": r["kl_response"], **{k: r[k] for k in REF_KEYS if k in r}}
+    return {**encode(pair), "desirable": np.bool_(r["desirable"])}
+  return enc

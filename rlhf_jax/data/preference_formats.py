@@ -6,6 +6,8 @@ Formats (the `format` flag value -> what one input record looks like):
   ultrafeedback {"prompt": str, "chosen": [messages], "rejected": [messages]}
                 (UltraFeedback-binarized); the response is each list's final assistant message.
   pairs         {"prompt": str, "chosen": str, "rejected": str}.
+  unpaired      {"prompt": str | [messages], "completion": str, "label": bool}: one response
+                labelled desirable (true) or undesirable (false), for KTO (TRL's layout).
   rankings      {"prompt": str | [messages], "responses": [str, ...]}: K >= 2 responses best
                 first, or with "scores": [number, ...] (higher is better) to rank them by
                 (tied scores are malformed: a ranking needs a strict order).
@@ -23,6 +25,7 @@ Normalised records (all fields text, so they go straight into an array_record TF
   preference (hh_rlhf, ultrafeedback, pairs):
     {"prompt", "prompt_kind", "chosen", "rejected"}
   rankings:     {"prompt", "prompt_kind", "responses"}  responses JSON-encoded, best first
+  unpaired:     {"prompt", "prompt_kind", "completion", "label"}  label "true" / "false"
   sft_messages: {"messages"}                         JSON-encoded message list
   prompts, gsm8k, math: {"prompt", "prompt_kind", "response"}  response is the reference
                    answer or solution ("" when there is none), so the records fit
@@ -45,14 +48,15 @@ from typing import Any, Callable, Sequence
 
 from rlhf_jax.data.tokenizer import Tokenizer
 
-FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "rankings", "sft_messages", "prompts", "gsm8k",
-           "math")
+FORMATS = ("hh_rlhf", "ultrafeedback", "pairs", "unpaired", "rankings", "sft_messages",
+           "prompts", "gsm8k", "math")
 PROMPT_FORMATS = ("prompts", "gsm8k", "math")
 PREFERENCE_FORMATS = ("hh_rlhf", "ultrafeedback", "pairs")
 PREFERENCE_FIELDS = ("prompt", "prompt_kind", "chosen", "rejected")
 FIELDS = {"hh_rlhf": PREFERENCE_FIELDS, "ultrafeedback": PREFERENCE_FIELDS,
           "pairs": PREFERENCE_FIELDS, "sft_messages": ("messages",),
           "rankings": ("prompt", "prompt_kind", "responses"),
+          "unpaired": ("prompt", "prompt_kind", "completion", "label"),
           **{f: ("prompt", "prompt_kind", "response") for f in PROMPT_FORMATS}}
 ROLES = ("system", "user", "assistant", "tool")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -188,6 +192,27 @@ def parse_pairs(obj: Any) -> dict[str, str]:
   return {"prompt": prompt, "prompt_kind": "text", "chosen": chosen, "rejected": rejected}
 
 
+def _prompt_fields(prompt) -> dict[str, str]:
+  """{"prompt", "prompt_kind"} of a text or message-list prompt (validated)."""
+  if isinstance(prompt, str):
+    if not prompt.strip():
+      raise Malformed("empty_prompt", "the prompt is empty")
+    return {"prompt": prompt, "prompt_kind": "text"}
+  messages = _messages(prompt, "prompt")
+  if messages[-1]["role"] == "assistant":
+    raise Malformed("bad_messages", "a prompt message list must not end with an assistant "
+                    "message")
+  return {"prompt": _dumps(messages), "prompt_kind": "messages"}
+
+
+def parse_unpaired(obj: Any) -> dict[str, str]:
+  fields = _prompt_fields(_field(obj, "prompt", (str, list)))
+  completion, label = _field(obj, "completion", str), _field(obj, "label", bool)
+  if not completion.strip():
+    raise Malformed("empty_response", "the completion is empty")
+  return {**fields, "completion": completion, "label": "true" if label else "false"}
+
+
 def parse_rankings(obj: Any) -> dict[str, str]:
   prompt = _field(obj, "prompt", (str, list))
   responses = _field(obj, "responses", list)
@@ -208,16 +233,7 @@ def parse_rankings(obj: Any) -> dict[str, str]:
     if len(set(scores)) < len(scores):
       raise Malformed("tied_scores", f"scores {scores} tie; a ranking needs a strict order")
     responses = [r for _, r in sorted(zip(scores, responses), key=lambda x: -x[0])]
-  if isinstance(prompt, str):
-    if not prompt.strip():
-      raise Malformed("empty_prompt", "the prompt is empty")
-    return {"prompt": prompt, "prompt_kind": "text", "responses": json.dumps(responses)}
-  messages = _messages(prompt, "prompt")
-  if messages[-1]["role"] == "assistant":
-    raise Malformed("bad_messages", "a prompt message list must not end with an assistant "
-                    "message")
-  return {"prompt": _dumps(messages), "prompt_kind": "messages",
-          "responses": json.dumps(responses)}
+  return {**_prompt_fields(prompt), "responses": json.dumps(responses)}
 
 
 def parse_sft_messages(obj: Any) -> dict[str, str]:
@@ -276,7 +292,7 @@ def parse_math(obj: Any) -> dict[str, str]:
 
 PARSERS: dict[str, Callable[[Any], dict[str, str]]] = {
     "hh_rlhf": parse_hh_rlhf, "ultrafeedback": parse_ultrafeedback, "pairs": parse_pairs,
-    "rankings": parse_rankings,
+    "rankings": parse_rankings, "unpaired": parse_unpaired,
     "sft_messages": parse_sft_messages, "prompts": parse_prompts, "gsm8k": parse_gsm8k,
     "math": parse_math}
 
@@ -309,7 +325,8 @@ def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
   if fmt == "sft_messages":
     return [render_fn(json.loads(record["messages"]))]
   responses = ([record["chosen"], record["rejected"]] if fmt in PREFERENCE_FORMATS else
-               json.loads(record["responses"]) if fmt == "rankings" else [""])
+               json.loads(record["responses"]) if fmt == "rankings" else
+               [record["completion"]] if fmt == "unpaired" else [""])
   if record["prompt_kind"] == "text":
     return [(record["prompt"], r) for r in responses]
   context = json.loads(record["prompt"])

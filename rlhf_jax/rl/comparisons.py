@@ -132,24 +132,3 @@ def best_worst_pairs(samples: Samples, ranking_NxK: np.ndarray) -> list[dict]:
   return [{"prompt": p, "prompt_kind": "text", "chosen": ys[order[0]],
            "rejected": ys[order[-1]]}
           for p, ys, order in zip(samples.prompts, samples.responses, ranking_NxK)]
-
-
-def kto_examples(pair_records: list[dict]) -> list[dict]:
-  """Unpaired KTO examples from pairs: each pair gives a desirable (its chosen) and an
-  undesirable (its rejected) example, separately. Each carries a `kl_response`: the same
-  side's response of the next pair with ANOTHER prompt, so (prompt, kl_response) is a
-  mismatched pair whose log-ratio estimates KL(pi || pi_ref) for KTO's z_0 (a fixed
-  partner, as TRL builds its KL dataset once, so reference log-probs can be precomputed).
-  Needs at least two distinct prompts."""
-  n = len(pair_records)
-  out = []
-  for i, rec in enumerate(pair_records):
-    partner = next((pair_records[(i + d) % n] for d in range(1, n)
-                    if pair_records[(i + d) % n]["prompt"] != rec["prompt"]), None)
-    if partner is None:
-      raise ValueError("KTO's KL estimate needs pairs of at least two distinct prompts")
-    for side, desirable in (("chosen", True), ("rejected", False)):
-      out.append({"prompt": rec["prompt"], "prompt_kind": rec["prompt_kind"],
-                  "response": rec[side], "kl_response": partner[side],
-                  "desirable": desirable})
-  return out

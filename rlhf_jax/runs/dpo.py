@@ -23,8 +23,8 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
   workdir: str = config.flag("workdirs/dpo", "Run directory: checkpoints, metrics.jsonl, tb/, ...")
   init_from: str = config.flag("", "Params of an earlier stage (its workdir or params/ dir).")
   data_files: str = config.flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet).")
-  data_format: str = config.flag("pairs", "Preference file format.",
-                              choices=pf.PREFERENCE_FORMATS)
+  data_format: str = config.flag("pairs", "Preference file format (unpaired: KTO's labelled "
+                                 "completions).", choices=(*pf.PREFERENCE_FORMATS, "unpaired"))
   test_fraction: float = config.flag(0.1, "Held-out fraction (hashed by prompt); 0: no eval split.")
   on_error: str = config.flag("raise", "Malformed records: fail the build or skip and count them.",
                            choices=file_datasets.ON_ERROR)
@@ -35,6 +35,10 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
                          "where the 0.1 default is far too small: SimPO used 2 to 2.5 (later 10).")
   label_smoothing: float = config.flag(0.0, "Label-flip probability eps: cdpo's in [0, 0.5], "
                                     "robust_dpo's in [0, 0.5) (0: plain DPO).")
+  kto_desirable_weight: float = config.flag(1.0, "KTO's lambda_D: weight of desirable examples "
+                                         "(> 0; balance lambda_D n_D against lambda_U n_U).")
+  kto_undesirable_weight: float = config.flag(1.0, "KTO's lambda_U: weight of undesirable "
+                                           "examples (> 0).")
   ipo_tau: float = config.flag(0.1, "IPO regularisation tau (> 0): target margin 1/(2 tau).")
   simpo_gamma: float = config.flag(0.5, "SimPO target reward margin gamma (>= 0; margin gamma/beta "
                                 "in averaged log-prob). 0.5: TRL's default, in SimPO's grid "
@@ -78,8 +82,14 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
       raise ValueError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
     if self.world_mode:
       self._check_world_mode()
-    # Every --data_format is paired: KTO's unpaired labels exist only in world mode.
-    preference.check_loss(self.loss, unpaired_labels=self.world_mode)
+    # KTO's labels: the world's rankings split into examples, or an unpaired file.
+    unpaired = self.data_format == "unpaired"
+    preference.check_loss(self.loss, unpaired_labels=self.world_mode or unpaired)
+    if unpaired and self.loss != "kto":
+      raise ValueError(f"--data_format=unpaired holds labelled single completions, which only "
+                       f"KTO trains on: pass --loss=kto (got --loss={self.loss})")
+    if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
+      raise ValueError("--kto_desirable_weight and --kto_undesirable_weight must be > 0")
     if self.init_hf and self.init_from:
       raise ValueError("give at most one of --init_hf and --init_from")
     if not self.data_files and not self.dry_run and not self.world_mode:

@@ -129,7 +129,13 @@ def run(cfg: dpo.DPOConfig) -> dict:
       max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
   train_src = builders.load_split(built.builder, "train")
   test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
-  encode = pairs.make_encoder(tok, cfg.seq_len, cfg.data_format, render_fn)
+  kto = cfg.loss == "kto"  # unpaired labels: each example with a mismatched KL partner
+  encode = pairs.make_encoder(tok, cfg.seq_len, "pairs" if kto else cfg.data_format, render_fn)
+  if kto:
+    encode = pairs.kto_encoder(encode)
+    train_src = pairs.kto_examples([train_src[i] for i in range(len(train_src))])
+    if test_src is not None:
+      test_src = pairs.kto_examples([test_src[i] for i in range(len(test_src))])
   ref_params = None
   needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
   if needs_ref and cfg.precompute_ref:
@@ -138,10 +144,16 @@ def run(cfg: dpo.DPOConfig) -> dict:
       test_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
   elif needs_ref:  # a copy: the policy's buffers are donated to the train step
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
-  loss_fn = preference.preference_loss_fn(
-      graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-      ipo_tau=cfg.ipo_tau, simpo_gamma=cfg.simpo_gamma, average_logps=cfg.average_logps,
-      ref_params=ref_params)
+  if kto:
+    loss_fn = preference.kto_loss_fn(
+        graphdef, beta=cfg.beta, desirable_weight=cfg.kto_desirable_weight,
+        undesirable_weight=cfg.kto_undesirable_weight, average_logps=cfg.average_logps,
+        ref_params=ref_params)
+  else:
+    loss_fn = preference.preference_loss_fn(
+        graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        ipo_tau=cfg.ipo_tau, simpo_gamma=cfg.simpo_gamma, average_logps=cfg.average_logps,
+        ref_params=ref_params)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
   eval_fn = None if test_src is None else dpo.pair_eval_fn(
       step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
@@ -155,7 +167,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
                      "skipped": built.report.skipped},
             "memory": memory_estimate(cfg, mcfg, mesh), "provenance": provenance.provenance()}
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
-  if summary["eval"]:
+  if summary["eval"] and "rewards/accuracies" in summary["eval"]:  # KTO has no pairs
     print(f"held-out preference accuracy {summary['eval']['rewards/accuracies']:.3f}, "
           f"loss {summary['eval']['loss']:.4f}")
   return result

@@ -25,16 +25,6 @@ from rlhf_jax.worlds import heldout, registry
 from rlhf_jax.train.logging import write_json
 
 
-def kto_encoder(encode: pairs.Encoder) -> pairs.Encoder:
-  """KTO examples (comparisons.kto_examples) -> the pair layout preference.kto_loss_fn reads:
-  chosen_* = (prompt, response), rejected_* = (prompt, kl_response), desirable."""
-  def enc(r):
-    pair = {"prompt": r["prompt"], "prompt_kind": r["prompt_kind"], "chosen": r["response"],
-            "rejected": r["kl_response"], **{k: r[k] for k in pairs.REF_KEYS if k in r}}
-    return {**encode(pair), "desirable": np.bool_(r["desirable"])}
-  return enc
-
-
 def rater_pairs(cfg: DPOConfig, graphdef, params, train_prompts) -> tuple[list[dict], dict]:
   """(pair records, label statistics): --num_pairs prompts drawn with replacement, each with
   --ranking_k SFT samples ranked by the world's simulated rater (gold: temperature calibrated
@@ -112,7 +102,7 @@ def run_world(cfg: DPOConfig) -> dict:
   sft_logps = precompute_reference(logps_fn, sft_params, records, cfg, encode, mesh)
 
   if cfg.loss == "kto":
-    train_src, train_encode = comparisons.kto_examples(records), kto_encoder(encode)
+    train_src, train_encode = pairs.kto_examples(records), pairs.kto_encoder(encode)
   else:
     train_src, train_encode = records, encode
   ref_params = None
@@ -124,6 +114,8 @@ def run_world(cfg: DPOConfig) -> dict:
     ref_params = sft_params  # training gets a copy: its buffers are donated
   if cfg.loss == "kto":
     loss_fn = preference.kto_loss_fn(graphdef, beta=cfg.beta, average_logps=cfg.average_logps,
+                                     desirable_weight=cfg.kto_desirable_weight,
+                                     undesirable_weight=cfg.kto_undesirable_weight,
                                      ref_params=ref_params)
   else:
     loss_fn = preference.preference_loss_fn(

@@ -108,8 +108,8 @@ def _kto_batch(seq_len=40):
                              ("Describe rain.", " Rain falls.", " no"),
                              ("Tell me about owls.", " They fly.", " x"),
                              ("Explain tides.", " The moon pulls.", " tides?")]]
-  examples = comparisons.kto_examples(records)
-  encode = dpo_world.kto_encoder(pairs.make_encoder(ByteTokenizer(), seq_len, "pairs"))
+  examples = pairs.kto_examples(records)
+  encode = pairs.kto_encoder(pairs.make_encoder(ByteTokenizer(), seq_len, "pairs"))
   batch = {k: np.stack([encode(e)[k] for e in examples]) for k in encode(examples[0])}
   batch["example_valid"][-1] = False  # a padding row: must count for nothing
   own = {}

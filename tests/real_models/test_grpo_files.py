@@ -12,7 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import gsm8k_records, write_jsonl
+from real_formats import gsm8k_records, write_jsonl
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models.hf_import import load_hf_model
 from rlhf_jax.pipeline import config

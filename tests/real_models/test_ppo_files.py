@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import write_jsonl
+from real_formats import write_jsonl
 from experiments import reward as reward_main, sft as sft_main
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models.hf_import import load_hf_model

@@ -7,7 +7,7 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import write_jsonl
+from real_formats import write_jsonl
 from experiments import reward as reward_main
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.models.hf_import import load_hf_model

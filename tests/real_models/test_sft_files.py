@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import gsm8k_records, write_jsonl
+from real_formats import gsm8k_records, write_jsonl
 from experiments import sft as sft_main
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.chat import ChatTemplate
