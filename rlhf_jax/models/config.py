@@ -7,6 +7,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
+# The projections low-rank adapters can target, by their Hugging Face / PEFT module names
+# (target_modules in a PEFT adapter_config.json).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -36,6 +40,11 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   init_std: float = 0.02
+  # LoRA (rlhf_jax/models/lora.py): rank 0 is the plain model, parameter for parameter; rank
+  # r > 0 adds W + (lora_alpha / r) * A @ B on each of lora_targets (names in LORA_TARGETS).
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -48,6 +57,14 @@ class ModelConfig:
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                        "set head_dim explicitly")
+    # A list would make the config unhashable, and modules keep it as static graph data.
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"lora_targets must be a nonempty subset of {LORA_TARGETS}, got "
+                       f"{self.lora_targets}")
 
   @property
   def dim_per_head(self) -> int:
@@ -69,6 +86,22 @@ class ModelConfig:
     layer = attn + 3 * d * self.d_ff + 2 * d
     head = 0 if (self.tie_embeddings or not with_lm_head) else d * self.vocab_size
     return self.vocab_size * d + self.n_layers * layer + d + head
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / r, PEFT's scaling (not rsLoRA's alpha / sqrt(r))."""
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def lora_targeted(self, target: str) -> bool:
+    return self.lora_rank > 0 and target in self.lora_targets
+
+  def num_lora_params(self) -> int:
+    """Adapter parameters: r * (in + out features) per targeted projection and layer."""
+    d, f, q, kv = self.d_model, self.d_ff, self.n_heads * self.dim_per_head, (
+        self.n_kv_heads * self.dim_per_head)
+    width = {"q_proj": d + q, "k_proj": d + kv, "v_proj": d + kv, "o_proj": q + d,
+             "gate_proj": d + f, "up_proj": d + f, "down_proj": f + d}
+    return self.n_layers * self.lora_rank * sum(width[t] for t in self.lora_targets)
 
 
 # nano/tiny run the CPU tests and embedded worlds; small is the CPU benchmark shape (vocab 264 = 259 byte-tokenizer ids rounded

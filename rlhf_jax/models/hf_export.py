@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rlhf_jax.models import hf
+from rlhf_jax.models import hf, lora
 from rlhf_jax.models.config import ModelConfig
 
 _ST_NAMES = {"float32": ("F32", np.dtype(np.float32)),
@@ -35,7 +35,9 @@ def _get(tree, path):
   return tree
 
 
-def _write_file(file: pathlib.Path, entries, params, dtype):
+def write_safetensors(file: pathlib.Path, entries, params, dtype: str):
+  """Streams the tensors of `entries` ((path in params, HF name, hf.Layout), as
+  hf.tensor_plan lists them) into one safetensors file in `dtype` (only process 0 writes)."""
   st_name, np_dtype = _ST_NAMES[dtype]
   header, offset = {"__metadata__": {"format": "pt"}}, 0
   for _, tensor, layout in entries:
@@ -71,6 +73,9 @@ def save_hf_model(path, model, params, *, hf_config_base: dict | None = None,
   cfg = model if isinstance(model, ModelConfig) else nnx.merge(model, params)
   if not isinstance(cfg, ModelConfig):
     cfg = cfg.backbone.cfg if hasattr(cfg, "backbone") else cfg.cfg
+  if lora.split(params)[0]:  # the tensor plan has no place for them: they would be dropped
+    raise ValueError("params carry LoRA adapters: export lora.merge(params, cfg) with "
+                     "lora.plain_config(cfg), or the adapters alone (hf_peft.save_peft_adapters)")
   kind = "scalar" if "backbone" in params else "lm"
   if kind == "lm" and not cfg.tie_embeddings and "lm_head" not in params:
     raise ValueError("params have no lm_head (a Transformer built with lm_head=False) and the "
@@ -99,7 +104,7 @@ def save_hf_model(path, model, params, *, hf_config_base: dict | None = None,
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   files = [path / n for n in names]
   for file, shard in zip(files, shards):
-    _write_file(file, shard, params, dtype)
+    write_safetensors(file, shard, params, dtype)
   if jax.process_index() == 0:
     config = hf.config_to_hf(cfg, kind=kind, dtype=dtype, base=hf_config_base)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

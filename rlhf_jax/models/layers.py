@@ -3,6 +3,10 @@
 Every parameter carries `logical_axes` metadata; rlhf_jax.sharding maps those names to mesh
 axes through one rules table. Parameters are stored in param_dtype and cast to the compute
 dtype at use, so bf16 compute with f32 master weights is a config switch.
+
+With cfg.lora_rank > 0 the targeted projections also carry a LoRA module (low-rank adapter) in
+an nnx.Dict named `lora`, keyed by the PEFT module name (attn.lora["q_proj"], ...); with rank
+0 nothing is added and every computation is the one of the plain model.
 """
 import math
 from typing import NamedTuple
@@ -36,6 +40,54 @@ def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = Non
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.storage_dtype)
   return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter's parameter: its own Variable type, so nnx filters separate adapters
+  from the base weights (nnx.state(model, LoRAParam))."""
+
+
+class LoRA(nnx.Module):
+  """The low-rank update of one projection W (in_shape + out_shape): x -> scale * (x @ A) @ B.
+
+  A (in_shape + (r,)) and B ((r,) + out_shape) reuse W's logical axes on W's dimensions, so
+  FSDP and tensor parallelism split them like W; the rank axis ("lora_rank") is replicated.
+  Init as PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (torch's kaiming_uniform(a=sqrt(5))
+  of the (r, in) weight), B = 0, so the adapted model equals the base at init. Stored in
+  float32 whatever the base's dtype (PEFT's autocast_adapter_dtype): bf16 adapters would round
+  away the small updates they are trained with. No dropout (these models have none)."""
+
+  def __init__(self, cfg: ModelConfig, in_shape, in_axes, out_shape, out_axes, *,
+               rngs: nnx.Rngs):
+    r, bound = cfg.lora_rank, 1.0 / math.sqrt(math.prod(in_shape))
+    self.a = LoRAParam(jax.random.uniform(rngs.params(), (*in_shape, r), jnp.float32,
+                                          -bound, bound), logical_axes=(*in_axes, "lora_rank"))
+    self.b = LoRAParam(jnp.zeros((r, *out_shape), jnp.float32),
+                       logical_axes=("lora_rank", *out_axes))
+    self.scale, self.dtype = cfg.lora_scale, cfg.compute_dtype
+
+  def __call__(self, x_NxI):
+    """The update for inputs whose last dimension is prod(in_shape): ... x prod(out_shape)."""
+    r, dt = self.b.shape[0], self.dtype
+    x = x_NxI.reshape(-1, x_NxI.shape[-1])
+    y = (x @ self.a[...].reshape(-1, r).astype(dt)) * jnp.asarray(self.scale, dt)
+    y = y @ self.b[...].reshape(r, -1).astype(dt)
+    return y.reshape(*x_NxI.shape[:-1], y.shape[-1])
+
+
+def adapters(cfg: ModelConfig, rngs: nnx.Rngs, shapes: dict) -> nnx.Dict | None:
+  """LoRA modules of the targeted projections among `shapes` (PEFT name -> (in_shape, in_axes,
+  out_shape, out_axes)); None when none is targeted (the module then has no `lora`)."""
+  lora = {t: LoRA(cfg, *shape, rngs=rngs) for t, shape in shapes.items() if cfg.lora_targeted(t)}
+  return nnx.Dict(lora) if lora else None
+
+
+def adapted(module: nnx.Module, target: str, x_NxI, y_NxO):
+  """y (x @ W) plus the LoRA update of `target` on x, if the module adapts it."""
+  lora = getattr(module, "lora", None)
+  if lora is None or target not in lora:
+    return y_NxO
+  return y_NxO + lora[target](x_NxI).reshape(y_NxO.shape)
 
 
 class RMSNorm(nnx.Module):
@@ -101,11 +153,19 @@ class Attention(nnx.Module):
       self.bq = param(rngs, (n, h), ("q_heads", "head_dim"), cfg, 0.0)
       self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
       self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, 0.0)
+    lora = adapters(cfg, rngs, {
+        "q_proj": ((d,), ("embed",), (n, h), ("q_heads", "head_dim")),
+        "k_proj": ((d,), ("embed",), (k, h), ("kv_heads", "head_dim")),
+        "v_proj": ((d,), ("embed",), (k, h), ("kv_heads", "head_dim")),
+        "o_proj": ((n, h), ("q_heads", "head_dim"), (d,), ("embed",))})
+    if lora is not None:
+      self.lora = lora
 
-  def _project(self, x_BxTxD, w, bias_name):
+  def _project(self, x_BxTxD, w, bias_name, target):
     dt = self.cfg.compute_dtype
     d, n, h = w.shape
-    y = dense(x_BxTxD, w[...].reshape(d, n * h).astype(dt)).reshape(*x_BxTxD.shape[:2], n, h)
+    y = dense(x_BxTxD, w[...].reshape(d, n * h).astype(dt))
+    y = adapted(self, target, x_BxTxD, y).reshape(*x_BxTxD.shape[:2], n, h)
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(dt)
     return y
@@ -113,9 +173,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: LayerCache | None, index):
     cfg = self.cfg
     inv_freq = rope_inv_freq(cfg)  # a trace-time constant
-    q = apply_rope(self._project(x_BxTxD, self.wq, "bq"), positions_BxT, inv_freq)
-    k = apply_rope(self._project(x_BxTxD, self.wk, "bk"), positions_BxT, inv_freq)
-    v = self._project(x_BxTxD, self.wv, "bv")
+    q = apply_rope(self._project(x_BxTxD, self.wq, "bq", "q_proj"), positions_BxT, inv_freq)
+    k = apply_rope(self._project(x_BxTxD, self.wk, "bk", "k_proj"), positions_BxT, inv_freq)
+    v = self._project(x_BxTxD, self.wv, "bv", "v_proj")
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache.k_BxSxKxH, k.astype(cache.k_BxSxKxH.dtype),
                                               index, axis=1)
@@ -129,9 +189,9 @@ class Attention(nnx.Module):
                         preferred_element_type=jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype)).reshape(b, t, n, h)
-    y = dense(out.reshape(b, t, n * h), self.wo[...].reshape(n * h, -1).astype(cfg.compute_dtype))
-    return y, cache
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype)).reshape(b, t, n * h)
+    y = dense(out, self.wo[...].reshape(n * h, -1).astype(cfg.compute_dtype))
+    return adapted(self, "o_proj", out, y), cache
 
 
 class MLP(nnx.Module):
@@ -144,13 +204,21 @@ class MLP(nnx.Module):
     self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg, cfg.init_std)
     self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg,
                         cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    lora = adapters(cfg, rngs, {"gate_proj": ((d,), ("embed",), (f,), ("mlp",)),
+                                "up_proj": ((d,), ("embed",), (f,), ("mlp",)),
+                                "down_proj": ((f,), ("mlp",), (d,), ("embed",))})
+    if lora is not None:
+      self.lora = lora
+
+  def _project(self, x_NxI, w, target):
+    return adapted(self, target, x_NxI, x_NxI @ w[...].astype(self.dtype))
 
   def __call__(self, x_BxTxD):
-    dt = self.dtype
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
-    gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-    return ((gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)).reshape(b, t, d)
+    gate = jax.nn.silu(self._project(x, self.w_gate, "gate_proj"))
+    hidden = gate * self._project(x, self.w_up, "up_proj")
+    return self._project(hidden, self.w_down, "down_proj").reshape(b, t, d)
 
 
 class Block(nnx.Module):

@@ -11,6 +11,12 @@ gradient accumulation and data parallelism exact: the step sums
 grads of loss_sum over microbatches and divides once by the step's GLOBAL denominator.
 Under jit, arrays are global, so the denominator is already the count over all devices.
 
+Frozen parameters (LoRA, rlhf_jax/train/lora.py): with make_train_step(..., join=fn) the
+state holds only the trainable part, and the step takes the frozen rest as its own argument,
+train_step(state, frozen, batch); loss_fn sees join(trainable, frozen). Only the trainable part
+is differentiated and has optimizer state; the frozen part is a jit input (sharded like the
+params, not a constant baked into the program) and is not donated.
+
 Randomness: step t uses fold_in(base_key, t), split into one key per microbatch. The
 state's key is never advanced, so a step's randomness depends only on (seed, step) --
 which is what makes a resumed run bitwise equal to an uninterrupted one.
@@ -61,9 +67,11 @@ def _accumulate(fn, params, batch, keys, num_microbatches):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    num_microbatches: int,
-                    lr_schedule: optax.Schedule | None = None) -> Callable:
-  """Returns train_step(state, batch) -> (state, metrics), a pure function.
+                    num_microbatches: int, lr_schedule: optax.Schedule | None = None,
+                    join: Callable[[PyTree, PyTree], PyTree] | None = None) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics), a pure function; with `join`,
+  train_step(state, frozen, batch): state.params are the trainable part alone and loss_fn
+  sees join(state.params, frozen) (module docstring: frozen parameters).
 
   metrics: loss (= loss_sum / denominator), grad_norm (global, before clipping),
   denominator (the global unit count), every other aux key as sum / denominator, and
@@ -77,7 +85,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     (loss_sum, aux), grads = grad_fn(params, microbatch, key)
     return {"loss": loss_sum, **aux}, grads
 
+  def frozen_step(state: TrainState, frozen: PyTree, batch: PyTree) -> tuple[TrainState, dict]:
+    def trainable_sums_and_grads(trainable, microbatch, key):
+      (loss_sum, aux), grads = jax.value_and_grad(
+          lambda p: loss_fn(join(p, frozen), microbatch, key), has_aux=True)(trainable)
+      return {"loss": loss_sum, **aux}, grads
+    return update(state, batch, trainable_sums_and_grads)
+
   def train_step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
+    return update(state, batch, sums_and_grads)
+
+  def update(state: TrainState, batch: PyTree, sums_and_grads) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(state.key, state.step)
     keys = jax.random.split(step_key, num_microbatches)
     sums, grad_sums = _accumulate(sums_and_grads, state.params, batch, keys, num_microbatches)
@@ -93,7 +111,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 
-  return train_step
+  return train_step if join is None else frozen_step
 
 
 def _normalise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -141,15 +159,21 @@ def _replicated(shardings: PyTree) -> NamedSharding | None:
 
 
 def compile_train_step(step_fn: Callable, state_shardings: TrainState | None = None,
-                       batch_shardings: PyTree | None = None):
+                       batch_shardings: PyTree | None = None, *,
+                       frozen_shardings: PyTree | None = None):
   """jax.jit with in/out shardings and the state donated (updated in place).
 
   With no shardings (single device) jit places everything itself. Metrics are replicated.
+  frozen_shardings: the frozen params' shardings, for a step made with `join`
+  (train_step(state, frozen, batch)); the frozen params are not donated.
   """
   if state_shardings is None:
     return jax.jit(step_fn, donate_argnums=0)
   step_fn = sharding.traced_on(step_fn, _mesh(state_shardings))
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+  inputs = (state_shardings, batch_shardings)
+  if frozen_shardings is not None:
+    inputs = (state_shardings, frozen_shardings, batch_shardings)
+  return jax.jit(step_fn, in_shardings=inputs,
                  out_shardings=(state_shardings, _replicated(state_shardings)),
                  donate_argnums=0)
 

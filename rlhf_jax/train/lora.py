@@ -1,0 +1,62 @@
+"""Training only the LoRA adapters of a model, the base frozen.
+
+The frozen base has no optimizer state and no gradient: the TrainState holds the adapters
+alone (so do its checkpoints), and the train step (step.make_train_step with join=lora.join)
+takes the base as its own argument, a sharded jit input that is neither differentiated nor
+donated (not a constant closed over: an 8B base stays where load_hf_model put it). The loss
+function keeps the usual contract, loss_fn(params, batch, rng), and sees the joined params.
+
+A stage (pipeline/lm.py: run_training's steps, the adapters alone; `lora` is rlhf_jax.models.lora
+and `lora_train` this module):
+
+    graphdef, base, _ = hf_import.load_hf_model(hf_dir, mesh)
+    graphdef, params, shardings = lora.add_adapters(lora.config_of(graphdef, base), base,
+                                                    key, mesh, rank=16, alpha=32.0)
+    state, train_step, base = lora_train.adapter_training(
+        loss_fn, optimizer, params, shardings, batch_shardings, key,
+        num_microbatches=M, lr_schedule=schedule)
+    state, summary = loop.train(train_step=train_step, state=state,
+                                eval_fn=lambda adapters: eval_fn(lora.join(adapters, base)),
+                                ...)
+    params = lora.join(state.params, base)
+"""
+from typing import Callable
+
+import optax
+
+from rlhf_jax.models.lora import join, split
+from rlhf_jax.train import state as state_lib, step as step_lib
+from rlhf_jax.train.state import TrainState
+
+
+def with_base(train_step: Callable, base) -> Callable:
+  """train_step(state, batch) of a compiled train_step(state, base, batch), the base passed on
+  every call (an argument, not a constant): what loop.train calls."""
+  def bound(state: TrainState, batch):
+    return train_step(state, base, batch)
+  return bound
+
+
+def adapter_training(loss_fn: step_lib.LossFn, optimizer: optax.GradientTransformation,
+                     params, shardings, batch_shardings, rng, *, num_microbatches: int,
+                     lr_schedule: optax.Schedule | None = None):
+  """(state, train_step, base) to train the adapters of a LoRA model's `params`.
+
+  state: a step-0 TrainState of the adapters and their optimizer state, born sharded like them;
+  train_step(state, batch) -> (state, metrics): make_train_step compiled with the base as a
+  separate input (state donated, base not); base: the frozen params, to join with
+  state.params (lora.join) for evaluation, sampling or export. shardings/batch_shardings: as
+  step.compile_train_step's; None for both compiles without (one device).
+  """
+  adapters, base = split(params)
+  if not adapters:
+    raise ValueError("params hold no LoRA adapters (a model with lora_rank=0)")
+  adapter_sh, base_sh = split(shardings) if shardings is not None else (None, None)
+  state = state_lib.init_train_state(adapters, optimizer, rng, param_shardings=adapter_sh)
+  step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=num_microbatches,
+                                     lr_schedule=lr_schedule, join=join)
+  state_sh = (None if adapter_sh is None
+              else state_lib.state_shardings(optimizer, adapters, adapter_sh))
+  compiled = step_lib.compile_train_step(step_fn, state_sh, batch_shardings,
+                                         frozen_shardings=base_sh)
+  return state, with_base(compiled, base), base
