@@ -4,6 +4,10 @@ Padding convention: `valid_BxT` marks real tokens; positions follow the padding 
 real token of every row has position 0), so a prompt's outputs do not depend on how much
 padding it carries or on which side. With a KV cache, slots are written in time order, so
 "causal" is "slot <= current slot", and padded slots are masked through `cache.valid_BxS`.
+
+Packing: `segment_ids_BxT` (int, 0 on padding, 1, 2, ... for the documents packed into a row)
+keeps attention inside each document and restarts positions at each document's first token,
+so every document's outputs are those it has alone in a row (data/packing.py).
 """
 from typing import NamedTuple
 
@@ -41,17 +45,30 @@ def positions_from_valid(valid_BxT) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_in_segments(segment_ids_BxT) -> jax.Array:
+  """Position ids that restart at 0 where the segment id changes (each packed document)."""
+  t = segment_ids_BxT.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BxT.shape)
+  change = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                            segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start = jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+  return idx - start
+
+
 def last_valid_index(valid_BxT) -> jax.Array:
   """Index of each row's last real token (works for left- and right-padding)."""
   t = valid_BxT.shape[-1]
   return t - 1 - jnp.argmax(valid_BxT[:, ::-1].astype(jnp.int32), axis=-1)
 
 
-def _attention_mask(valid_BxT, cache: KVCache | None):
+def _attention_mask(valid_BxT, cache: KVCache | None, segment_ids_BxT=None):
   b, t = valid_BxT.shape
   if cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-    return causal_TxT[None] & valid_BxT[:, None, :].astype(bool), None
+    mask = causal_TxT[None] & valid_BxT[:, None, :].astype(bool)
+    if segment_ids_BxT is not None:
+      mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    return mask, None
   slot_valid = jax.lax.dynamic_update_slice_in_dim(
       cache.valid_BxS, valid_BxT.astype(bool), cache.index, axis=1)
   query_slot_T = cache.index + jnp.arange(t)
@@ -73,15 +90,19 @@ class Transformer(nnx.Module):
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
                            cfg.init_std)
 
-  def hidden(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, cache: KVCache | None = None):
+  def hidden(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, cache: KVCache | None = None,
+             segment_ids_BxT=None):
     """Final-normed hidden states BxTxD and the updated cache."""
     if valid_BxT is None:
       valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    if segment_ids_BxT is not None and cache is not None:
+      raise ValueError("packed rows (segment_ids_BxT) are for training forwards, not decoding")
     if positions_BxT is None:
       if cache is not None:
         raise ValueError("decoding with a cache needs explicit positions_BxT")
-      positions_BxT = positions_from_valid(valid_BxT)
-    mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache)
+      positions_BxT = (positions_from_valid(valid_BxT) if segment_ids_BxT is None
+                       else positions_in_segments(segment_ids_BxT))
+    mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache, segment_ids_BxT)
     index = None if cache is None else cache.index
     x = sharding.constrain_rows(
         jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype))
@@ -99,11 +120,12 @@ class Transformer(nnx.Module):
     return dense(hidden_BxTxD, w.astype(hidden_BxTxD.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None,
-               cache: KVCache | None = None, return_hidden: bool = False) -> ModelOutput:
+               cache: KVCache | None = None, return_hidden: bool = False,
+               segment_ids_BxT=None) -> ModelOutput:
     if not self.has_lm_head:
       raise ValueError("this Transformer was built without an LM head (lm_head=False)")
     hidden, cache = self.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
-                                cache=cache)
+                                cache=cache, segment_ids_BxT=segment_ids_BxT)
     return ModelOutput(self.logits(hidden), hidden if return_hidden else None, cache)
 
 

@@ -22,7 +22,7 @@ import json
 import os
 
 from rlhf_jax import provenance, sharding
-from rlhf_jax.data import builders, file_datasets, pipeline
+from rlhf_jax.data import builders, file_datasets, packing, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.pipeline import lm, real_models
@@ -43,6 +43,8 @@ class SFTFileFlags:
   test_fraction: float = flag(0.05, "Held-out fraction (hashed by conversation prefix).")
   on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
                        choices=file_datasets.ON_ERROR)
+  pack: bool = flag(False, "Pack several examples per --seq_len row, attention kept inside each "
+                    "(data/packing.py): fewer, fuller rows on short-example data.")
 
   @property
   def file_mode(self) -> bool:
@@ -114,7 +116,7 @@ def run(cfg) -> dict:
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   loss_fn = lm_loss_fn(graphdef)
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,
-                                         batch_shardings)
+                                         dict(batch_shardings))
 
   def eval_fn(p):
     batches = pipeline.make_eval_iterator(
@@ -122,9 +124,18 @@ def run(cfg) -> dict:
         encode=encode, rows=sharding.process_rows(mesh, cfg.eval_batch_size))
     return step_lib.evaluate(eval_step, p, (sharding.shard_batch(b, mesh) for b in batches))
 
+  source, train_encode, packed = train, encode, None
+  if cfg.pack:  # rows of several examples, computed once; the step reads their segment ids
+    packed = packing.pack_examples(
+        packing.shuffled([encode(train[i]) for i in range(len(train))], lm.data_seed(cfg)),
+        cfg.seq_len, tok.pad_id)
+    source, train_encode = packed.rows, lambda row: row
+    batch_shardings["segment_ids"] = sharding.batch_sharding(mesh)
+    print(f"packed {packed.examples} examples into {len(packed.rows)} rows of {cfg.seq_len} "
+          f"tokens ({packed.fill:.0%} full)")
   it = pipeline.make_train_iterator(
-      train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=lm.data_seed(cfg),
-      tokenizer=tok, kind="sft", encode=encode,
+      source, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=lm.data_seed(cfg),
+      tokenizer=tok, kind="sft", encode=train_encode,
       rows=sharding.process_rows(mesh, cfg.batch_size))
   final, summary = lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
                                    eval_fn=eval_fn, tokens_per_batch=cfg.batch_size * cfg.seq_len,
@@ -132,7 +143,9 @@ def run(cfg) -> dict:
   real_models.export(cfg, graphdef, final.params)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "steps": summary["final_step"],
-            "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped},
+            "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped,
+                     "packed_rows": len(packed.rows) if packed else None,
+                     "packed_fill": packed.fill if packed else None},
             "provenance": provenance.provenance()}
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   print(f"held-out loss {summary['eval']['loss']:.4f}, token accuracy "

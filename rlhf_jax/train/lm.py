@@ -1,6 +1,7 @@
 """Causal-LM loss for pretraining and SFT, in the train step's loss contract (step.py).
 
-Batch (rlhf_jax.data.pipeline): tokens BxT, valid BxT, loss_mask BxT (1 on target tokens).
+Batch (rlhf_jax.data.pipeline): tokens BxT, valid BxT, loss_mask BxT (1 on target tokens),
+and segment_ids BxT for packed rows (rlhf_jax.data.packing).
 """
 import jax.numpy as jnp
 from flax import nnx
@@ -15,7 +16,8 @@ def lm_loss_fn(graphdef):
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward: no dropout in these models
     model = nnx.merge(graphdef, params)
-    logits_BxTxV = model(batch["tokens"], valid_BxT=batch["valid"]).logits_BxTxV
+    logits_BxTxV = model(batch["tokens"], valid_BxT=batch["valid"],
+                         segment_ids_BxT=batch.get("segment_ids")).logits_BxTxV
     logps_BxT = shifted_logps(logits_BxTxV, batch["tokens"])
     mask_BxT = batch["loss_mask"]
     _, metrics = sft_loss(logps_BxT, mask_BxT)

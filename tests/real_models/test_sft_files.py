@@ -97,6 +97,17 @@ def _target_nll(model, ex) -> float:
   return float(-(logps * mask).sum() / mask.sum())
 
 
+def test_packed_sft_fills_fewer_rows_and_trains(tmp_path, hf_root):
+  data = write_jsonl(tmp_path / "chat.jsonl", _conversations(48))
+  cfg = config.parse(SFTConfig, _flags(tmp_path, hf_root["qwen2"], data, "sft_messages",
+                                       seq_len=256, pack=True))
+  result = sft_main.run(cfg)
+  packed_rows, train = result["data"]["packed_rows"], result["data"]["train"]
+  assert packed_rows < train / 2 and result["data"]["packed_fill"] > 0.5
+  metrics = read_metrics(cfg.workdir, split="train")
+  assert metrics[-1]["metrics"]["loss"] < metrics[0]["metrics"]["loss"]
+
+
 def test_gsm8k_sft_then_grpo_from_its_export(tmp_path, hf_root):
   data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_records(40))
   sft_cfg = config.parse(SFTConfig, _flags(tmp_path / "sft", hf_root["qwen2"], data, "gsm8k",
