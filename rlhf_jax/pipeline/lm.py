@@ -17,8 +17,10 @@ from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models.config import PRESETS, preset
+from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
+from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train.lm import lm_loss_fn
 from rlhf_jax.train.logging import MetricsLogger
 from rlhf_jax.worlds import registry
@@ -263,6 +265,8 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
   rlhf_jax/train/step.py's contract. With --criterion, training stops at the first
   evaluation where it holds, and a run that spends --steps without it raises
   criterion.StageCriterionError after saving its last checkpoint, never <workdir>/params.
+  With LoRA adapters in params (models/lora.py) only they (and scalar heads) train, the base
+  frozen (train/lora.py); the returned state's params are joined again.
   Returns (final TrainState, summary)."""
   conditions = criterion.parse(cfg.criterion)
   if conditions and eval_fn is None:
@@ -270,12 +274,20 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
                      f"this stage does not run; leave --criterion empty")
   ocfg = optim_config(cfg, cfg.steps)
   optimizer = optim.make_optimizer(ocfg)
-  train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
-                                           param_shardings=shardings)
-  step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
-                                     lr_schedule=optim.make_schedule(ocfg))
-  train_step = step_lib.compile_train_step(
-      step_fn, state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
+  base = None
+  if lora.split(params)[0]:  # LoRA: the state holds the adapters, the base is frozen
+    train_state, train_step, base = lora_train.adapter_training(
+        loss_fn, optimizer, params, shardings, batch_shardings, jax.random.key(cfg.seed),
+        num_microbatches=cfg.num_microbatches, lr_schedule=optim.make_schedule(ocfg))
+    if eval_fn is not None:
+      eval_fn = (lambda f: lambda adapters: f(lora.join(adapters, base)))(eval_fn)
+  else:
+    train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
+                                             param_shardings=shardings)
+    step_fn = step_lib.make_train_step(loss_fn, optimizer, num_microbatches=cfg.num_microbatches,
+                                       lr_schedule=optim.make_schedule(ocfg))
+    train_step = step_lib.compile_train_step(
+        step_fn, state_lib.state_shardings(optimizer, params, shardings), batch_shardings)
   manager = checkpoint.make_manager(cfg.workdir, save_every=cfg.save_every,
                                     max_to_keep=cfg.keep_checkpoints)
   logger = MetricsLogger(cfg.workdir)
@@ -295,6 +307,8 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
           criterion.failure(stage, conditions, summary["eval"], summary["final_step"]))
     print(f"[{stage}] criterion {cfg.criterion} met at step {summary['final_step']} of "
           f"{cfg.steps}: {criterion.describe(conditions, summary['eval'])}")
+  if base is not None:  # the stage's params are the whole model, adapters joined
+    final = final.replace(params=lora.join(final.params, base))
   checkpoint.save_params(os.path.join(cfg.workdir, PARAMS_DIR), final.params)
   manager.close()
   logger.close()

@@ -12,6 +12,11 @@ Face model directory, read its tokenizer and chat template, and export what it t
     --export_hf=DIR   the trained model as a Hugging Face directory (config.json, safetensors,
                       the tokenizer files), loadable by transformers' from_pretrained.
     --export_dtype    float32 or bfloat16 weights in the export (empty: float32).
+    --lora_rank=r     LoRA: adapters (models/lora.py) on --lora_targets of the model a stage
+                      trains; only they (and a reward/value model's scalar head) train, the
+                      base frozen without optimizer state (train/lora.py); the reference
+                      policy is the base view (adapters off), not a second copy. --export_lora
+                      writes the merged model or the PEFT adapters.
 
 A run started with --init_hf exports with the imported config.json as base, so token ids and
 generation settings survive a round trip.
@@ -21,13 +26,17 @@ import hashlib
 import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
+
 from rlhf_jax import distributed
 from rlhf_jax.data import pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.models import hf, hf_export, hf_import
+from rlhf_jax.models import hf, hf_export, hf_import, hf_peft, lora
+from rlhf_jax.models.config import LORA_TARGETS
 from rlhf_jax.pipeline.config import flag
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -46,11 +55,30 @@ class HFFlags:
                         "tokenizer files).")
   export_dtype: str = flag("", "Weights dtype of --export_hf (empty: float32).",
                            choices=EXPORT_DTYPES)
+  lora_rank: int = flag(0, "LoRA rank r of the adapters on the trained model's projections "
+                        "(0: full fine-tuning); the base stays frozen, without optimizer state.")
+  lora_alpha: float = flag(16.0, "LoRA alpha: the update is (alpha / r) A @ B.")
+  lora_targets: str = flag(",".join(LORA_TARGETS), "Comma-separated projections that get "
+                           "adapters (PEFT names).")
+  export_lora: str = flag("merged", "--export_hf of a LoRA run: merged (W + update, a plain "
+                          "checkpoint) or peft (adapter_model.safetensors + adapter_config.json "
+                          "for the --init_hf base).", choices=("merged", "peft"))
 
   def __post_init__(self):
     if self.export_dtype and not self.export_hf:
       raise ValueError("--export_dtype without --export_hf: name the export directory")
+    if self.lora_rank < 0:
+      raise ValueError(f"--lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+    if self.lora_rank and not self.init_hf:
+      raise ValueError("--lora_rank adapts a pretrained checkpoint: give --init_hf")
+    unknown = sorted(set(self.lora_target_names) - set(LORA_TARGETS))
+    if unknown or not self.lora_target_names:
+      raise ValueError(f"--lora_targets={self.lora_targets}: name some of {LORA_TARGETS}")
     getattr(super(), "__post_init__", lambda: None)()
+
+  @property
+  def lora_target_names(self) -> tuple[str, ...]:
+    return tuple(t for t in self.lora_targets.split(",") if t)
 
 
 def tokenizer_dir(cfg: HFFlags) -> str:
@@ -124,19 +152,55 @@ def load(path: str, mesh, cfg, *, kind: str = "lm"):
   return hf_import.load_hf_model(path, mesh, dtype="float32", compute_dtype=cfg.dtype, kind=kind)
 
 
+def with_adapters(cfg: HFFlags, graphdef, params, shardings, mesh):
+  """(graphdef, params, shardings) of the model a stage trains: with --lora_rank, LoRA
+  adapters over the loaded params (A seeded by --seed, B zero: it starts as the checkpoint),
+  else the model as it is."""
+  if not cfg.lora_rank:
+    return graphdef, params, shardings
+  return lora.add_adapters(lora.config_of(graphdef, params), params,
+                           jax.random.fold_in(jax.random.key(cfg.seed), 0x10BA), mesh,
+                           rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                           targets=cfg.lora_target_names)
+
+
+def reference_of(params):
+  """The frozen reference of a trained model's initial params: a LoRA model's base view (the
+  adapters switched off, no second copy of the base), else a copy (the train state donates
+  its params)."""
+  adapters, base = lora.split(params)
+  if adapters:  # the adapters are copied: the train state donates them (a few MB)
+    return lora.base_view(lora.join(jax.tree.map(jnp.copy, adapters), base))
+  return jax.tree.map(jnp.copy, params)
+
+
 def export(cfg: HFFlags, graphdef, params, *, drop_head_bias: bool = False) -> None:
   """Writes params to --export_hf (nothing without it) with the tokenizer files, config.json
-  based on --init_hf's. Every process calls it (tensors are gathered); process 0 writes."""
+  based on --init_hf's; a LoRA model merged or as PEFT adapters (--export_lora). Every
+  process calls it (tensors are gathered); process 0 writes."""
   if not cfg.export_hf:
     return
   base = hf.read_hf_config(cfg.init_hf) if has_checkpoint_config(cfg) else None
-  hf_export.save_hf_model(cfg.export_hf, graphdef, params, hf_config_base=base,
+  model = graphdef
+  if lora.split(params)[0]:
+    lcfg = lora.config_of(graphdef, params)
+    if cfg.export_lora == "peft":
+      hf_peft.save_peft_adapters(cfg.export_hf, params, lcfg, base_model_dir=cfg.init_hf)
+      _copy_tokenizer(cfg)
+      print(f"exported LoRA adapters (PEFT) to {cfg.export_hf}")
+      return
+    model, params = lora.plain_config(lcfg), lora.merge(params, lcfg)
+  hf_export.save_hf_model(cfg.export_hf, model, params, hf_config_base=base,
                           dtype=cfg.export_dtype or "float32", drop_head_bias=drop_head_bias)
+  _copy_tokenizer(cfg)
+  print(f"exported to {cfg.export_hf}")
+
+
+def _copy_tokenizer(cfg: HFFlags) -> None:
   source = tokenizer_dir(cfg)
   for name in TOKENIZER_FILES if source and distributed.is_writer() else ():
     if (pathlib.Path(source) / name).exists():
       shutil.copy(pathlib.Path(source) / name, pathlib.Path(cfg.export_hf) / name)
-  print(f"exported to {cfg.export_hf}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,7 +117,8 @@ def run(cfg) -> dict:
   train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
   k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
   encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
-  graphdef, params, shardings = init_scalar_model(cfg.init_hf, cfg, mcfg, mesh, cfg.seed)
+  graphdef, params, shardings = real_models.with_adapters(
+      cfg, *init_scalar_model(cfg.init_hf, cfg, mcfg, mesh, cfg.seed), mesh)
   loss_fn = reward.ranking_loss_fn(graphdef)
   batch_shardings = {key: sharding.batch_sharding(mesh) for key in _KEYS}
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,

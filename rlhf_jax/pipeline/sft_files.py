@@ -110,7 +110,8 @@ def run(cfg) -> dict:
                      "train on")
   encode = make_encoder(cfg.data_format, tok, _template(cfg), render_fn, cfg.seq_len)
   if cfg.init_hf:
-    graphdef, params, shardings = real_models.load(cfg.init_hf, mesh, cfg)
+    graphdef, params, shardings = real_models.with_adapters(
+        cfg, *real_models.load(cfg.init_hf, mesh, cfg), mesh)
   else:
     graphdef, params, shardings = lm.init_model(cfg, mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}

@@ -24,8 +24,10 @@ import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.compile_count import CompileCounter
+from rlhf_jax.models import lora
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import checkpoint, optim, state as state_lib, step as step_lib
+from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 
 
@@ -169,14 +171,17 @@ def _floats(tree) -> dict:
 def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
         evaluate: Callable[[object], dict], config: dict | None = None,
         describe: Callable[[Experience], dict] | None = None,
-        initial_point: dict | None = None):
+        initial_point: dict | None = None, params_view: Callable | None = None):
   """Trains `state` (a TrainState) for cfg.iterations; returns (state, curve).
 
   evaluate(params) -> dict is the held-out evaluation (run before training, at every
   eval_every and at the end; its points make the curve). describe(experience) -> dict adds
   world-specific metrics of an iteration's rollout to the log (optional). config is written
   to <workdir>/config.json. initial_point: the evaluation of the initial params when the
-  caller has it already (it is then not evaluated again on a fresh run)."""
+  caller has it already (it is then not evaluated again on a fresh run). params_view(params)
+  -> the whole model's params, when the state holds only part of them (LoRA adapters:
+  make_adapter_trainer); collect and evaluate see its output."""
+  view = params_view or (lambda params: params)
   if config is not None:
     write_config(cfg.workdir, config)
   manager, logger, state, data = resume(cfg.workdir, state, save_every=cfg.save_every,
@@ -188,7 +193,7 @@ def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
     print(f"resumed from iteration {start}")
   if start == 0:
     t0 = time.perf_counter()
-    curve.append({"iteration": 0, **(initial_point or evaluate(state.params))})
+    curve.append({"iteration": 0, **(initial_point or evaluate(view(state.params)))})
     print(f"[eval before training] {time.perf_counter() - t0:.1f}s")
     logger.log(0, curve[-1], split="eval")
 
@@ -196,7 +201,7 @@ def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
   with CompileCounter() as counter:
     for it in range(start, cfg.iterations):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
-      step = algorithm.collect(it, state.params)
+      step = algorithm.collect(it, view(state.params))
       rows = len(next(iter(step.batch.values())))
       order = step.order if step.order is not None else epoch_order(
           rows, step.shuffle_rng, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches)
@@ -215,7 +220,7 @@ def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
               + "".join(f" | {k} {values[k]:.3f}" for k in algorithm.progress_keys
                         if k in values) + f" | compiles {counter.count}")
       if done % cfg.eval_every == 0 or done == cfg.iterations:
-        curve.append({"iteration": done, **evaluate(state.params)})
+        curve.append({"iteration": done, **evaluate(view(state.params))})
         logger.log(done, curve[-1], split="eval")
       if manager.should_save(done) or done == cfg.iterations:
         checkpoint.save(manager, done, state,
@@ -241,3 +246,26 @@ def make_trainer(loss_fn, params, param_shardings, batch_keys, mesh, *,
       state_lib.state_shardings(optimizer, params, param_shardings),
       {k: sharding.batch_sharding(mesh) for k in batch_keys})
   return state, train_step
+
+
+def make_adapter_trainer(loss_fn, params, param_shardings, batch_keys, mesh, *,
+                         optim_cfg: optim.OptimConfig, num_microbatches: int, seed: int):
+  """make_trainer for LoRA params (models/lora.py): the state holds the adapters and scalar
+  heads only, the base is a frozen, non-donated input of the step (train/lora.py). Returns
+  (state, train_step, params_view) with params_view(state.params) the whole model's params,
+  for run(params_view=...)."""
+  optimizer = optim.make_optimizer(optim_cfg)
+  state, train_step, base = lora_train.adapter_training(
+      loss_fn, optimizer, params, param_shardings,
+      {k: sharding.batch_sharding(mesh) for k in batch_keys}, jax.random.key(seed),
+      num_microbatches=num_microbatches, lr_schedule=optim.make_schedule(optim_cfg))
+  return state, train_step, lambda adapters: lora.join(adapters, base)
+
+
+def make_trainer_for(loss_fn, params, param_shardings, batch_keys, mesh, **kwargs):
+  """(state, train_step, params_view): make_adapter_trainer when params hold LoRA adapters,
+  else make_trainer with the identity view."""
+  if lora.split(params)[0]:
+    return make_adapter_trainer(loss_fn, params, param_shardings, batch_keys, mesh, **kwargs)
+  state, train_step = make_trainer(loss_fn, params, param_shardings, batch_keys, mesh, **kwargs)
+  return state, train_step, lambda p: p

@@ -90,6 +90,9 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
                        f"KTO trains on: pass --loss=kto (got --loss={self.loss})")
     if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
       raise ValueError("--kto_desirable_weight and --kto_undesirable_weight must be > 0")
+    if self.lora_rank and not self.precompute_ref and preference.needs_reference(self.loss):
+      raise ValueError("--lora_rank with --precompute_ref=false: a LoRA run's reference is its "
+                       "base, precomputed once; drop --precompute_ref=false")
     if self.init_hf and self.init_from:
       raise ValueError("give at most one of --init_hf and --init_from")
     if not self.data_files and not self.dry_run and not self.world_mode:

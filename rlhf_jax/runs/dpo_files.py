@@ -35,6 +35,7 @@ else as many fake CPU devices (a v5e-8 flagfile plans on a laptop). A --init_hf 
 without config.json falls back to the --model preset's shape there, so a real flagfile can be
 checked before the checkpoint is downloaded.
 """
+import dataclasses
 import math
 import os
 
@@ -67,6 +68,9 @@ def _mesh(cfg: dpo.DPOConfig):
 
 
 def memory_estimate(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
+  if cfg.lora_rank:  # adapters and their optimizer state; the base has parameters only
+    mcfg = dataclasses.replace(mcfg, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                               lora_targets=cfg.lora_target_names)
   return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
                          seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
                          reference_params=(not cfg.precompute_ref
@@ -122,7 +126,8 @@ def run(cfg: dpo.DPOConfig) -> dict:
     return dry_run(cfg, mcfg, mesh)
   tok, render_fn, render_id = real_models.load_tokenizer(cfg)
   real_models.check_vocabulary(tok, mcfg)
-  graphdef, params, shardings = init_policy(cfg, mcfg, mesh)
+  graphdef, params, shardings = real_models.with_adapters(cfg, *init_policy(cfg, mcfg, mesh),
+                                                          mesh)
   built = file_datasets.build_file_dataset(
       cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
       on_error=cfg.on_error, test_fraction=cfg.test_fraction or None, tokenizer=tok,

@@ -136,8 +136,8 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   specs = cfg.reward_specs
   names, weights = [n for n, _ in specs], [w for _, w in specs]
   scorer = scorers.FunctionsScorer([(n, functions.resolve(n)) for n in names], data.answers)
-  g, params, shardings = init_policy(cfg, mcfg, mesh)
-  ref_params = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
+  g, params, shardings = real_models.with_adapters(cfg, *init_policy(cfg, mcfg, mesh), mesh)
+  ref_params = real_models.reference_of(params) if cfg.kl_coef > 0 else None
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
   parts = grpo_run.algorithm_parts(cfg, g, sampling.max_new_tokens)
@@ -154,17 +154,19 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
                                 num_minibatches=cfg.num_minibatches, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, save_every=cfg.save_every,
                                 keep_checkpoints=cfg.keep_checkpoints)
-  state, train_step = rl_loop.make_trainer(
+  state, train_step, view = rl_loop.make_trainer_for(
       loss_fn, params, shardings, batch_keys, mesh,
       optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,
       seed=cfg.seed)
   evaluate = file_eval(cfg, g, sampling, data, tok, scorer, ref_params, names, weights)
   t0 = time.perf_counter()
   state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
-                             mesh=mesh, evaluate=evaluate, config=config.to_dict(cfg))
+                             mesh=mesh, evaluate=evaluate, config=config.to_dict(cfg),
+                             params_view=view)
   wall = {"grpo_s": time.perf_counter() - t0}
-  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params)
-  real_models.export(cfg, g, state.params)
+  params = view(state.params)
+  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), params)
+  real_models.export(cfg, g, params)
   result = {"table": {"initial": curve[0], "grpo": curve[-1]}, "curve": curve, "wall": wall,
             "updates": cfg.updates, "data": {"train": len(data.train), "test": len(data.test),
                                              "skipped": data.report.skipped},

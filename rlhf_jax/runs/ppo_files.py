@@ -24,7 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import provenance
@@ -72,22 +71,22 @@ def run(cfg) -> dict:
   real_models.check_vocabulary(tok, mcfg)
   data = prompt_sets.build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok,
                                       render_fn=render_fn, render_id=render_id)
-  if cfg.init_hf:
-    g, sft_params, pol_shardings = real_models.load(cfg.init_hf, mesh, cfg)
-  else:
-    g, sft_params, pol_shardings = lm.init_model(cfg, mesh)
+  policy = real_models.load(cfg.init_hf, mesh, cfg) if cfg.init_hf else lm.init_model(cfg, mesh)
+  g, policy_params, pol_shardings = real_models.with_adapters(cfg, *policy, mesh)
   rm_g, rm_params, _ = reward_files.init_scalar_model(cfg.reward_hf, cfg, mcfg, mesh, cfg.seed)
-  v_g, v_params, v_shardings = reward_files.init_scalar_model(cfg.value_hf or cfg.reward_hf,
-                                                              cfg, mcfg, mesh, cfg.seed)
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the train state is donated
-  params = {"policy": copy(sft_params), "value": copy(v_params)}
+  v_g, v_params, v_shardings = real_models.with_adapters(cfg, *reward_files.init_scalar_model(
+      cfg.value_hf or cfg.reward_hf, cfg, mcfg, mesh, cfg.seed), mesh)
+  # The reference and the evaluation's value model stay; the train state donates its params.
+  ref_params, eval_value = (real_models.reference_of(policy_params),
+                            real_models.reference_of(v_params))
+  params = {"policy": policy_params, "value": v_params}
   shardings = {"policy": pol_shardings, "value": v_shardings}
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
   stage = RolloutStage(g, sampling, data.prompt_len, value_graphdef=v_g, tokenizer=tok)
   scorer = scorers.Penalised(scorers.RewardModelScorer(rm_g, [rm_params]),
                              truncation_penalty=cfg.truncation_penalty)
-  algorithm = ppo.PPO(stage, scorer, data.train, sft_params, cfg.batch_size, cfg.seed,
+  algorithm = ppo.PPO(stage, scorer, data.train, ref_params, cfg.batch_size, cfg.seed,
                       cfg.kl_coef, cfg.gae_gamma, cfg.gae_lambda,
                       ppo.AdaptiveKL(cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None)
   algorithm.progress_keys = ("score", "kl", "kl_coef")
@@ -98,18 +97,20 @@ def run(cfg) -> dict:
                                 num_minibatches=cfg.num_minibatches, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, save_every=cfg.save_every,
                                 keep_checkpoints=cfg.keep_checkpoints)
-  state, train_step = rl_loop.make_trainer(
+  state, train_step, view = rl_loop.make_trainer_for(
       loss_fn, params, shardings, algorithm.batch_keys(), mesh,
       optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,
       seed=cfg.seed)
-  evaluate = reward_eval(cfg, stage, scorer, data.test[:cfg.eval_prompts], sft_params, v_params)
+  evaluate = reward_eval(cfg, stage, scorer, data.test[:cfg.eval_prompts], ref_params,
+                         eval_value)
   t0 = time.perf_counter()
   state, curve = rl_loop.run(loop_cfg, algorithm, state=state, train_step=train_step,
                              mesh=mesh, evaluate=lambda p: evaluate(p["policy"]),
-                             config=config.to_dict(cfg))
+                             config=config.to_dict(cfg), params_view=view)
   wall = {"ppo_s": time.perf_counter() - t0}
-  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), state.params["policy"])
-  real_models.export(cfg, g, state.params["policy"])
+  trained = view(state.params)["policy"]
+  checkpoint.save_params(os.path.join(cfg.workdir, lm.PARAMS_DIR), trained)
+  real_models.export(cfg, g, trained)
   result = {"table": {"initial": curve[0], "ppo": curve[-1]}, "curve": curve, "wall": wall,
             "final_kl_coef": algorithm.kl_coef, "updates": cfg.updates,
             "data": {"train": len(data.train), "test": len(data.test),

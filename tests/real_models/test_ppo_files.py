@@ -84,6 +84,19 @@ def test_ppo_export_reloads_with_our_logits(chain):
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_ppo_with_lora_on_policy_and_value(chain):
+  """Adapters on the policy and the value model (its head trains too); the reference is the
+  policy's base: the first evaluation's KL is 0."""
+  root, _, _ = chain
+  cfg = config.parse(PPOConfig, _ppo_flags(root / "lora", root, lora_rank=4, steps=2,
+                                           eval_every=2))
+  result = ppo_files.run(cfg)
+  assert result["table"]["initial"]["kl"] == pytest.approx(0.0, abs=1e-5)
+  train = read_metrics(cfg.workdir, split="train")
+  assert all(np.isfinite(r["metrics"]["loss"]) for r in train)
+  assert train[-1]["metrics"]["compiles"] == 0
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"reward_hf": ""}, "needs --reward_hf"),
     ({"ptx_coef": 0.1}, "ptx_coef"),
