@@ -124,16 +124,18 @@ def _stage_total(progs: dict, side: str) -> int:
   return resident + max(p[side]["transient"] for p in progs.values())
 
 
-def plan(stage: str, cfg: ModelConfig, mesh, shapes: Shapes) -> dict:
+def plan(stage: str, cfg: ModelConfig, mesh, shapes: Shapes, *, compile: bool = True) -> dict:
   """Compiles `stage`'s programs on `mesh` (any devices; fake CPU ones from the command line)
   and returns, in bytes per device, each program's compiled and analytic numbers and the
-  stage's totals (module docstring)."""
+  stage's totals (module docstring). compile=False: the analytic numbers alone (seconds)."""
   progs = {}
   for program in programs(stage, cfg, mesh, shapes):
-    progs[program.name] = {"compiled": _compiled(program),
-                           "analytic": _analytic(program.estimate),
+    progs[program.name] = {"analytic": _analytic(program.estimate),
                            "owns_resident": program.owns_resident}
-  total = {side: _stage_total(progs, side) for side in ("compiled", "analytic")}
+    if compile:
+      progs[program.name]["compiled"] = _compiled(program)
+  total = {side: _stage_total(progs, side)
+           for side in ("compiled", "analytic")[0 if compile else 1:]}
   return {"stage": stage, "mesh": dict(mesh.shape), "devices": mesh.devices.size,
           "platform": mesh.devices.flat[0].platform, "num_params": cfg.num_params(),
           "programs": progs, "total": total}
@@ -141,6 +143,8 @@ def plan(stage: str, cfg: ModelConfig, mesh, shapes: Shapes) -> dict:
 
 def format_plan(result: dict) -> str:
   """The plan as a table, GiB (MiB when the total is under 1 GiB) per device."""
+  if "compiled" not in result["total"]:
+    return _format_analytic(result)
   scale, unit = (2**30, "GiB") if result["total"]["compiled"] >= 2**30 else (2**20, "MiB")
   mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
   columns = ("argument", "output", "alias", "temp", "peak", "transient", "peak", "ratio")
@@ -158,6 +162,19 @@ def format_plan(result: dict) -> str:
                f"{c / max(a, 1):>10.2f}")
   lines.append("stage total = resident (train state, frozen params) + the largest transient "
                "(peak - resident arguments)\nof any program; ratio = compiled / analytic peak")
+  return "\n".join(lines)
+
+
+def _format_analytic(result: dict) -> str:
+  mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  lines = [f"plan (analytic, not compiled): {result['stage']}, {result['num_params']:,} "
+           f"parameters, mesh {mesh}; GiB per device",
+           f"{'program':<32}{'resident':>10}{'transient':>11}{'peak':>10}"]
+  for name, p in result["programs"].items():
+    a = p["analytic"]
+    lines.append(f"{name:<32}" + "".join(f"{a[k] / 2**30:>10.3f} " for k in
+                                         ("resident", "transient", "peak")))
+  lines.append(f"{'stage total':<53}{result['total']['analytic'] / 2**30:>10.3f}")
   return "\n".join(lines)
 
 

@@ -20,12 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import memory, sampling, sharding
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import ScalarHeadModel, Transformer
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.rl import rollout
 from rlhf_jax.rl.algorithms import grpo, ppo
 from rlhf_jax.train import lm, optim, preference, reward
+from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 
@@ -55,6 +57,8 @@ class Shapes:
                               "--batch_size / --group_size).")
   group_size: int = flag(4, "grpo: samples per prompt.")
   grpo_kl: bool = flag(False, "grpo: kl_coef > 0, so the rollout runs the frozen reference.")
+  forward_chunk_rows: int = flag(0, "ppo/grpo: rows per chunk of the rollout's log-prob "
+                                 "forwards (0: all rows at once).")
 
   def rl_seq_len(self) -> int:
     return self.prompt_len + self.max_new_tokens
@@ -109,9 +113,18 @@ def _train(name, loss_fn, params, shardings, batch, shapes: Shapes, estimate, fr
   state = state_lib.abstract_state(optimizer, params, shardings)
   state_sh = state_lib.state_shardings(optimizer, params, shardings)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-  make = lambda fn: step_lib.make_train_step(
+  make = lambda fn, **kw: step_lib.make_train_step(
       fn, optimizer, num_microbatches=shapes.num_microbatches,
-      lr_schedule=optim.make_schedule(_OPTIM))
+      lr_schedule=optim.make_schedule(_OPTIM), **kw)
+  if lora.split(params)[0]:  # LoRA: the state trains the adapters, the base is an input
+    (train, base), (train_sh, base_sh) = (lora_train.trainable_split(params),
+                                          lora_train.trainable_split(shardings))
+    state = state_lib.abstract_state(optimizer, train, train_sh)
+    jitted = step_lib.compile_train_step(
+        make(loss_fn, join=lora.join), state_lib.state_shardings(optimizer, train, train_sh),
+        batch_sh, frozen_shardings=base_sh)
+    return Program(name, lambda: jitted.lower(state, base, batch),
+                   nbytes(state) + nbytes(base), True, estimate)
   if frozen is None:
     jitted = step_lib.compile_train_step(make(loss_fn), state_sh, batch_sh)
     return Program(name, lambda: jitted.lower(state, batch), nbytes(state), True, estimate)
@@ -224,7 +237,8 @@ def _rl(stage, cfg, g, params, shardings, mesh, shapes: Shapes, est) -> list[Pro
   prompts, rows = shapes.rollout_rows(stage)
   micro = dict(num_microbatches=shapes.num_microbatches)
   seq = lambda n: _sequences(mesh, n, t, "tokens", "valid")
-  forward_est = est(batch_size=rows, seq_len=t, train=False)
+  forward_est = est(batch_size=min(rows, shapes.forward_chunk_rows or rows), seq_len=t,
+                    train=False)
   out = []
   if stage == "ppo":  # the value model starts from a reward model: one shape for both
     vg, vparams, vsh = abstract_model(lambda r: ScalarHeadModel(cfg, rngs=r), mesh)
@@ -248,8 +262,12 @@ def _rl(stage, cfg, g, params, shardings, mesh, shapes: Shapes, est) -> list[Pro
     out.append(_train("policy train step", loss, params, shardings, batch, shapes,
                       est(batch_size=b, seq_len=t, **micro)))
   if stage == "ppo" or shapes.grpo_kl:
-    out.append(_forward("reference forward", lambda p, x: rollout.policy_forward(
-        g, p, x["tokens"], x["valid"], 1.0)[0], params, (seq(rows),), forward_est, owns=True))
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    logps = lambda p, x: rollout.in_row_chunks(  # noqa: E731
+        lambda tk, v: rollout.policy_forward(g, p, tk, v, 1.0)[0], shapes.forward_chunk_rows,
+        dp)(x["tokens"], x["valid"])
+    out.append(_forward("reference forward", logps, params, (seq(rows),), forward_est,
+                        owns=True))
   # sample_groups repeats the prompts' prefilled cache group_size times: both are live.
   cached = rows + (prompts if stage == "grpo" else 0)
   out.append(_sampler(stage, g, params, mesh, shapes,

@@ -121,6 +121,10 @@ PRESETS: dict[str, ModelConfig] = {
     "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                       d_ff=8192, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
                       tie_embeddings=True, max_seq_len=8192, dtype="bfloat16"),
+    # Qwen2.5-1.5B(-Instruct): biases on q/k/v, tied embeddings.
+    "1.5b": ModelConfig(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                        d_ff=8960, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                        tie_embeddings=True, max_seq_len=32768, dtype="bfloat16"),
     "8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       d_ff=14336, rope_theta=500000.0, rope_scaling=RopeScaling(),
                       max_seq_len=8192, dtype="bfloat16"),

@@ -62,6 +62,18 @@ class PromptFileFlags:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutFlags:
+  rollout_chunk_rows: int = flag(0, "With --prompt_files: rows per chunk of the rollout's "
+                                 "log-prob forwards (policy, reference), whose logits are rows x "
+                                 "tokens x vocabulary floats; 0: every rollout row at once.")
+
+  def __post_init__(self):
+    if self.rollout_chunk_rows < 0:
+      raise ValueError(f"--rollout_chunk_rows must be >= 0, got {self.rollout_chunk_rows}")
+    getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardFunctionFlags:
   """How a run on prompt files scores responses with reward functions (GRPO)."""
   reward_fns: str = flag("math", "Comma-separated reward functions: built-ins "

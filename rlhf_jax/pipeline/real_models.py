@@ -23,13 +23,14 @@ generation settings survive a round trip.
 """
 import dataclasses
 import hashlib
+import math
 import pathlib
 import shutil
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import distributed
+from rlhf_jax import distributed, plan, sharding
 from rlhf_jax.data import pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
@@ -60,6 +61,11 @@ class HFFlags:
   lora_alpha: float = flag(16.0, "LoRA alpha: the update is (alpha / r) A @ B.")
   lora_targets: str = flag(",".join(LORA_TARGETS), "Comma-separated projections that get "
                            "adapters (PEFT names).")
+  dry_run: bool = flag(False, "Resolve shapes and shardings and print the per-device memory "
+                       "plan only: no weights loaded, no data read, no training.")
+  dry_run_compile: bool = flag(True, "--dry_run also compiles the stage's programs on abstract "
+                               "arrays (rlhf_jax.plan) and prints XLA's memory beside the "
+                               "analytic estimate.")
   export_lora: str = flag("merged", "--export_hf of a LoRA run: merged (W + update, a plain "
                           "checkpoint) or peft (adapter_model.safetensors + adapter_config.json "
                           "for the --init_hf base).", choices=("merged", "peft"))
@@ -214,3 +220,23 @@ class RewardModelFlags:
     if not self.reward_hf:
       raise ValueError("--prompt_files needs --reward_hf (the reward model scoring responses; "
                        "experiments.reward --data_files=... --export_hf=DIR trains one)")
+
+
+def lora_config(cfg: HFFlags, mcfg):
+  """mcfg with the flags' adapters (what a --lora_rank stage trains; for memory plans)."""
+  if not cfg.lora_rank:
+    return mcfg
+  return dataclasses.replace(mcfg, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                             lora_targets=cfg.lora_target_names)
+
+
+def dry_run(cfg, stage: str, mcfg, shapes) -> dict:
+  """The stage's memory plan on the flags' mesh (fake CPU devices when this host has too few:
+  a v5e-8 flagfile plans on a laptop), compiled unless --nodry_run_compile; no weights."""
+  sizes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+  devices = plan.plan_devices(math.prod(sizes)) if -1 not in sizes else None
+  mesh = sharding.make_mesh(*sizes, devices=devices)
+  result = plan.plan(stage, lora_config(cfg, mcfg), mesh, shapes, compile=cfg.dry_run_compile)
+  print(plan.format_plan(result))
+  return {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
+          "plan": result}

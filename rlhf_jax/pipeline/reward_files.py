@@ -25,7 +25,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import provenance, sharding
+from rlhf_jax import plan_models, provenance, sharding
 from rlhf_jax.data import builders, file_datasets, pairs, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.models import hf
@@ -106,7 +106,11 @@ def init_scalar_model(path: str, cfg, mcfg, mesh, seed: int):
 def run(cfg) -> dict:
   """Trains a reward model on --data_files; writes <workdir>/result.json (and --export_hf)."""
   cfg = cfg.effective()
-  mcfg = real_models.model_config(cfg, lm.model_config)
+  mcfg = real_models.model_config(cfg, lm.model_config, dry_run=cfg.dry_run)
+  if cfg.dry_run:  # planned for pairs (K = 2); a rankings file's K is known once it is read
+    return real_models.dry_run(cfg, "reward", mcfg, plan_models.Shapes(
+        batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
+        ranking_k=2))
   mesh = lm.setup(cfg)
   tok, render_fn, render_id = real_models.load_tokenizer(cfg)
   real_models.check_vocabulary(tok, mcfg)

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 
-from rlhf_jax import provenance, sharding
+from rlhf_jax import plan_models, provenance, sharding
 from rlhf_jax.data import builders, file_datasets, packing, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
@@ -95,7 +95,10 @@ def _template(cfg):
 def run(cfg) -> dict:
   """Fine-tunes --init_hf (or a random preset) on --data_files; writes <workdir>/result.json."""
   cfg = cfg.effective()
-  mcfg = real_models.model_config(cfg, lm.model_config)
+  mcfg = real_models.model_config(cfg, lm.model_config, dry_run=cfg.dry_run)
+  if cfg.dry_run:
+    return real_models.dry_run(cfg, "sft", mcfg, plan_models.Shapes(
+        batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches))
   mesh = lm.setup(cfg)
   tok, render_fn, render_id = real_models.load_tokenizer(cfg)
   real_models.check_vocabulary(tok, mcfg)

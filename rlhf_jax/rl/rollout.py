@@ -84,6 +84,34 @@ def policy_forward(graphdef, params, tokens_BxT, valid_BxT, temperature: float):
   return shifted_logps(logits, tokens_BxT), shifted_entropy(logits)
 
 
+def in_row_chunks(fn, chunk_rows: int, data_parallel: int = 1):
+  """fn(tokens_BxT, valid_BxT) -> per-row arrays (BxT), computed chunk_rows rows at a time
+  (lax.map): a log-prob forward materialises rows x T x vocab float32 logits, which for a
+  rollout of 256 rows x 768 tokens of a 152k vocabulary is 119 GB at once. 0 (or >= B): one
+  pass. Each chunk takes chunk_rows / data_parallel rows from every data-parallel shard (rows
+  are device-major), so the chunks stay sharded like the rollout and nothing is gathered."""
+  def run(tokens, valid):
+    b, t = tokens.shape
+    if not chunk_rows or chunk_rows >= b:
+      return fn(tokens, valid)
+    if b % chunk_rows or chunk_rows % data_parallel:
+      raise ValueError(f"{b} rollout rows do not split into chunks of {chunk_rows} rows, a "
+                       f"multiple of the data-parallel size {data_parallel}")
+    n, c = b // chunk_rows, chunk_rows // data_parallel
+
+    def split(x):  # B = D x n x c (device-major) -> n chunks of D x c rows
+      x = x.reshape(data_parallel, n, c, *x.shape[1:]).swapaxes(0, 1)
+      return x.reshape(n, data_parallel * c, *x.shape[3:])
+
+    def unsplit(y):
+      y = y.reshape(n, data_parallel, c, *y.shape[2:]).swapaxes(0, 1)
+      return y.reshape(b, *y.shape[3:])
+
+    out = jax.lax.map(lambda tv: fn(*tv), (split(tokens), split(valid)))
+    return jax.tree.map(unsplit, out)
+  return run
+
+
 def encode_prompts(prompts: Sequence[str], prompt_len: int,
                    tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt tokens and validity [B, prompt_len] (bos + prompt)."""
@@ -109,7 +137,8 @@ def check_sampling_matches_training(cfg: SamplingConfig) -> None:
 
 
 def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size: int = 1,
-                    with_ref: bool = True, value_graphdef=None, mesh=None):
+                    with_ref: bool = True, value_graphdef=None, mesh=None,
+                    forward_chunk_rows: int = 0):
   """Returns jitted rollout(policy_params, ref_params, value_params, prompt_tokens_BxP,
   prompt_valid_BxP, key, row_ids_B=None) -> Rollout of B * group_size rows, traced on `mesh`
   when given (sharding.traced_on: the forwards keep their rows sharded).
@@ -117,11 +146,16 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
   group_size > 1 samples G responses per prompt from one prefill of the prompt
   (sampling.sample_groups). The reference shares the policy's graphdef; with_ref=False
   needs ref_params None and traces no reference forward; value_graphdef None needs
-  value_params None and traces no value head. Log-probs use the sampling temperature."""
+  value_params None and traces no value head. Log-probs use the sampling temperature;
+  forward_chunk_rows > 0 computes them that many rows at a time (in_row_chunks)."""
   check_sampling_matches_training(sampling_cfg)
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   temp = sampling_cfg.temperature
+  dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  logps = lambda params: in_row_chunks(  # noqa: E731
+      lambda t, v: policy_forward(policy_graphdef, params, t, v, temp)[0], forward_chunk_rows,
+      dp)
 
   def rollout(policy_params, ref_params, value_params, prompt_tokens_BxP, prompt_valid_BxP,
               key, row_ids_B=None) -> Rollout:
@@ -142,10 +176,10 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
     response = out.mask_BxN.astype(bool)
     valid = jnp.concatenate([prompt_valid, response], axis=1)
     mask = jnp.concatenate([jnp.zeros_like(prompt_valid), response], 1).astype(jnp.float32)
-    old_logps, _ = policy_forward(policy_graphdef, policy_params, tokens, valid, temp)
+    old_logps = logps(policy_params)(tokens, valid)
     ref_logps = values = boot = None
     if with_ref:
-      ref_logps = policy_forward(policy_graphdef, ref_params, tokens, valid, temp)[0] * mask
+      ref_logps = logps(ref_params)(tokens, valid) * mask
     if value_graphdef is not None:
       head = nnx.merge(value_graphdef, value_params)(tokens, valid_BxT=valid)
       boot = jnp.take_along_axis(head, last_valid_index(valid)[:, None], axis=1)[:, 0]
@@ -167,6 +201,7 @@ class RolloutStage:
   with_ref: bool = True
   value_graphdef: object = None
   tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
+  forward_chunk_rows: int = 0  # make_rollout_fn's: rows per chunk of the log-prob forwards
 
   def __post_init__(self):
     self._fns = {}  # the compiled rollout per mesh
@@ -175,7 +210,8 @@ class RolloutStage:
     if mesh not in self._fns:
       self._fns[mesh] = make_rollout_fn(
           self.policy_graphdef, self.sampling, group_size=self.group_size,
-          with_ref=self.with_ref, value_graphdef=self.value_graphdef, mesh=mesh)
+          with_ref=self.with_ref, value_graphdef=self.value_graphdef, mesh=mesh,
+          forward_chunk_rows=self.forward_chunk_rows)
     return self._fns[mesh]
 
   def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],

@@ -46,10 +46,6 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
   average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO); "
                                  "simpo always averages.")
   precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
-  dry_run: bool = config.flag(False, "Resolve shapes/shardings and print the memory plan only "
-                              "(no weights loaded, no training).")
-  dry_run_compile: bool = config.flag(True, "--dry_run also compiles the train step and the "
-                                      "reference pass (rlhf_jax.plan) and prints their memory.")
   sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
                                "World mode: flagfile of the SFT stage that policy and "
                                "reference start from and whose samples are ranked.")

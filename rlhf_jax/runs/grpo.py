@@ -67,7 +67,8 @@ ALGORITHMS = ("grpo", "gspo", "reinforce_pp")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
-                 prompt_sets.PromptFileFlags, prompt_sets.RewardFunctionFlags):
+                 prompt_sets.PromptFileFlags, prompt_sets.RewardFunctionFlags,
+                 prompt_sets.RolloutFlags):
   sft_flagfile: str = config.flag("experiments/configs/sft_grpo_tiny.flags",
                                "Flagfile of the SFT stage the policy starts from.")
   stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import evaluation, provenance
+from rlhf_jax import evaluation, plan_models, provenance
 from rlhf_jax.losses import group_rewards
 from rlhf_jax.pipeline import config, lm, prompt_sets, real_models
 from rlhf_jax.rewards import functions
@@ -97,7 +97,8 @@ def answer_metrics(held, greedy, answers, names, weights, ks) -> dict:
 def file_eval(cfg, g, sampling, data: prompt_sets.PromptSet, tok, scorer, ref_params, names,
               weights):
   stage = RolloutStage(g, sampling, data.prompt_len, group_size=cfg.eval_samples,
-                       with_ref=ref_params is not None, tokenizer=tok)
+                       with_ref=ref_params is not None, tokenizer=tok,
+                       forward_chunk_rows=cfg.rollout_chunk_rows)
   prompts = data.test[:cfg.eval_prompts]
   answers = [data.answers[p] for p in prompts]
   key = jax.random.key(cfg.seed + 1)
@@ -123,7 +124,14 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   if not cfg.file_mode:
     return grpo_run.run(cfg)
   cfg = cfg.effective()
-  mcfg = real_models.model_config(cfg, lm.model_config)
+  mcfg = real_models.model_config(cfg, lm.model_config, dry_run=cfg.dry_run)
+  if cfg.dry_run:  # prompts planned at --max_prompt_len (the longest a file may hold)
+    return real_models.dry_run(cfg, "grpo", mcfg, plan_models.Shapes(
+        batch_size=cfg.batch_size * cfg.group_size // cfg.num_minibatches,
+        num_microbatches=cfg.num_microbatches, prompt_len=cfg.max_prompt_len,
+        max_new_tokens=cfg.max_new_tokens, rollout_prompts=cfg.batch_size,
+        group_size=cfg.group_size, grpo_kl=cfg.kl_coef > 0,
+        forward_chunk_rows=cfg.rollout_chunk_rows))
   mesh = lm.setup(cfg, sharded_eval=False)
   grpo_run.check_mesh(cfg, mesh)
   tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
@@ -147,7 +155,8 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
                             *(f"reward_{n}" for n in names if len(names) > 1), "kl_seq")
   algorithm = grpo.GroupSampling(
       RolloutStage(g, sampling, data.prompt_len, group_size=cfg.group_size,
-                   with_ref=ref_params is not None, tokenizer=tok),
+                   with_ref=ref_params is not None, tokenizer=tok,
+                   forward_chunk_rows=cfg.rollout_chunk_rows),
       scorer, data.train, ref_params, cfg.batch_size, cfg.seed,
       dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,

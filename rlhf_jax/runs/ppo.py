@@ -50,7 +50,8 @@ from rlhf_jax.train.logging import write_json
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags,
-                prompt_sets.PromptFileFlags, real_models.RewardModelFlags):
+                prompt_sets.PromptFileFlags, real_models.RewardModelFlags,
+                prompt_sets.RolloutFlags):
   reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
   stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")

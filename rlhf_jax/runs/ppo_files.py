@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import provenance
+from rlhf_jax import plan_models, provenance
 from rlhf_jax.pipeline import config, lm, prompt_sets, real_models, reward_files
 from rlhf_jax.rl import loop as rl_loop, scorers
 from rlhf_jax.rl.algorithms import ppo
@@ -61,7 +61,13 @@ def run(cfg) -> dict:
   if not cfg.file_mode:
     return ppo_run.run(cfg)
   cfg = cfg.effective()
-  mcfg = real_models.model_config(cfg, lm.model_config)
+  mcfg = real_models.model_config(cfg, lm.model_config, dry_run=cfg.dry_run)
+  if cfg.dry_run:  # policy, value and reward model of one shape, as the plan assumes
+    return real_models.dry_run(cfg, "ppo", mcfg, plan_models.Shapes(
+        batch_size=cfg.batch_size // cfg.num_minibatches,
+        num_microbatches=cfg.num_microbatches, prompt_len=cfg.max_prompt_len,
+        max_new_tokens=cfg.max_new_tokens, rollout_prompts=cfg.batch_size,
+        forward_chunk_rows=cfg.rollout_chunk_rows))
   mesh = lm.setup(cfg, sharded_eval=False)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % dp:
@@ -83,7 +89,8 @@ def run(cfg) -> dict:
   shardings = {"policy": pol_shardings, "value": v_shardings}
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
-  stage = RolloutStage(g, sampling, data.prompt_len, value_graphdef=v_g, tokenizer=tok)
+  stage = RolloutStage(g, sampling, data.prompt_len, value_graphdef=v_g, tokenizer=tok,
+                       forward_chunk_rows=cfg.rollout_chunk_rows)
   scorer = scorers.Penalised(scorers.RewardModelScorer(rm_g, [rm_params]),
                              truncation_penalty=cfg.truncation_penalty)
   algorithm = ppo.PPO(stage, scorer, data.train, ref_params, cfg.batch_size, cfg.seed,
