@@ -9,10 +9,15 @@ sample_k keys batch i of its prompt stream with fold_in(key, i) (the held-out ev
 rl/evaluation.py key by prompt offset instead); the reward stages' data were made this way,
 so it stays.
 
-Sequences are encoded exactly as the policy produced them: [bos] + prompt + response, + [eos]
-only when the sampler emitted EOS (a response cut at max_new_tokens has none), right-padded.
-The PPO rollout scores its samples in that same form, so the reward model is trained and used
-on one distribution.
+Sequences are encoded as the policy produced them: [bos] + prompt + response, + [eos] only
+when the sampler emitted EOS (a response cut at max_new_tokens has none), right-padded. The PPO
+rollout scores its samples in that same form, so the reward model is trained and used on one
+distribution. Every function takes the policy's tokenizer (default: the embedded worlds' byte
+tokenizer, whose round trip through text gives back the sampled bytes of valid UTF-8). With a
+Hugging Face tokenizer the decoded text is re-encoded: the tokenizer's own encoding, the one a
+reward model trained on text files saw, which can differ from the sampled ids (a
+non-canonical split; a response cut inside a multi-byte character decodes to U+FFFD, which
+re-encodes a few tokens longer).
 """
 import dataclasses
 
@@ -20,7 +25,7 @@ import numpy as np
 
 from rlhf_jax import evaluation
 from rlhf_jax.data import pipeline
-from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.data.tokenizer import ByteTokenizer, Tokenizer
 from rlhf_jax.sampling import SamplingConfig
 
 
@@ -43,9 +48,11 @@ class Samples:
 
 
 def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: int,
-             max_new_tokens: int, temperature: float, key) -> Samples:
-  """K temperature samples per prompt (the prompt repeated K times in one batch stream)."""
-  tok = ByteTokenizer()
+             max_new_tokens: int, temperature: float, key,
+             tokenizer: Tokenizer | None = None) -> Samples:
+  """K temperature samples per prompt (the prompt repeated K times in one batch stream),
+  prompts encoded and responses decoded with `tokenizer` (None: the byte tokenizer)."""
+  tok = tokenizer or ByteTokenizer()
   scfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                         temperature=temperature)
   flat = [p for p in prompts for _ in range(k)]
@@ -64,9 +71,10 @@ def sample_k(graphdef, params, prompts, *, k: int, batch_size: int, prompt_len: 
                  np.array(finished, bool).reshape(n, k))
 
 
-def encode_sequences(prompts, responses, finished, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_sequences(prompts, responses, finished, seq_len: int,
+                     tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
   """tokens int32 NxT and valid bool NxT: [bos] + prompt + response (+ [eos] if finished)."""
-  tok = ByteTokenizer()
+  tok = tokenizer or ByteTokenizer()
   tokens = np.full((len(prompts), seq_len), tok.pad_id, np.int32)
   valid = np.zeros((len(prompts), seq_len), bool)
   for i, (p, y, done) in enumerate(zip(prompts, responses, finished)):
@@ -79,14 +87,15 @@ def encode_sequences(prompts, responses, finished, seq_len: int) -> tuple[np.nda
   return tokens, valid
 
 
-def ranking_examples(samples: Samples, ranking_NxK: np.ndarray, seq_len: int) -> list[dict]:
+def ranking_examples(samples: Samples, ranking_NxK: np.ndarray, seq_len: int,
+                     tokenizer: Tokenizer | None = None) -> list[dict]:
   """One example per prompt for reward.ranking_loss_fn: tokens_BxKxT/valid_BxKxT rows in
   rank order (best first)."""
   out = []
   for n, order in enumerate(ranking_NxK):
     tokens, valid = encode_sequences([samples.prompts[n]] * samples.k,
                                      [samples.responses[n][j] for j in order],
-                                     samples.finished[n][order], seq_len)
+                                     samples.finished[n][order], seq_len, tokenizer)
     out.append({"tokens_BxKxT": tokens, "valid_BxKxT": valid})
   return out
 
@@ -108,18 +117,18 @@ def ranking_to_better(ranking_NxK: np.ndarray) -> np.ndarray:
 
 
 def sampled_pairs(prompts, chosen, rejected, chosen_finished, rejected_finished,
-                  seq_len: int) -> dict[str, np.ndarray]:
+                  seq_len: int, tokenizer: Tokenizer | None = None) -> dict[str, np.ndarray]:
   """Pairs of a policy's own samples in rlhf_jax/data/pairs.py's batch layout (chosen_*,
   rejected_*, example_valid), each side encoded as it was sampled (encode_sequences: EOS
   only when the sampler emitted it). pairs.pair_example would append EOS to every response,
   so a response cut at max_new_tokens would be scored with a token the policy never produced.
   """
-  tok = ByteTokenizer()
+  tok = tokenizer or ByteTokenizer()
   head = np.array([1 + len(tok.encode(p)) for p in prompts])[:, None]
   out = {"example_valid": np.ones(len(prompts), bool)}
   for side, ys, done in (("chosen", chosen, chosen_finished),
                          ("rejected", rejected, rejected_finished)):
-    tokens, valid = encode_sequences(prompts, ys, done, seq_len)
+    tokens, valid = encode_sequences(prompts, ys, done, seq_len, tok)
     out[f"{side}_tokens"], out[f"{side}_valid"] = tokens, valid
     out[f"{side}_mask"] = (valid & (np.arange(seq_len)[None, :] >= head)).astype(np.float32)
   return out

@@ -15,7 +15,8 @@ verification once, not P times.
 
 Pairwise judges answer a different question, P(y > y' | x), for algorithms that compare two
 responses (Nash-MD): any callable (prompts, ys_a, ys_b) -> float32 [B], a learned pairwise
-preference model or the simulated raters' exact probability. Per-token KL to the reference
+preference model, the simulated raters' exact probability, or a scalar reward model's
+Bradley-Terry probability (RewardModelJudge). Per-token KL to the reference
 is not a scorer's business: the algorithm folds it in where its objective puts it (PPO's
 token rewards, GRPO's k3 term).
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding
+from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.rl import comparisons
 from rlhf_jax.rewards import functions
 from rlhf_jax.rl.rollout import Experience
@@ -63,12 +65,12 @@ class RewardModelScorer:
         self.graphdef, self.params, exp.rollout.tokens_BxT, exp.rollout.valid_BxT,
         aggregate=self.aggregate, uwo_coef=self.uwo_coef, norm_stats=self._norm_stats))
 
-  def score_samples(self, samples: comparisons.Samples, *, seq_len: int,
-                    batch_size: int) -> np.ndarray:
+  def score_samples(self, samples: comparisons.Samples, *, seq_len: int, batch_size: int,
+                    tokenizer: Tokenizer | None = None) -> np.ndarray:
     """The same aggregated reward of K sampled texts per prompt (best-of-n, online DPO's
-    labeler), each re-encoded as it was sampled: float64 N x K."""
+    labeler), each re-encoded with `tokenizer` as it was sampled: float64 N x K."""
     members_ExNK = np.stack([member_scores(self.graphdef, p, samples, seq_len=seq_len,
-                                           batch_size=batch_size).ravel()
+                                           batch_size=batch_size, tokenizer=tokenizer).ravel()
                              for p in self.params])
     proxy = reward.aggregate_scores(jnp.asarray(members_ExNK), aggregate=self.aggregate,
                                     uwo_coef=self.uwo_coef, norm_stats=self._norm_stats)
@@ -76,13 +78,14 @@ class RewardModelScorer:
 
 
 def member_scores(graphdef, params, samples: comparisons.Samples, *, seq_len: int,
-                  batch_size: int) -> np.ndarray:
+                  batch_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
   """One reward model's scores N x K of every sampled response ([bos] + prompt + response,
-  + [eos] only where the sampler emitted it), in fixed-shape batches (one compile)."""
+  + [eos] only where the sampler emitted it, encoded with `tokenizer`, None: the byte
+  tokenizer), in fixed-shape batches (one compile)."""
   flat_p = [p for p in samples.prompts for _ in range(samples.k)]
   flat_y = [y for ys in samples.responses for y in ys]
   tokens, valid = comparisons.encode_sequences(flat_p, flat_y, samples.finished.ravel(),
-                                               seq_len)
+                                               seq_len, tokenizer)
   score = reward.score_fn(graphdef)
   out = []
   for i in range(0, len(tokens), batch_size):
@@ -93,6 +96,32 @@ def member_scores(graphdef, params, samples: comparisons.Samples, *, seq_len: in
     rows = sharding.shard_global({"t": t, "v": v}, sharding.mesh_of(params))
     out.append(sharding.to_host(score(params, rows["t"], rows["v"]))[:batch_size - pad])
   return np.concatenate(out).reshape(len(samples.prompts), samples.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelJudge:
+  """P(y_a > y_b | x) = sigmoid(r(x, y_a) - r(x, y_b)) of one scalar reward model: the
+  Bradley-Terry preference it was trained to fit, as a pairwise judge (Nash-MD on real
+  prompts). A judge sees texts, not whether the sampler stopped, so every response is scored
+  as reward models are trained on text (reward_files.make_encoder): closed by EOS. Each
+  distinct (prompt, response) is scored once (a group's pairs repeat them)."""
+  graphdef: object
+  params: object
+  tokenizer: Tokenizer
+  seq_len: int
+  batch_size: int
+
+  def __call__(self, prompts: Sequence[str], ys_a: Sequence[str],
+               ys_b: Sequence[str]) -> np.ndarray:
+    keys = list(dict.fromkeys([*zip(prompts, ys_a), *zip(prompts, ys_b)]))
+    samples = comparisons.Samples([p for p, _ in keys], [[y] for _, y in keys],
+                                  np.ones((len(keys), 1), bool))
+    r = member_scores(self.graphdef, self.params, samples, seq_len=self.seq_len,
+                      batch_size=self.batch_size, tokenizer=self.tokenizer).ravel()
+    index = {key: i for i, key in enumerate(keys)}
+    diff = np.array([r[index[(p, a)]] - r[index[(p, b)]]
+                     for p, a, b in zip(prompts, ys_a, ys_b)], np.float64)
+    return (1.0 / (1.0 + np.exp(-diff))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

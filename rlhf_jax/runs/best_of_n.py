@@ -33,7 +33,8 @@ scores, for analysis without resampling), metrics.jsonl and tb/ (one "eval" reco
 step = n), config.json and best_of_n.png (proxy and gold against kl_exact). Nothing is
 trained, so there are no checkpoints: running again recomputes everything (minutes on CPU),
 with the same seed the same numbers, overwriting the files (metrics.jsonl is appended to;
-its readers keep the last record per step).
+its readers keep the last record per step). On real prompts with Hugging Face checkpoints
+(--prompt_files): best_of_n_files.py.
 """
 import dataclasses
 import functools
@@ -46,7 +47,8 @@ import numpy as np
 
 from rlhf_jax import provenance
 from rlhf_jax.runs import plots
-from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, worlds
+from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models
+from rlhf_jax.pipeline import reward as reward_stage, worlds
 from rlhf_jax.losses import diagnostics
 from rlhf_jax.rl import comparisons
 from rlhf_jax.train import reward
@@ -60,7 +62,8 @@ SAMPLE_STREAM = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
-class BestOfNConfig(lm.LMConfig):
+class BestOfNConfig(lm.LMConfig, real_models.HFFlags, prompt_sets.PromptFileFlags,
+                    real_models.RewardModelFlags):
   reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
                                   "Flagfile of the reward-model stage (it names the SFT stage).")
   stage_root: str = config.flag("workdirs/stages", "Where cached upstream stages live.")
@@ -73,9 +76,18 @@ class BestOfNConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "gold":
+    if self.file_mode:
+      self._check_file_mode()
+    elif self.init_hf or self.reward_hf:
+      raise ValueError("--init_hf and --reward_hf need --prompt_files (the world's best-of-n "
+                       "samples its own SFT stage, scored by its own reward stage)")
+    elif self.world != "gold":
       raise ValueError("experiments.best_of_n runs on --world=gold (the reward models are "
                        "trained on its rater labels, and gold reward is its own)")
+    if self.export_hf or self.lora_rank:
+      raise ValueError("--export_hf and --lora_rank: best-of-n trains nothing, there is no "
+                       "model to adapt or export (the policy is --init_hf with n samples and "
+                       "the reward model)")
     if self.n_max < 1:
       raise ValueError(f"--n_max must be >= 1, got {self.n_max}")
     for n in self.n_values:
@@ -86,6 +98,21 @@ class BestOfNConfig(lm.LMConfig):
       raise ValueError(f"--uwo_coef must be >= 0, got {self.uwo_coef}")
     if self.sample_temperature <= 0:
       raise ValueError(f"--sample_temperature must be > 0, got {self.sample_temperature}")
+
+  def _check_file_mode(self):
+    """What --prompt_files cannot run, refused from the flags alone (before any model)."""
+    self.check_prompt_files()
+    self.check_reward_model_flags()
+    if self.aggregate != "mean":
+      raise ValueError("--aggregate combines an ensemble; --reward_hf is one reward model")
+    if self.value_hf:
+      raise ValueError("--value_hf: best-of-n has no value model")
+    if self.max_new_tokens < 1:
+      raise ValueError("--prompt_files needs --max_new_tokens (response tokens per sample)")
+    if self.seq_len < self.max_prompt_len + self.max_new_tokens + 1:
+      raise ValueError(f"--seq_len={self.seq_len} must hold what the reward model scores: "
+                       f"bos + prompt (--max_prompt_len={self.max_prompt_len}) + "
+                       f"--max_new_tokens={self.max_new_tokens} + eos; raise --seq_len")
 
   def effective(self) -> "BestOfNConfig":
     cfg = super().effective()

@@ -29,7 +29,8 @@ to the Nash equilibrium (rlhf_jax/worlds/intransitive.py) and to the tau-regular
 equilibrium Nash-MD converges to from the SFT's style distribution, the ground truth ("gold":
 P(y beats a draw from the SFT mixture)) and the KL to SFT per sequence. Outputs in --workdir:
 config.json, metrics.jsonl, tb/, checkpoints/ (resumed automatically), params/,
-result.json and nash_md_curve.png.
+result.json and nash_md_curve.png. On real prompts with Hugging Face checkpoints
+(--prompt_files): nash_md_files.py.
 """
 import dataclasses
 import os
@@ -41,7 +42,8 @@ import numpy as np
 
 from rlhf_jax import provenance
 from rlhf_jax.runs import plots
-from rlhf_jax.pipeline import chain, config, lm, pairwise, reward as reward_stage, worlds
+from rlhf_jax.pipeline import chain, config, lm, pairwise, prompt_sets, real_models
+from rlhf_jax.pipeline import reward as reward_stage, worlds
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.rl import loop as rl_loop
@@ -58,7 +60,8 @@ KL_ESTIMATORS = {"k1": kl_lib.k1, "k3": kl_lib.k3}
 
 
 @dataclasses.dataclass(frozen=True)
-class NashMDConfig(lm.LMConfig):
+class NashMDConfig(lm.LMConfig, real_models.HFFlags, prompt_sets.PromptFileFlags,
+                   real_models.RewardModelFlags):
   reward_flagfile: str = config.flag(
       "experiments/configs/reward_pairwise_intransitive_tiny.flags",
       "Flagfile of the pairwise preference-model stage (--reward_model=pairwise); it names the "
@@ -86,7 +89,12 @@ class NashMDConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "intransitive":
+    if self.file_mode:
+      self._check_file_mode()
+    elif self.init_hf or self.export_hf or self.reward_hf:
+      raise ValueError("--init_hf, --reward_hf and --export_hf need --prompt_files (the "
+                       "world's Nash-MD starts from its own SFT and preference stages)")
+    elif self.world != "intransitive":
       raise ValueError(f"experiments.nash_md runs on --world=intransitive (its report is the "
                        f"game's exploitability), got {self.world!r}")
     if self.nash_tau < 0:
@@ -105,6 +113,23 @@ class NashMDConfig(lm.LMConfig):
       raise ValueError(f"--batch_size * --group_size = {self.rows} rollout rows must be "
                        f"divisible by --num_minibatches * --num_microbatches = "
                        f"{self.num_minibatches * self.num_microbatches}")
+
+  def _check_file_mode(self):
+    """What --prompt_files cannot run, refused from the flags alone (before any model)."""
+    self.check_prompt_files()
+    self.check_reward_model_flags()
+    if self.judge != "model":
+      raise ValueError(f"--judge={self.judge} is the intransitive world's simulated raters; "
+                       "with --prompt_files the --reward_hf reward model judges (Bradley-"
+                       "Terry): pass --judge=model")
+    if self.value_hf:
+      raise ValueError("--value_hf: Nash-MD has no value model")
+    if self.max_new_tokens < 1:
+      raise ValueError("--prompt_files needs --max_new_tokens (response tokens per sample)")
+    if self.seq_len < self.max_prompt_len + self.max_new_tokens + 1:
+      raise ValueError(f"--seq_len={self.seq_len} must hold what the judge scores: bos + "
+                       f"prompt (--max_prompt_len={self.max_prompt_len}) + --max_new_tokens="
+                       f"{self.max_new_tokens} + eos; raise --seq_len")
 
   def effective(self) -> "NashMDConfig":
     if not self.smoke:
@@ -180,7 +205,8 @@ def run(cfg: NashMDConfig) -> dict:
     pref_dir = chain.ensure("reward", rcfg)
     sft_dir = reward_stage.read_manifest(pref_dir)["sft_workdir"]
   else:
-    pref_dir, sft_dir = None, chain.ensure("sft", chain.upstream_config("sft", rcfg.sft_flagfile, rcfg))
+    pref_dir = None
+    sft_dir = chain.ensure("sft", chain.upstream_config("sft", rcfg.sft_flagfile, rcfg))
   wall["upstream_stages_s"] = time.perf_counter() - t0
   mesh = lm.setup(cfg, sharded_eval=False)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -235,7 +261,8 @@ def run(cfg: NashMDConfig) -> dict:
   result = {"table": {"sft": curve[0], "nash_md": curve[-1]}, "curve": curve,
             "nash": nash.tolist(), "judge": cfg.judge,
             "tau_equilibrium": None if target is None else target.tolist(),
-            "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates, "wall": wall,
+            "preference_workdir": pref_dir, "sft_workdir": sft_dir, "updates": cfg.updates,
+            "wall": wall,
             "provenance": provenance.provenance()}
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   plots.styles_over_training(

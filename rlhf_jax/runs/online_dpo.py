@@ -23,6 +23,7 @@ evaluation (split eval: gold mean +- SE and words of GOLD_EVAL_SAMPLES temperatu
 per test prompt), and saves a checkpoint; a restarted run resumes at the next round.
 The end table compares SFT, online DPO and (--matched_sft) SFT continued for as many
 optimizer steps, with win rates vs SFT on paired samples; result.json, online_dpo_gold.png.
+On real prompts with Hugging Face checkpoints (--prompt_files): online_dpo_files.py.
 """
 import dataclasses
 import os
@@ -33,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.runs import plots
-from rlhf_jax.pipeline import chain, config, lm, reward as reward_stage, sft, worlds
+from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models
+from rlhf_jax.pipeline import reward as reward_stage, sft, worlds
 from rlhf_jax import evaluation, provenance, sharding
 from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
@@ -45,7 +47,8 @@ LABELERS = ("reward_model", "raters")
 
 
 @dataclasses.dataclass(frozen=True)
-class OnlineDPOConfig(lm.LMConfig):
+class OnlineDPOConfig(lm.LMConfig, real_models.HFFlags, prompt_sets.PromptFileFlags,
+                      real_models.RewardModelFlags):
   workdir: str = config.flag("workdirs/online_dpo", "Run directory: checkpoints, metrics.jsonl, "
                           "tb/, result.json, online_dpo_gold.png.")
   reward_flagfile: str = config.flag("experiments/configs/reward_gold_tiny.flags",
@@ -68,7 +71,12 @@ class OnlineDPOConfig(lm.LMConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.world != "gold":
+    if self.file_mode:
+      self._check_file_mode()
+    elif self.init_hf or self.export_hf or self.reward_hf:
+      raise ValueError("--init_hf, --reward_hf and --export_hf need --prompt_files (the "
+                       "world's online DPO starts from its own SFT and reward stages)")
+    elif self.world != "gold":
       raise ValueError("experiments.online_dpo runs on --world=gold (pairs are labelled "
                        "through its gold reward or reward models trained on it)")
     for name in ("rounds", "prompts_per_round", "steps_per_round"):
@@ -81,6 +89,28 @@ class OnlineDPOConfig(lm.LMConfig):
       raise ValueError(f"--label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
     if self.uwo_coef < 0:
       raise ValueError(f"--uwo_coef must be >= 0, got {self.uwo_coef}")
+
+  def _check_file_mode(self):
+    """What --prompt_files cannot run, refused from the flags alone (before any model)."""
+    self.check_prompt_files()
+    self.check_reward_model_flags()
+    if self.labeler != "reward_model":
+      raise ValueError(f"--labeler={self.labeler} labels with the gold world's simulated "
+                       "raters; with --prompt_files the --reward_hf model labels: pass "
+                       "--labeler=reward_model")
+    if self.matched_sft:
+      raise ValueError("--matched_sft continues the world's SFT stage; it is not available "
+                       "with --prompt_files: pass --nomatched_sft")
+    if self.aggregate != "mean":
+      raise ValueError("--aggregate combines an ensemble; --reward_hf is one reward model")
+    if self.value_hf:
+      raise ValueError("--value_hf: online DPO has no value model")
+    if self.max_new_tokens < 1:
+      raise ValueError("--prompt_files needs --max_new_tokens (response tokens per sample)")
+    if self.seq_len < self.max_prompt_len + self.max_new_tokens + 1:
+      raise ValueError(f"--seq_len={self.seq_len} must hold a pair's sequence: bos + prompt "
+                       f"(--max_prompt_len={self.max_prompt_len}) + --max_new_tokens="
+                       f"{self.max_new_tokens} + eos; raise --seq_len")
 
   def effective(self) -> "OnlineDPOConfig":
     if not self.smoke:
@@ -140,6 +170,19 @@ def gold_eval(cfg: OnlineDPOConfig, sample, prompts):
   return evaluate
 
 
+def dpo_parts(cfg: OnlineDPOConfig, g, shardings, mesh):
+  """(ref_fn, loss_fn) of both modes: the jitted reference log-prob pass over a pair batch and
+  the --loss objective."""
+  ref_fn = jax.jit(preference.reference_logps_fn(g),
+                   in_shardings=(shardings, {k: sharding.batch_sharding(mesh)
+                                             for k in online_dpo.PAIR_KEYS}),
+                   out_shardings=sharding.batch_sharding(mesh))
+  loss_fn = preference.preference_loss_fn(g, loss=cfg.loss, beta=cfg.beta,
+                                          label_smoothing=cfg.label_smoothing,
+                                          ipo_tau=cfg.ipo_tau)
+  return ref_fn, loss_fn
+
+
 def run(cfg: OnlineDPOConfig) -> dict:
   cfg = cfg.effective()
   rcfg = chain.upstream_config("reward", cfg.reward_flagfile, cfg)
@@ -165,18 +208,12 @@ def run(cfg: OnlineDPOConfig) -> dict:
     return comparisons.sample_k(g, params, prompts, k=k, batch_size=cfg.eval_batch_size,
                                 prompt_len=prompt_len, max_new_tokens=max_new,
                                 temperature=temperature, key=key)
-  ref_fn = jax.jit(preference.reference_logps_fn(g),
-                   in_shardings=(shardings, {k: sharding.batch_sharding(mesh)
-                                             for k in online_dpo.PAIR_KEYS}),
-                   out_shardings=sharding.batch_sharding(mesh))
+  ref_fn, loss_fn = dpo_parts(cfg, g, shardings, mesh)
   algorithm = online_dpo.OnlineDPO(
       lambda p, prompts, key: sample(p, prompts, k=2, temperature=cfg.sample_temperature,
                                      key=key),
       labeler(cfg, rms, rater_temperature), ref_fn, sft_params, split["train"],
       cfg.prompts_per_round, cfg.steps_per_round, cfg.batch_size, cfg.seq_len, cfg.seed, mesh)
-  loss_fn = preference.preference_loss_fn(g, loss=cfg.loss, beta=cfg.beta,
-                                          label_smoothing=cfg.label_smoothing,
-                                          ipo_tau=cfg.ipo_tau)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints)
   state, train_step = rl_loop.make_trainer(
       loss_fn, jax.tree.map(jnp.copy, sft_params), shardings, online_dpo.BATCH_KEYS, mesh,

@@ -71,8 +71,9 @@ def nash_md_loss_fn(graphdef, *, nash_tau: float, kl_fn, temperature: float = 1.
 class NashMD(StatelessAlgorithm):
   """Per iteration: batch_size prompts drawn with replacement by (seed, it), each repeated
   group_size times; y from the stage and y' from the mixture with the two halves of
-  split(fold_in(key(seed), it)); rows shuffled by the same generator. The experience carries
-  the opponents' texts and the judged pairs (experience.extras) for the log."""
+  split(fold_in(key(seed), it)); rows shuffled by the same generator; the stage's tokenizer
+  encodes the prompts and decodes both sides. The experience carries the opponents' texts and
+  the judged pairs (experience.extras) for the log."""
   stage: RolloutStage  # group_size 1 over the repeated prompts, with the reference
   judge: PairwiseJudge
   prompts: Sequence[str]
@@ -95,10 +96,10 @@ class NashMD(StatelessAlgorithm):
     prompts = list(np.repeat(rng.choice(self.prompts, self.batch_size), g))
     key_y, key_opp = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), it))
     exp = self.stage.experience(params, self.ref_params, None, prompts, key_y)
-    toks, valid = encode_prompts(prompts, self.stage.prompt_len)
+    toks, valid = encode_prompts(prompts, self.stage.prompt_len, self.stage.tokenizer)
     opp = self._opponents(params, self.ref_params, toks, valid, key_opp,
                           jnp.float32(self.mixture_coef))
-    opponents = decode_responses(opp.tokens_BxN, opp.mask_BxN)
+    opponents = decode_responses(opp.tokens_BxN, opp.mask_BxN, self.stage.tokenizer)
     i, j = group_pairs(rows, g)
     pairs = ([prompts[k] for k in i], [exp.responses[k] for k in i], [opponents[k] for k in j])
     exp.extras.update(opponents=opponents, pairs=pairs)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding
+from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.rl import comparisons
 from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
 
@@ -22,13 +23,15 @@ PAIR_KEYS = ("chosen_tokens", "chosen_valid", "chosen_mask", "rejected_tokens",
 BATCH_KEYS = PAIR_KEYS + ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def pair_batch(samples: comparisons.Samples, chosen_N: np.ndarray, seq_len: int) -> dict:
-  """The pairs of 2 samples per prompt, chosen_N (0 or 1) marking the preferred one."""
+def pair_batch(samples: comparisons.Samples, chosen_N: np.ndarray, seq_len: int,
+               tokenizer: Tokenizer | None = None) -> dict:
+  """The pairs of 2 samples per prompt, chosen_N (0 or 1) marking the preferred one, encoded
+  with `tokenizer` (None: the byte tokenizer)."""
   rows = np.arange(len(chosen_N))
   pick = lambda side: [samples.responses[n][side[n]] for n in rows]
   return comparisons.sampled_pairs(samples.prompts, pick(chosen_N), pick(1 - chosen_N),
                                    samples.finished[rows, chosen_N],
-                                   samples.finished[rows, 1 - chosen_N], seq_len)
+                                   samples.finished[rows, 1 - chosen_N], seq_len, tokenizer)
 
 
 def reference_logps(ref_fn, ref_params, batch: dict, batch_size: int, mesh) -> dict:
@@ -54,7 +57,8 @@ def step_order(rows: int, steps: int, batch_size: int, rng: np.random.Generator)
 class OnlineDPO(StatelessAlgorithm):
   """sample(params, prompts, key) -> Samples with 2 responses per prompt; label(samples, rng)
   -> (chosen_N, stats): the labeler (a reward model, simulated raters, ...) and what to log
-  about its pairs; ref_fn: the jitted reference log-prob pass (preference.reference_logps_fn)."""
+  about its pairs; ref_fn: the jitted reference log-prob pass (preference.reference_logps_fn);
+  tokenizer: the one the samples were decoded with (None: the byte tokenizer)."""
   sample: Callable
   label: Callable
   ref_fn: Callable
@@ -66,6 +70,7 @@ class OnlineDPO(StatelessAlgorithm):
   seq_len: int
   seed: int
   mesh: object
+  tokenizer: Tokenizer | None = None
   progress_keys = ("label_agreement", "sample_gold")
 
   def collect(self, it: int, params) -> Iteration:
@@ -74,7 +79,7 @@ class OnlineDPO(StatelessAlgorithm):
     prompts = list(rng.choice(self.prompts, self.prompts_per_round))
     samples = self.sample(params, prompts, jax.random.fold_in(jax.random.key(self.seed), r))
     chosen, stats = self.label(samples, rng)
-    batch = pair_batch(samples, chosen, self.seq_len)
+    batch = pair_batch(samples, chosen, self.seq_len, self.tokenizer)
     batch.update(reference_logps(self.ref_fn, self.ref_params, batch, self.batch_size,
                                  self.mesh))
     order = step_order(len(chosen), self.steps_per_round, self.batch_size, rng)
