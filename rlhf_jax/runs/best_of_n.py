@@ -45,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import provenance
+from rlhf_jax import plan_models, provenance
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models
 from rlhf_jax.pipeline import reward as reward_stage, worlds
@@ -76,6 +76,10 @@ class BestOfNConfig(lm.LMConfig, real_models.HFFlags, prompt_sets.PromptFileFlag
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dry_run:
+      raise ValueError(f"--dry_run plans the stages {', '.join(plan_models.STAGES)} "
+                       "(rlhf_jax/plan_models.py); experiments.best_of_n has no plan: run it "
+                       "without --dry_run")
     if self.file_mode:
       self._check_file_mode()
     elif self.init_hf or self.reward_hf:

@@ -36,7 +36,7 @@ import numpy as np
 from rlhf_jax.runs import plots
 from rlhf_jax.pipeline import chain, config, lm, prompt_sets, real_models
 from rlhf_jax.pipeline import reward as reward_stage, sft, worlds
-from rlhf_jax import evaluation, provenance, sharding
+from rlhf_jax import evaluation, plan_models, provenance, sharding
 from rlhf_jax.rl import comparisons, loop as rl_loop
 from rlhf_jax.rl.algorithms import online_dpo
 from rlhf_jax.train import checkpoint, preference, reward
@@ -71,6 +71,10 @@ class OnlineDPOConfig(lm.LMConfig, real_models.HFFlags, prompt_sets.PromptFileFl
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dry_run:
+      raise ValueError(f"--dry_run plans the stages {', '.join(plan_models.STAGES)} "
+                       "(rlhf_jax/plan_models.py); experiments.online_dpo has no plan: run it "
+                       "without --dry_run")
     if self.file_mode:
       self._check_file_mode()
     elif self.init_hf or self.export_hf or self.reward_hf:

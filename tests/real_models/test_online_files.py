@@ -241,6 +241,9 @@ def test_lora_trains_only_the_adapters_against_the_base(root, tmp_path, cls, arg
     (BestOfNConfig, _best_of_n_args, {"export_hf": "x"}, "trains nothing"),
     (BestOfNConfig, _best_of_n_args, {"lora_rank": 4}, "trains nothing"),
     (BestOfNConfig, _best_of_n_args, {"aggregate": "wco"}, "ensemble"),
+    (OnlineDPOConfig, _online_dpo_args, {"dry_run": True}, "has no plan"),
+    (NashMDConfig, _nash_md_args, {"dry_run": True}, "has no plan"),
+    (BestOfNConfig, _best_of_n_args, {"dry_run": True}, "has no plan"),
 ])
 def test_bad_flags_stop_before_anything_compiles(tmp_path, cls, args, extra, message):
   with CompileCounter() as compiles, pytest.raises(ValueError, match=message):
