@@ -66,3 +66,54 @@ def shuffled(examples: Sequence[dict], seed: int) -> list[dict]:
   """The examples in a seeded order (what to pack, so rows mix the data like batches do)."""
   order = np.random.default_rng(seed).permutation(len(examples))
   return [examples[int(i)] for i in order]
+
+
+PAIR_KEYS = ("tokens", "loss_mask", "valid", "segment_ids", "chosen_segment",
+             "rejected_segment", "pair_valid", "example_valid")
+
+
+def pack_pairs(pairs: Iterable[dict], seq_len: int, pad_id: int) -> Packed:
+  """Preference pairs in data/pairs.py's layout (chosen_*/rejected_* right-padded rows, and
+  ref_*_logps when precomputed) -> rows holding whole pairs, each pair's chosen and rejected
+  as two adjacent segments (2k - 1 and 2k for the k-th pair of a row). A row's pairs are
+  listed in chosen_segment / rejected_segment / pair_valid (P slots, P the most pairs any row
+  holds; empty slots have segment 0 and pair_valid False), and ref_chosen_logps /
+  ref_rejected_logps (R x P) when the pairs carry them. The DPO family's loss reads the
+  sequence log-probs of each segment (train/preference.py: pair_logps)."""
+  rows: list[dict] = []
+  slots: list[list[tuple]] = []
+  used, count, real = seq_len, 0, 0
+  for pair in pairs:
+    sides = [(np.asarray(pair[f"{s}_tokens"]), np.asarray(pair[f"{s}_mask"]),
+              int(np.asarray(pair[f"{s}_valid"]).sum())) for s in ("chosen", "rejected")]
+    n = sides[0][2] + sides[1][2]
+    if n > seq_len:
+      raise ValueError(f"a pair of {n} tokens does not fit a packed row of {seq_len}")
+    if used + n > seq_len:
+      rows.append(_row(seq_len, pad_id))
+      slots.append([])
+      used = 0
+    row, k = rows[-1], len(slots[-1]) + 1
+    for j, (tokens, mask, m) in enumerate(sides):
+      row["tokens"][used:used + m] = tokens[:m]
+      row["loss_mask"][used:used + m] = mask[:m]
+      row["valid"][used:used + m] = True
+      row["segment_ids"][used:used + m] = 2 * k - 1 + j
+      used += m
+    slots[-1].append(tuple(float(pair[k]) for k in ("ref_chosen_logps", "ref_rejected_logps")
+                           if k in pair))
+    count, real = count + 1, real + n
+  if not rows:
+    raise ValueError("no pair to pack")
+  p = max(len(s) for s in slots)
+  for row, pairs_in_row in zip(rows, slots):
+    k = len(pairs_in_row)
+    row["chosen_segment"] = np.where(np.arange(p) < k, 2 * np.arange(p) + 1, 0).astype(np.int32)
+    row["rejected_segment"] = np.where(np.arange(p) < k, 2 * np.arange(p) + 2, 0).astype(
+        np.int32)
+    row["pair_valid"] = np.arange(p) < k
+    if pairs_in_row and pairs_in_row[0]:
+      refs = np.zeros((2, p), np.float32)
+      refs[:, :k] = np.asarray(pairs_in_row, np.float32).T
+      row["ref_chosen_logps"], row["ref_rejected_logps"] = refs
+  return Packed(rows, count, real)

@@ -45,6 +45,9 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
                                 "0.3-1.6 (at beta 2: 0.25 nats per token).")
   average_logps: bool = config.flag(False, "Length-averaged sequence log-probs (TRL's IPO); "
                                  "simpo always averages.")
+  pack: bool = config.flag(False, "File mode: pack several pairs per --seq_len row (each pair's "
+                         "chosen and rejected adjacent, attention kept inside each response's "
+                         "sequence; data/packing.py); --batch_size then counts rows.")
   precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
   sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
                                "World mode: flagfile of the SFT stage that policy and "
@@ -86,6 +89,9 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
                        f"KTO trains on: pass --loss=kto (got --loss={self.loss})")
     if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
       raise ValueError("--kto_desirable_weight and --kto_undesirable_weight must be > 0")
+    if self.pack and (self.loss == "kto" or self.world_mode):
+      raise ValueError("--pack packs preference pairs of --data_files; KTO's unpaired examples "
+                       "and world mode train unpacked: drop --pack")
     if self.lora_rank and not self.precompute_ref and preference.needs_reference(self.loss):
       raise ValueError("--lora_rank with --precompute_ref=false: a LoRA run's reference is its "
                        "base, precomputed once; drop --precompute_ref=false")
@@ -174,5 +180,6 @@ def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_sharding
   it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
                                       encode=encode,
                                       rows=sharding.process_rows(mesh, cfg.batch_size))
+  rows = cfg.batch_size if cfg.pack else 2 * cfg.batch_size  # packed: rows of several pairs
   return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
-                         eval_fn=eval_fn, tokens_per_batch=2 * cfg.batch_size * cfg.seq_len)
+                         eval_fn=eval_fn, tokens_per_batch=rows * cfg.seq_len)

@@ -35,7 +35,6 @@ else as many fake CPU devices (a v5e-8 flagfile plans on a laptop). A --init_hf 
 without config.json falls back to the --model preset's shape there, so a real flagfile can be
 checked before the checkpoint is downloaded.
 """
-import dataclasses
 import math
 import os
 
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import memory, plan, provenance, sharding
-from rlhf_jax.data import builders, file_datasets, pairs
+from rlhf_jax.data import builders, file_datasets, packing, pairs
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.pipeline import lm, real_models
 from rlhf_jax.runs import dpo, dpo_world
@@ -68,10 +67,9 @@ def _mesh(cfg: dpo.DPOConfig):
 
 
 def memory_estimate(cfg: dpo.DPOConfig, mcfg, mesh) -> dict:
-  if cfg.lora_rank:  # adapters and their optimizer state; the base has parameters only
-    mcfg = dataclasses.replace(mcfg, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                               lora_targets=cfg.lora_target_names)
-  return memory.estimate(mcfg, dict(mesh.shape), batch_size=2 * cfg.batch_size,
+  # LoRA: adapters and their optimizer state, the base params only; packed: rows of pairs
+  return memory.estimate(real_models.lora_config(cfg, mcfg), dict(mesh.shape),
+                         batch_size=cfg.batch_size if cfg.pack else 2 * cfg.batch_size,
                          seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
                          reference_params=(not cfg.precompute_ref
                                            and preference.needs_reference(cfg.loss)))
@@ -141,10 +139,19 @@ def run(cfg: dpo.DPOConfig) -> dict:
     train_src = pairs.kto_examples([train_src[i] for i in range(len(train_src))])
     if test_src is not None:
       test_src = pairs.kto_examples([test_src[i] for i in range(len(test_src))])
+  train_encode, packed = encode, None
+  if cfg.pack:  # rows of several whole pairs, computed once; the loss reads their segments
+    packed = packing.pack_pairs(packing.shuffled(
+        [encode(train_src[i]) for i in range(len(train_src))], lm.data_seed(cfg)),
+        cfg.seq_len, tok.pad_id)
+    train_src, train_encode = packed.rows, lambda row: row
+    print(f"packed {packed.examples} pairs into {len(packed.rows)} rows of {cfg.seq_len} "
+          f"tokens ({packed.fill:.0%} full)")
   ref_params = None
   needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
   if needs_ref and cfg.precompute_ref:
-    train_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, train_src, encode)
+    train_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, train_src,
+                                   train_encode)
     if test_src is not None:
       test_src = dpo.with_reference(cfg, graphdef, params, shardings, mesh, test_src, encode)
   elif needs_ref:  # a copy: the policy's buffers are donated to the train step
@@ -159,17 +166,22 @@ def run(cfg: dpo.DPOConfig) -> dict:
         graphdef, loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
         ipo_tau=cfg.ipo_tau, simpo_gamma=cfg.simpo_gamma, average_logps=cfg.average_logps,
         ref_params=ref_params)
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in encode(train_src[0])}
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in train_encode(train_src[0])}
+  eval_shardings = {k: sharding.batch_sharding(mesh) for k in encode(test_src[0])} \
+      if test_src is not None else None
   eval_fn = None if test_src is None else dpo.pair_eval_fn(
-      step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, batch_shardings),
+      step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings, eval_shardings),
       test_src, cfg, encode, mesh)
 
-  final, summary = dpo.train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings, train_src,
-                          encode, eval_fn)
+  final, summary = dpo.train_pairs(cfg, mesh, loss_fn, params, shardings, batch_shardings,
+                                   train_src, train_encode, eval_fn)
   real_models.export(cfg, graphdef, final.params)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
-            "data": {"train": len(train_src), "test": len(test_src) if test_src else 0,
-                     "skipped": built.report.skipped},
+            "data": {"train": packed.examples if packed else len(train_src),
+                     "test": len(test_src) if test_src else 0,
+                     "skipped": built.report.skipped,
+                     "packed_rows": len(packed.rows) if packed else None,
+                     "packed_fill": packed.fill if packed else None},
             "memory": memory_estimate(cfg, mcfg, mesh), "provenance": provenance.provenance()}
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   if summary["eval"] and "rewards/accuracies" in summary["eval"]:  # KTO has no pairs

@@ -40,7 +40,11 @@ KTO_REFUSAL = "KTO needs desirable/undesirable labels; this dataset format has p
 
 
 def pair_logps(graphdef, params, batch, *, average: bool = False):
-  """(chosen_B, rejected_B) sequence log-probs of the batch's pairs under params, in f32."""
+  """(chosen_B, rejected_B) sequence log-probs of the batch's pairs under params, in f32; of
+  a packed batch (data/packing.py: pack_pairs; rows of several pairs, R x P slots), the
+  R * P slots' (empty ones included: pair_weights gives them weight 0)."""
+  if "segment_ids" in batch:
+    return _packed_pair_logps(graphdef, params, batch, average)
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
   valid = jnp.concatenate([batch["chosen_valid"], batch["rejected_valid"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
@@ -50,11 +54,35 @@ def pair_logps(graphdef, params, batch, *, average: bool = False):
   return seq_2B[:b], seq_2B[b:]
 
 
+def _packed_pair_logps(graphdef, params, batch, average: bool):
+  tokens, mask = batch["tokens"], batch["loss_mask"]
+  logits = nnx.merge(graphdef, params)(tokens, valid_BxT=batch["valid"],
+                                       segment_ids_BxT=batch["segment_ids"]).logits_BxTxV
+  logps = jnp.where(mask > 0, shifted_logps(logits, tokens), 0.0)
+  segments = 2 * batch["chosen_segment"].shape[1] + 1
+  onehot = (batch["segment_ids"][:, :, None] == jnp.arange(segments)).astype(jnp.float32)
+  sums = jnp.einsum("bt,bts->bs", logps, onehot)  # per segment: its response's log-prob
+  if average:
+    sums = sums / jnp.maximum(jnp.einsum("bt,bts->bs", mask, onehot), 1.0)
+  pick = lambda key: jnp.take_along_axis(sums, batch[key], axis=1).reshape(-1)  # noqa: E731
+  return pick("chosen_segment"), pick("rejected_segment")
+
+
+def pair_weights(batch):
+  """1 for each real pair of the batch, 0 for padding: example_valid, or a packed batch's
+  pair_valid slots (flattened like pair_logps)."""
+  if "pair_valid" in batch:
+    return batch["pair_valid"].reshape(-1).astype(jnp.float32)
+  return batch["example_valid"].astype(jnp.float32)
+
+
 def reference_logps_fn(graphdef, *, average: bool = False):
   """(params, batch) -> {"ref_chosen_logps", "ref_rejected_logps"}: the precompute pass
   (jit it once with the params' and batch's shardings)."""
   def fn(params, batch):
     chosen, rejected = pair_logps(graphdef, params, batch, average=average)
+    if "segment_ids" in batch:  # packed rows: one value per pair slot, R x P
+      chosen, rejected = (x.reshape(batch["pair_valid"].shape) for x in (chosen, rejected))
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
   return fn
 
@@ -97,7 +125,7 @@ def _reference_logps(graphdef, ref_params, batch, average: bool):
   """The reference's (chosen_B, rejected_B) log-probs: precomputed in the batch, else a
   forward of the closed-over ref_params; f32, no gradient."""
   if "ref_chosen_logps" in batch:
-    ref = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    ref = batch["ref_chosen_logps"].reshape(-1), batch["ref_rejected_logps"].reshape(-1)
   elif ref_params is not None:
     ref = pair_logps(graphdef, ref_params, batch, average=average)
   else:
@@ -133,7 +161,7 @@ def preference_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1,
     if with_ref:
       logps += _reference_logps(graphdef, ref_params, batch, average)
     sums = jax.vmap(per_pair)(*logps)
-    weight_B = batch["example_valid"].astype(jnp.float32)
+    weight_B = pair_weights(batch)
     total = {k: jnp.sum(weight_B * v) for k, v in sums.items()}
     aux = {k.removesuffix("_sum"): v for k, v in total.items()
            if k not in ("loss_sum", "count")}
