@@ -20,6 +20,7 @@ import numpy as np
 
 from rlhf_jax.data import builders, file_datasets, pipeline
 from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.pipeline import real_models
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.rewards import functions
 from rlhf_jax.rewards.math_answers import answers_match, extract_answer, reference_answer
@@ -175,6 +176,15 @@ def build_prompt_set(cfg: PromptFileFlags, *, data_dir: str, tokenizer, render_f
         f"malformed records skipped: {built.report.skipped or 0}, prompts over "
         f"--max_prompt_len skipped: {len(too_long)}")
   return PromptSet(train, test, answers, built.report, prompt_len, len(too_long))
+
+
+def load(cfg, mcfg):
+  """(tokenizer, PromptSet) of a file-mode RL run: the tokenizer with its chat template and
+  --system_prompt, checked against the model's vocabulary, and the flags' prompt files."""
+  tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
+  real_models.check_vocabulary(tok, mcfg)
+  return tok, build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok, render_fn=render_fn,
+                               render_id=render_id)
 
 
 def verify_math(response: str, answer: str) -> bool:

@@ -170,6 +170,14 @@ def with_adapters(cfg: HFFlags, graphdef, params, shardings, mesh):
                            targets=cfg.lora_target_names)
 
 
+def trained_model(cfg: HFFlags, mesh, fallback):
+  """(graphdef, params, shardings) of the policy a stage trains: --init_hf (with --lora_rank
+  adapters), else fallback(cfg, mesh) (a random preset, for smoke runs)."""
+  if not cfg.init_hf:
+    return fallback(cfg, mesh)
+  return with_adapters(cfg, *load(cfg.init_hf, mesh, cfg), mesh)
+
+
 def reference_of(params):
   """The frozen reference of a trained model's initial params: a LoRA model's base view (the
   adapters switched off, no second copy of the base), else a copy (the train state donates

@@ -112,11 +112,7 @@ def run(cfg) -> dict:
     raise ValueError(f"--data_format={cfg.data_format}: no record has a reference answer to "
                      "train on")
   encode = make_encoder(cfg.data_format, tok, _template(cfg), render_fn, cfg.seq_len)
-  if cfg.init_hf:
-    graphdef, params, shardings = real_models.with_adapters(
-        cfg, *real_models.load(cfg.init_hf, mesh, cfg), mesh)
-  else:
-    graphdef, params, shardings = lm.init_model(cfg, mesh)
+  graphdef, params, shardings = real_models.trained_model(cfg, mesh, lm.init_model)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   loss_fn = lm_loss_fn(graphdef)
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,

@@ -56,10 +56,7 @@ def run(cfg: best_of_n.BestOfNConfig) -> dict:
   cfg = cfg.effective()
   mcfg = real_models.model_config(cfg, lm.model_config)
   mesh = lm.setup(cfg, sharded_eval=False)
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
-  real_models.check_vocabulary(tok, mcfg)
-  data = prompt_sets.build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok,
-                                      render_fn=render_fn, render_id=render_id)
+  tok, data = prompt_sets.load(cfg, mcfg)
   prompts = data.test[:cfg.eval_prompts]
   if cfg.init_hf:
     g, params, _ = real_models.load(cfg.init_hf, mesh, cfg)

@@ -113,12 +113,6 @@ def file_eval(cfg, g, sampling, data: prompt_sets.PromptSet, tok, scorer, ref_pa
   return evaluate
 
 
-def init_policy(cfg, mcfg, mesh):
-  if cfg.init_hf:
-    return real_models.load(cfg.init_hf, mesh, cfg)
-  return lm.init_model(cfg, mesh)
-
-
 def run(cfg: grpo_run.GRPOConfig) -> dict:
   """File mode when --prompt_files is set, else the arithmetic world (grpo.run)."""
   if not cfg.file_mode:
@@ -134,17 +128,14 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
         forward_chunk_rows=cfg.rollout_chunk_rows))
   mesh = lm.setup(cfg, sharded_eval=False)
   grpo_run.check_mesh(cfg, mesh)
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
-  real_models.check_vocabulary(tok, mcfg)
-  data = prompt_sets.build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok,
-                                      render_fn=render_fn, render_id=render_id)
+  tok, data = prompt_sets.load(cfg, mcfg)
   if len(data.train) < cfg.batch_size:
     raise ValueError(f"{len(data.train)} training prompts, fewer than --batch_size="
                      f"{cfg.batch_size} distinct prompts per iteration")
   specs = cfg.reward_specs
   names, weights = [n for n, _ in specs], [w for _, w in specs]
   scorer = scorers.FunctionsScorer([(n, functions.resolve(n)) for n in names], data.answers)
-  g, params, shardings = real_models.with_adapters(cfg, *init_policy(cfg, mcfg, mesh), mesh)
+  g, params, shardings = real_models.trained_model(cfg, mesh, lm.init_model)
   ref_params = real_models.reference_of(params) if cfg.kl_coef > 0 else None
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)

@@ -85,12 +85,8 @@ def run(cfg: nash_md_run.NashMDConfig) -> dict:
     raise ValueError(f"a Nash-MD microbatch (--batch_size * --group_size / --num_minibatches / "
                      f"--num_microbatches) must be divisible by the data-parallel size "
                      f"{data_parallel}")
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
-  real_models.check_vocabulary(tok, mcfg)
-  data = prompt_sets.build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok,
-                                      render_fn=render_fn, render_id=render_id)
-  policy = real_models.load(cfg.init_hf, mesh, cfg) if cfg.init_hf else lm.init_model(cfg, mesh)
-  g, params, shardings = real_models.with_adapters(cfg, *policy, mesh)
+  tok, data = prompt_sets.load(cfg, mcfg)
+  g, params, shardings = real_models.trained_model(cfg, mesh, lm.init_model)
   ref_params = real_models.reference_of(params)
   rm_g, rm_params, _ = reward_files.init_scalar_model(cfg.reward_hf, cfg, mcfg, mesh, cfg.seed)
   judge = scorers.RewardModelJudge(rm_g, rm_params, tok, cfg.seq_len, cfg.eval_batch_size)

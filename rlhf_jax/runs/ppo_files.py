@@ -73,12 +73,8 @@ def run(cfg) -> dict:
   if (cfg.batch_size // cfg.num_minibatches // cfg.num_microbatches) % dp:
     raise ValueError(f"a PPO microbatch (--batch_size / --num_minibatches / "
                      f"--num_microbatches) must be divisible by the data-parallel size {dp}")
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg, cfg.system_prompt)
-  real_models.check_vocabulary(tok, mcfg)
-  data = prompt_sets.build_prompt_set(cfg, data_dir=cfg.data_dir, tokenizer=tok,
-                                      render_fn=render_fn, render_id=render_id)
-  policy = real_models.load(cfg.init_hf, mesh, cfg) if cfg.init_hf else lm.init_model(cfg, mesh)
-  g, policy_params, pol_shardings = real_models.with_adapters(cfg, *policy, mesh)
+  tok, data = prompt_sets.load(cfg, mcfg)
+  g, policy_params, pol_shardings = real_models.trained_model(cfg, mesh, lm.init_model)
   rm_g, rm_params, _ = reward_files.init_scalar_model(cfg.reward_hf, cfg, mcfg, mesh, cfg.seed)
   v_g, v_params, v_shardings = real_models.with_adapters(cfg, *reward_files.init_scalar_model(
       cfg.value_hf or cfg.reward_hf, cfg, mcfg, mesh, cfg.seed), mesh)
