@@ -26,6 +26,9 @@ own statistics), and "constant" meaning all those values are equal (always so wi
   scale_rewards="batch") and Y = A for "each"; adv_i = 0 where group g's Y is constant (a
   group of one valid row included) or row i is invalid.
 
+baseline="leave_one_out" (RLOO, Ahmadian et al. 2024; "sum" only): X_i = R_i - (S_g - R_i) /
+(n_g - 1), S_g and n_g the sum and count of group g's valid R, 0 for a group of fewer than 2.
+
 So K = 1, no NaN, "sum" with "group" is GRPO (Shao et al. 2024, DeepSeekMath) exactly as
 `grpo.group_advantages(ddof=std_ddof, eps=eps)`: eps added to the std, a constant group 0;
 "each" with "none" is the plain weighted sum of standardised rewards.
@@ -43,6 +46,7 @@ from rlhf_jax.losses import _shapes
 
 NORMALIZATIONS = ("sum", "each")
 STD_SCALES = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
 
 
 def _masked_moments(x, valid, axis: int, ddof: int):
@@ -80,11 +84,15 @@ def _check(rewards_BxK, weights_K, group_size, normalization, std_scale, std_ddo
 
 
 def combined_group_advantages(rewards_BxK, weights_K, *, group_size: int, normalization: str,
-                              std_scale: str, std_ddof: int = 0, eps: float = 1e-4):
+                              std_scale: str, std_ddof: int = 0, eps: float = 1e-4,
+                              baseline: str = "mean"):
   """(advantages_B, valid_B, stats) of K reward functions over prompt-major groups of
   `group_size` rows, NaN = not computed. Equations in the module docstring."""
   rewards_BxK, weights_K = jnp.asarray(rewards_BxK), jnp.asarray(weights_K)
   _check(rewards_BxK, weights_K, group_size, normalization, std_scale, std_ddof)
+  if baseline not in BASELINES or (baseline == "leave_one_out" and normalization != "sum"):
+    raise ValueError(f"baseline must be one of {BASELINES} (leave_one_out with "
+                     f"normalization='sum'), got {baseline!r} with {normalization!r}")
   B, K = rewards_BxK.shape
   dtype = jnp.promote_types(rewards_BxK.dtype, jnp.float32)
   computed_BxK = jnp.isfinite(rewards_BxK)
@@ -97,6 +105,9 @@ def combined_group_advantages(rewards_BxK, weights_K, *, group_size: int, normal
   if normalization == "sum":
     y_NxG = R_B.reshape(-1, group_size)
     _, x_NxG, std_Nx1, constant_Nx1 = _masked_moments(y_NxG, valid_NxG, 1, std_ddof)
+    if baseline == "leave_one_out":  # R_i - mean of the others = G/(G-1) (R_i - mean)
+      n_Nx1 = jnp.sum(valid_NxG, axis=1, keepdims=True).astype(dtype)
+      x_NxG = x_NxG * n_Nx1 / jnp.maximum(n_Nx1 - 1, 1)
   else:
     _, c_NxGxK, std_Nx1xK, constant_Nx1xK = _masked_moments(
         r_BxK.reshape(-1, group_size, K), computed_BxK.reshape(-1, group_size, K), 1, std_ddof)

@@ -165,13 +165,12 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
 
   def _check_file_mode(self):
     self.check_prompt_files()
-    if self.algorithm not in ("grpo", "gspo"):
-      raise ValueError(f"--algorithm={self.algorithm} runs on the arithmetic world only; "
-                       "--prompt_files runs grpo or gspo")
-    if self.advantage != "grpo":
-      raise ValueError(f"--advantage={self.advantage} is a world-mode estimator; with "
-                       "--prompt_files pass --adv_std_scale=none for Dr. GRPO's mean-centred "
-                       "advantage")
+    if self.advantage == "dr_grpo":
+      raise ValueError("--advantage=dr_grpo: with --prompt_files Dr. GRPO's mean-centred "
+                       "advantage is --advantage=grpo --adv_std_scale=none")
+    if self.advantage == "rloo" and self.reward_normalization != "sum":
+      raise ValueError("--advantage=rloo's leave-one-out baseline combines the rewards first: "
+                       "pass --reward_normalization=sum")
     if self.matched_sft:
       raise ValueError("--matched_sft trains on the world's correct answers; it is not "
                        "available with --prompt_files")

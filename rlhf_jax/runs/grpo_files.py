@@ -19,8 +19,10 @@ File mode (--prompt_files set; pipeline/prompt_sets.py):
              weighted reward and each function's mean, the unscored fraction, length,
              truncation, and with a reference the KL to it per sequence
   export     --export_hf: the trained policy in the HF layout with the tokenizer files
---algorithm=grpo and gspo run here (--advantage=grpo; --adv_std_scale=none is Dr. GRPO's
-mean-centred advantage); --matched_sft needs the world's answers and stays in world mode.
+--algorithm=grpo and gspo (--advantage=grpo, or rloo: the leave-one-out baseline;
+--adv_std_scale=none is Dr. GRPO's mean-centred advantage) and reinforce_pp (on the weighted
+total reward, unscored rows masked); --matched_sft needs the world's answers and stays in
+world mode.
 """
 import os
 import time
@@ -34,7 +36,7 @@ from rlhf_jax.losses import group_rewards
 from rlhf_jax.pipeline import config, lm, prompt_sets, real_models
 from rlhf_jax.rewards import functions
 from rlhf_jax.rl import loop as rl_loop, scorers
-from rlhf_jax.rl.algorithms import grpo
+from rlhf_jax.rl.algorithms import grpo, reinforce_pp
 from rlhf_jax.rl.evaluation import greedy_responses, mean_se, sample_heldout
 from rlhf_jax.rl.rollout import Rollout, RolloutStage
 from rlhf_jax.runs import grpo as grpo_run
@@ -48,21 +50,49 @@ def combined_batch_fn(cfg: grpo_run.GRPOConfig, names: list[str], weights: list[
   rewards; rows no function scored get an empty mask (absent from the loss)."""
   w = jnp.asarray(weights, jnp.float32)
 
+  baseline = "leave_one_out" if cfg.advantage == "rloo" else "mean"
+
   @jax.jit
   def advantages(rewards_BxK, mask_BxT):
     adv, valid, stats = group_rewards.combined_group_advantages(
         rewards_BxK, w, group_size=cfg.group_size, normalization=cfg.reward_normalization,
-        std_scale=cfg.adv_std_scale, std_ddof=cfg.std_ddof, eps=cfg.adv_eps)
+        std_scale=cfg.adv_std_scale, std_ddof=cfg.std_ddof, eps=cfg.adv_eps,
+        baseline=baseline)
     return adv, mask_BxT * valid[:, None].astype(mask_BxT.dtype), stats
 
-  def make_batch(rollout: Rollout, rewards_BxK):
-    adv, mask, stats = advantages(jnp.asarray(rewards_BxK), rollout.mask_BxT)
+  def named(stats):
     means, computed = np.asarray(stats.pop("reward_means_K")), stats.pop("computed_frac_K")
     stats.update({f"reward_{n}": float(m) for n, m in zip(names, means)})
     stats.update({f"scored_{n}": float(c) for n, c in zip(names, np.asarray(computed))})
-    return grpo.rollout_batch(rollout._replace(mask_BxT=mask), adv), stats
+    return stats
+
+  if cfg.algorithm == "reinforce_pp":
+    rpp = reinforce_pp.reinforce_pp_batch_fn(
+        kl_coef=cfg.kl_coef, group_size=cfg.group_size if cfg.reinforce_group_baseline else None)
+
+    def make_batch(rollout: Rollout, rewards_BxK):  # REINFORCE++ on the weighted total reward
+      _, mask, stats = advantages(jnp.asarray(rewards_BxK), rollout.mask_BxT)
+      total = neutral_fill(prompt_sets.weighted_total(rewards_BxK, weights), cfg.group_size)
+      batch, rpp_stats = rpp(rollout._replace(mask_BxT=mask), jnp.asarray(total, jnp.float32))
+      return batch, {**named(stats), **rpp_stats}
+    return make_batch
+
+  def make_batch(rollout: Rollout, rewards_BxK):
+    adv, mask, stats = advantages(jnp.asarray(rewards_BxK), rollout.mask_BxT)
+    return grpo.rollout_batch(rollout._replace(mask_BxT=mask), adv), named(stats)
 
   return make_batch
+
+
+def neutral_fill(total_B: np.ndarray, group_size: int) -> np.ndarray:
+  """Unscored rows' (NaN) reward set to their group's mean over its scored rows (0 when none):
+  their loss mask is zeroed, and so filled they shift no group baseline and no batch
+  statistic beyond their own (masked) tokens."""
+  r = total_B.reshape(-1, group_size)
+  scored = ~np.isnan(r)
+  mean = np.where(scored, r, 0).sum(1, keepdims=True) / np.maximum(scored.sum(1, keepdims=True),
+                                                                    1)
+  return np.where(scored, r, mean).reshape(-1)
 
 
 def answer_metrics(held, greedy, answers, names, weights, ks) -> dict:

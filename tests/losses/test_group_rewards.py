@@ -237,3 +237,30 @@ def test_shape_and_argument_errors(rewards, weights, kw, match):
   kw = dict(dict(group_size=3, normalization="sum", std_scale="group"), **kw)
   with pytest.raises(ValueError, match=match):
     F(rewards.astype(np.float32), weights.astype(np.float32), **kw)
+
+
+def test_leave_one_out_baseline_is_rloo_and_masks_unscored_rows():
+  """K = 1, no NaN, std_scale none: the leave-one-out baseline is grpo.rloo_advantages; with
+  unscored rows, a float64 NumPy RLOO over each group's scored rows alone."""
+  G = 4
+  r = np.random.default_rng(5).normal(size=(6, G)).astype(np.float32)
+  adv, _, _ = F(r.reshape(-1, 1), np.ones(1, np.float32), group_size=G, normalization="sum",
+                std_scale="none", baseline="leave_one_out")
+  want = np.asarray(J(grpo.rloo_advantages)(r)).reshape(-1)
+  # Both: a G-term sum and a division; the terms are the rewards (size ~1).
+  np.testing.assert_allclose(adv, want, **helpers.f32_tol(2 * G + 4, scale=2.0))
+  masked = r.copy()
+  masked[0, 1] = masked[2, :3] = np.nan  # group 2 keeps one scored row: no baseline
+  adv, valid, _ = F(masked.reshape(-1, 1), np.ones(1, np.float32), group_size=G,
+                    normalization="sum", std_scale="none", baseline="leave_one_out")
+  expect = np.zeros_like(masked, np.float64)
+  for g, row in enumerate(masked.astype(np.float64)):
+    ok = ~np.isnan(row)
+    if ok.sum() >= 2:
+      expect[g, ok] = row[ok] - (row[ok].sum() - row[ok]) / (ok.sum() - 1)
+  assert not np.asarray(valid).reshape(6, G)[2, :3].any()
+  np.testing.assert_allclose(np.asarray(adv).reshape(6, G), expect,
+                             **helpers.f32_tol(2 * G + 4, scale=2.0))
+  with pytest.raises(ValueError, match="leave_one_out with normalization='sum'"):
+    F(r.reshape(-1, 1), np.ones(1, np.float32), group_size=G, normalization="each",
+      std_scale="none", baseline="leave_one_out")

@@ -22,11 +22,15 @@ from rlhf_jax.sharding import make_mesh
 from rlhf_jax.train import checkpoint
 from rlhf_jax.train.logging import read_metrics
 
-# A user reward function: the length of the completion in characters, None for empty ones
-# (not computed), so the run's masking path is exercised.
+# User reward functions: the length of the completion in characters, None for empty ones
+# (not computed); and one that cannot score every other completion, so the runs mask rows.
 USER_MODULE = '''
 def length_reward(prompts, completions, answers):
   return [None if not c else min(len(c), 40) / 40 for c in completions]
+
+
+def every_other(prompts, completions, answers):
+  return [None if i % 2 else min(len(c), 40) / 40 for i, c in enumerate(completions)]
 '''
 
 
@@ -100,11 +104,35 @@ def test_export_reloads_in_transformers_with_our_logits(grpo_run, hf_root):
 @pytest.mark.parametrize("extra, message", [
     ({"reward_fns": "no_such_module_xyz:f"}, "no_such_module_xyz"),
     ({"reward_fns": "math,format_boxed", "reward_weights": "1"}, "reward_weights"),
-    ({"algorithm": "reinforce_pp"}, "runs grpo or gspo"),
-    ({"advantage": "rloo"}, "adv_std_scale=none"),
+    ({"advantage": "dr_grpo"}, "adv_std_scale=none"),
+    ({"advantage": "rloo", "reward_normalization": "each"}, "reward_normalization=sum"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
 ])
 def test_bad_flags_stop_before_anything_compiles(tmp_path, hf_root, extra, message):
   with CompileCounter() as compiles, pytest.raises(ValueError, match=message):
     config.parse(GRPOConfig, _flags(tmp_path, hf_root, **extra))
   assert compiles.names == []
+
+
+@pytest.mark.parametrize("extra", [{"algorithm": "reinforce_pp", "group_size": 2},
+                                   {"advantage": "rloo", "adv_std_scale": "none"}])
+def test_reinforce_pp_and_rloo_mask_unscored_rows(tmp_path, hf_root, extra):
+  write_jsonl(tmp_path / "train.jsonl", gsm8k_records(40))
+  (tmp_path / "user_rewards_b.py").write_text(USER_MODULE)
+  sys.path.insert(0, str(tmp_path))
+  try:
+    cfg = config.parse(GRPOConfig, _flags(
+        tmp_path, hf_root, reward_fns="user_rewards_b:every_other", steps=2, eval_every=2,
+        clip_eps_high=0.2, **extra))
+    grpo_files.run(cfg)
+  finally:
+    sys.path.remove(str(tmp_path))
+  train = read_metrics(cfg.workdir, split="train")
+  for r in train:
+    assert r["metrics"]["unscored_frac"] == pytest.approx(0.5)  # every other row
+    assert np.isfinite(r["metrics"]["loss"])
+
+
+def test_neutral_fill_gives_unscored_rows_their_groups_mean():
+  total = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan])
+  np.testing.assert_array_equal(grpo_files.neutral_fill(total, 3), [1, 2, 3, 0, 0, 0])
