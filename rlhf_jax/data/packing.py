@@ -117,3 +117,46 @@ def pack_pairs(pairs: Iterable[dict], seq_len: int, pad_id: int) -> Packed:
       refs[:, :k] = np.asarray(pairs_in_row, np.float32).T
       row["ref_chosen_logps"], row["ref_rejected_logps"] = refs
   return Packed(rows, count, real)
+
+
+RANKING_KEYS = ("tokens", "valid", "segment_ids", "response_segment", "example_valid")
+
+
+def pack_rankings(rankings: Iterable[dict], seq_len: int, pad_id: int) -> Packed:
+  """Reward-model rankings (pipeline/reward_files.py's layout: tokens_BxKxT, valid_BxKxT,
+  response_valid_BxK per prompt) -> rows holding whole rankings, each response a segment.
+  response_segment (Q x K per row, Q the most rankings any row holds) names the segment of
+  response k of the row's q-th ranking, 0 where there is none; the loss scores each segment
+  at its last token (train/reward.py: ranking_scores)."""
+  rows: list[dict] = []
+  slots: list[list[list[int]]] = []
+  used, count, real, k_max = seq_len, 0, 0, 0
+  for ranking in rankings:
+    present = np.flatnonzero(np.asarray(ranking["response_valid_BxK"]))
+    lengths = [int(np.asarray(ranking["valid_BxKxT"])[j].sum()) for j in present]
+    n, k_max = sum(lengths), max(k_max, len(ranking["response_valid_BxK"]))
+    if n > seq_len:
+      raise ValueError(f"a ranking of {n} tokens does not fit a packed row of {seq_len}")
+    if used + n > seq_len:
+      rows.append(_row(seq_len, pad_id))
+      slots.append([])
+      used = 0
+    row, segs = rows[-1], []
+    for j, m in zip(present, lengths):
+      seg = int(row["segment_ids"].max()) + 1
+      row["tokens"][used:used + m] = np.asarray(ranking["tokens_BxKxT"])[j][:m]
+      row["valid"][used:used + m] = True
+      row["segment_ids"][used:used + m] = seg
+      segs.append(seg)
+      used += m
+    slots[-1].append(segs)
+    count, real = count + 1, real + n
+  if not rows:
+    raise ValueError("no ranking to pack")
+  q = max(len(s) for s in slots)
+  for row, rankings_in_row in zip(rows, slots):
+    row["response_segment"] = np.zeros((q, k_max), np.int32)
+    for i, segs in enumerate(rankings_in_row):
+      row["response_segment"][i, :len(segs)] = segs
+    del row["loss_mask"]  # a reward model reads no per-token targets
+  return Packed(rows, count, real)

@@ -138,9 +138,10 @@ class ScalarHeadModel(nnx.Module):
     self.head_w = param(rngs, (cfg.d_model,), ("embed",), cfg, cfg.init_std)
     self.head_b = param(rngs, (), (), cfg, 0.0)
 
-  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None):
+  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, segment_ids_BxT=None):
     """Per-token scalars BxT in float32."""
-    hidden, _ = self.backbone.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT)
+    hidden, _ = self.backbone.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
+                                     segment_ids_BxT=segment_ids_BxT)
     values = dense(hidden.astype(jnp.float32), self.head_w[...].astype(jnp.float32)[:, None])[..., 0]
     return values + self.head_b[...].astype(jnp.float32)
 

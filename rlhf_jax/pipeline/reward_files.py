@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import plan_models, provenance, sharding
-from rlhf_jax.data import builders, file_datasets, pairs, pipeline
+from rlhf_jax.data import builders, file_datasets, packing, pairs, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import ScalarHeadModel
@@ -48,6 +48,8 @@ class RewardFileFlags:
   test_fraction: float = flag(0.05, "Held-out fraction (hashed by prompt).")
   on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
                        choices=file_datasets.ON_ERROR)
+  pack: bool = flag(False, "Pack several whole rankings per --seq_len row, each response its "
+                    "own attention segment (data/packing.py); --batch_size then counts rows.")
 
   @property
   def file_mode(self) -> bool:
@@ -139,16 +141,25 @@ def run(cfg) -> dict:
     batches = iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
     return step_lib.evaluate(eval_step, p, (sharding.shard_batch(b, mesh) for b in batches))
 
-  it = pairs.make_pair_train_iterator(train, batch_size=cfg.batch_size, seed=lm.data_seed(cfg),
-                                      encode=encode,
+  source, train_encode, train_shardings, packed = train, encode, batch_shardings, None
+  if cfg.pack:  # rows of several whole rankings, computed once
+    packed = packing.pack_rankings(packing.shuffled(
+        [encode(train[i]) for i in range(len(train))], lm.data_seed(cfg)), cfg.seq_len,
+        tok.pad_id)
+    source, train_encode = packed.rows, lambda row: row
+    train_shardings = {key: sharding.batch_sharding(mesh) for key in packing.RANKING_KEYS}
+    print(f"packed {packed.examples} rankings into {len(packed.rows)} rows of {cfg.seq_len} "
+          f"tokens ({packed.fill:.0%} full)")
+  it = pairs.make_pair_train_iterator(source, batch_size=cfg.batch_size,
+                                      seed=lm.data_seed(cfg), encode=train_encode,
                                       rows=sharding.process_rows(mesh, cfg.batch_size))
-  final, summary = lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
-                                   eval_fn=eval_fn,
-                                   tokens_per_batch=cfg.batch_size * k * cfg.seq_len,
-                                   stage="reward")
+  final, summary = lm.run_training(
+      cfg, mesh, loss_fn, params, shardings, train_shardings, it, eval_fn=eval_fn,
+      tokens_per_batch=cfg.batch_size * (1 if packed else k) * cfg.seq_len, stage="reward")
   real_models.export(cfg, graphdef, final.params, drop_head_bias=True)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "steps": summary["final_step"], "responses_per_prompt": k,
+            "packed_rows": len(packed.rows) if packed else None,
             "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped},
             "head_bias_dropped": float(sharding.to_host(final.params["head_b"])),
             "provenance": provenance.provenance()}

@@ -28,7 +28,10 @@ SINGLE_MEMBER_REFUSAL = "an ensemble aggregator needs --ensemble_size > 1"
 
 def ranking_scores(graphdef, params, batch):
   """rewards_BxK: one ScalarHeadModel forward over the flattened (B*K, T) rows, each read
-  at its row's last real token; float32."""
+  at its row's last real token; float32. Of a packed batch (data/packing.py: pack_rankings),
+  the (R * Q) x K slots, each response read at its segment's last token (0 for empty slots)."""
+  if "segment_ids" in batch:
+    return _packed_scores(graphdef, params, batch)
   tokens_BxKxT, valid_BxKxT = batch["tokens_BxKxT"], batch["valid_BxKxT"]
   if tokens_BxKxT.ndim != 3 or valid_BxKxT.shape != tokens_BxKxT.shape:
     raise ValueError(f"tokens_BxKxT{tuple(tokens_BxKxT.shape)} and valid_BxKxT"
@@ -43,6 +46,31 @@ def ranking_scores(graphdef, params, batch):
   return scores_N.astype(jnp.float32).reshape(b, k)
 
 
+def _packed_scores(graphdef, params, batch):
+  seg_BxT, resp_BxQxK = batch["segment_ids"], batch["response_segment"]
+  values_BxT = nnx.merge(graphdef, params)(batch["tokens"], valid_BxT=batch["valid"],
+                                           segment_ids_BxT=seg_BxT)
+  t = seg_BxT.shape[1]
+  # Each segment's last token: the largest position holding its id (segments are contiguous).
+  ids = jnp.arange(1, 1 + resp_BxQxK.shape[1] * resp_BxQxK.shape[2])
+  last_BxS = jnp.max(jnp.where(seg_BxT[:, None, :] == ids[None, :, None], jnp.arange(t), 0),
+                     axis=2)
+  seg_scores = jnp.take_along_axis(values_BxT.astype(jnp.float32), last_BxS, axis=1)
+  seg_scores = jnp.pad(seg_scores, ((0, 0), (1, 0)))  # segment 0: the empty slot
+  b, q, k = resp_BxQxK.shape
+  scores = jnp.take_along_axis(seg_scores, resp_BxQxK.reshape(b, q * k), axis=1)
+  return scores.reshape(b * q, k)
+
+
+def response_valid(batch):
+  """Which ranking slots hold a response: the batch's response_valid_BxK, all of them
+  without one, or a packed batch's nonzero response segments ((R * Q) x K)."""
+  if "response_segment" in batch:
+    r = batch["response_segment"]
+    return (r > 0).reshape(-1, r.shape[-1])
+  return batch.get("response_valid_BxK")
+
+
 def ranking_loss_fn(graphdef):
   """loss_fn(params, batch, rng) -> (loss_sum, aux) for K-way rankings (module docstring).
 
@@ -54,7 +82,7 @@ def ranking_loss_fn(graphdef):
   def loss_fn(params, batch, rng):
     del rng  # deterministic forward
     rewards_BxK = ranking_scores(graphdef, params, batch)
-    _, m = bt.ranking_loss(rewards_BxK, batch.get("response_valid_BxK"))
+    _, m = bt.ranking_loss(rewards_BxK, response_valid(batch))
     return m["loss_sum"], {"denominator": m["count"], "accuracy": m["accuracy_sum"],
                            "margin": m["margin_sum"], "pairs": m["pair_count"]}
   return loss_fn

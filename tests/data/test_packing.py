@@ -1,5 +1,6 @@
 """Sequence packing: the packer's layout, and the packed forward and loss against each
 example alone in a padded row (the exact computation packing must reproduce)."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -119,3 +120,38 @@ def test_packed_pairs_give_each_pairs_log_probs_and_loss():
   assert float(packed_aux["denominator"]) == len(records)
   np.testing.assert_allclose(float(packed_sum), float(flat_sum), **helpers.f32_tol(
       len(records) * 4, scale=1.0))
+
+
+def test_packed_rankings_score_like_each_ranking_alone():
+  """Rankings of 2 and 3 responses packed into rows: every response's reward (read at its
+  segment's last token) and the ranking loss equal the unpacked batch's."""
+  from rlhf_jax.models.transformer import ScalarHeadModel
+  from rlhf_jax.train import reward
+  cfg = helpers.nano()
+  graphdef, params = helpers.init_module(lambda r: ScalarHeadModel(cfg, rngs=r))
+  rankings = []
+  for i, (p, r) in enumerate(TEXTS):
+    k = 2 + i % 2
+    seqs = [pipeline.sft_example(p, r + "!" * j, TOK, 48) for j in range(k)]
+    pad = pipeline.sft_example("", "", TOK, 48) | {"valid": np.zeros(48, bool)}
+    seqs += [pad] * (3 - k)
+    rankings.append({"tokens_BxKxT": np.stack([s["tokens"] for s in seqs]),
+                     "valid_BxKxT": np.stack([s["valid"] for s in seqs]),
+                     "response_valid_BxK": np.arange(3) < k})
+  packed = packing.pack_rankings(rankings, 128, TOK.pad_id)
+  batch = {k: np.stack([r[k] for r in packed.rows]) for k in packing.RANKING_KEYS}
+  flat = {k: jnp.asarray(np.stack([r[k] for r in rankings])) for k in rankings[0]}
+  scores = np.asarray(reward.ranking_scores(graphdef, params, batch))
+  want = np.asarray(reward.ranking_scores(graphdef, params, flat))
+  slots = np.asarray(reward.response_valid(batch)).any(1)  # slots holding a ranking
+  got = scores[slots]
+  mask = np.asarray(flat["response_valid_BxK"])
+  tol = helpers.f32_tol(helpers.forward_terms(cfg, 128, log_softmax=False) + cfg.d_model,
+                        scale=float(np.abs(want).max()))
+  np.testing.assert_allclose(got[mask], want[mask], **tol)
+  loss_fn = reward.ranking_loss_fn(graphdef)
+  packed_sum, packed_aux = loss_fn(params, batch, None)
+  flat_sum, flat_aux = loss_fn(params, flat, None)
+  assert float(packed_aux["denominator"]) == float(flat_aux["denominator"]) == len(TEXTS)
+  np.testing.assert_allclose(float(packed_sum), float(flat_sum), **helpers.f32_tol(
+      helpers.forward_terms(cfg, 128) + 6 * len(TEXTS), scale=1.0))

@@ -117,3 +117,17 @@ def test_bad_ranking_records(record, reason):
   with pytest.raises(pf.Malformed) as e:
     pf.parse("rankings", record)
   assert e.value.reason == reason
+
+
+def test_packed_rankings_train(tmp_path, hf_root):
+  """--pack: several rankings per row, fewer rows than rankings; a fresh head scores ~0, so
+  training starts near log 2, and it learns."""
+  data = write_jsonl(tmp_path / "hh.jsonl", hh_records(48))
+  cfg = config.parse(RewardConfig, _flags(tmp_path, hf_root["llama"], data, "hh_rlhf",
+                                          seq_len=256, pack=True))
+  result = reward_main.run(cfg)
+  assert result["packed_rows"] < result["data"]["train"] / 2
+  train = read_metrics(cfg.workdir, split="train")
+  assert train[0]["metrics"]["loss"] == pytest.approx(np.log(2), abs=0.05)
+  assert train[-1]["metrics"]["loss"] < train[0]["metrics"]["loss"]
+  assert result["eval"]["accuracy"] > 0.5
