@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import distributed, plan, sharding
-from rlhf_jax.data import pairs
+from rlhf_jax.data import file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
@@ -248,3 +248,23 @@ def dry_run(cfg, stage: str, mcfg, shapes) -> dict:
   print(plan.format_plan(result))
   return {"dry_run": True, "mesh": dict(mesh.shape), "num_params": mcfg.num_params(),
           "plan": result}
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDataFlags:
+  """What the offline stages' file modes share (SFT, reward): each adds its own data_files
+  and data_format (their help and formats differ)."""
+  test_fraction: float = flag(0.05, "Held-out fraction of --data_files (hashed by prompt).")
+  on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
+                       choices=file_datasets.ON_ERROR)
+  pack: bool = flag(False, "Pack several examples (whole rankings for a reward model) per "
+                    "--seq_len row, attention kept inside each sequence (data/packing.py); "
+                    "--batch_size then counts rows.")
+
+  @property
+  def file_mode(self) -> bool:
+    return bool(self.data_files)
+
+  def check_data_files(self):
+    if not 0.0 < self.test_fraction < 1.0:
+      raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")

@@ -41,23 +41,13 @@ _KEYS = ("tokens_BxKxT", "valid_BxKxT", "response_valid_BxK")
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardFileFlags:
+class RewardFileFlags(real_models.LocalDataFlags):
   data_files: str = flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet); "
                          "set, the stage trains on them instead of simulated raters' labels.")
   data_format: str = flag("hh_rlhf", "Record format of --data_files.", choices=REWARD_FORMATS)
-  test_fraction: float = flag(0.05, "Held-out fraction (hashed by prompt).")
-  on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
-                       choices=file_datasets.ON_ERROR)
-  pack: bool = flag(False, "Pack several whole rankings per --seq_len row, each response its "
-                    "own attention segment (data/packing.py); --batch_size then counts rows.")
-
-  @property
-  def file_mode(self) -> bool:
-    return bool(self.data_files)
 
   def check_data_files(self):
-    if not 0.0 < self.test_fraction < 1.0:
-      raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+    super().check_data_files()
     if self.reward_model != "bt" or self.ensemble_size != 1:
       raise ValueError("--data_files trains one Bradley-Terry reward model: pass "
                        "--reward_model=bt --ensemble_size=1")

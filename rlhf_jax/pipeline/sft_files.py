@@ -36,23 +36,10 @@ _BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTFileFlags:
+class SFTFileFlags(real_models.LocalDataFlags):
   data_files: str = flag("", "Comma-separated SFT files / globs (JSONL, JSON, Parquet); set, "
                          "the stage trains on them instead of the embedded world.")
   data_format: str = flag("sft_messages", "Record format of --data_files.", choices=SFT_FORMATS)
-  test_fraction: float = flag(0.05, "Held-out fraction (hashed by conversation prefix).")
-  on_error: str = flag("raise", "Malformed records: fail the build or skip and count them.",
-                       choices=file_datasets.ON_ERROR)
-  pack: bool = flag(False, "Pack several examples per --seq_len row, attention kept inside each "
-                    "(data/packing.py): fewer, fuller rows on short-example data.")
-
-  @property
-  def file_mode(self) -> bool:
-    return bool(self.data_files)
-
-  def check_data_files(self):
-    if not 0.0 < self.test_fraction < 1.0:
-      raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
 def conversation(record: dict, fmt: str) -> list[dict] | None:
