@@ -68,6 +68,9 @@ class LMConfig:
   max_new_tokens: int = flag(0, "Response tokens sampled at evaluation (0: the world's "
                              "default, rlhf_jax/worlds/registry.py).")
   smoke: bool = flag(False, "A few steps of everything, for tests.")
+  allow_config_change: bool = flag(False, "Resume a --workdir's checkpoint even though flags "
+                                   "that alter training changed since it started "
+                                   "(rlhf_jax/train/config_check.py).")
 
   def __post_init__(self):
     positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "eval_every",

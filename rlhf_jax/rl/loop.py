@@ -26,7 +26,7 @@ from rlhf_jax import sharding
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models import lora
 from rlhf_jax.rl.rollout import Experience
-from rlhf_jax.train import checkpoint, optim, state as state_lib, step as step_lib
+from rlhf_jax.train import checkpoint, config_check, optim, state as state_lib, step as step_lib
 from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 
@@ -182,10 +182,12 @@ def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
   -> the whole model's params, when the state holds only part of them (LoRA adapters:
   make_adapter_trainer); collect and evaluate see its output."""
   view = params_view or (lambda params: params)
-  if config is not None:
-    write_config(cfg.workdir, config)
   manager, logger, state, data = resume(cfg.workdir, state, save_every=cfg.save_every,
                                         keep=cfg.keep_checkpoints)
+  if config is not None:
+    if data is not None:  # resuming: a change that alters training is refused
+      config_check.check_resume(cfg.workdir, config)
+    write_config(cfg.workdir, config)
   curve, start = [], 0
   if data is not None:
     curve, start = data["curve"], int(manager.latest_step())

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 
-from rlhf_jax.train import checkpoint
+from rlhf_jax.train import checkpoint, config_check
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 from rlhf_jax.train.state import TrainState
 
@@ -49,7 +49,8 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
   manager: checkpoint.make_manager(...) or None (no checkpoints, no resume). The loop
     saves whenever the manager's policy says so, and always at the end.
   eval_fn: eval_fn(params) -> dict of floats, run every `eval_every` steps and at the end.
-  config: written to <workdir>/config.json when given.
+  config: written to <workdir>/config.json when given; a run that resumes first compares it
+    with the saved one (config_check: a change that alters training is refused).
   stop_fn: stop_fn(eval metrics) -> True ends training at that evaluation (a stage's
     criterion, rlhf_jax/pipeline/criterion.py). A run resumed at an evaluation step evaluates
     first, so a run killed after it stopped does not train on.
@@ -57,6 +58,8 @@ def train(*, workdir: str, train_step: Callable, state: TrainState,
     stopped (stop_fn held) and the last logged "train" and "eval" metrics.
   """
   if config is not None:
+    if manager is not None and manager.latest_step() is not None:
+      config_check.check_resume(workdir, config, print_fn=print_fn or (lambda _: None))
     write_config(workdir, config)
   if manager is not None:
     restored = checkpoint.restore_latest(manager, _abstract_like(state))

@@ -1,6 +1,7 @@
 """experiments.grpo on GSM8K-format prompt files from a tiny Qwen2 checkpoint: the run, its
 export reloaded by transformers with our logits, user reward functions by import path, and
 flag errors raised before anything compiles."""
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from rlhf_jax.pipeline import config
 from rlhf_jax.runs import grpo_files
 from rlhf_jax.runs.grpo import GRPOConfig
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.train import checkpoint
+from rlhf_jax.train import checkpoint, config_check
 from rlhf_jax.train.logging import read_metrics
 
 # User reward functions: the length of the completion in characters, None for empty ones
@@ -136,3 +137,13 @@ def test_reinforce_pp_and_rloo_mask_unscored_rows(tmp_path, hf_root, extra):
 def test_neutral_fill_gives_unscored_rows_their_groups_mean():
   total = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan])
   np.testing.assert_array_equal(grpo_files.neutral_fill(total, 3), [1, 2, 3, 0, 0, 0])
+
+
+def test_online_resume_refuses_a_changed_learning_rate(grpo_run):
+  root, cfg, _ = grpo_run
+  sys.path.insert(0, str(root))
+  try:
+    with pytest.raises(config_check.ConfigChangedError, match="--learning_rate"):
+      grpo_files.run(dataclasses.replace(cfg, learning_rate=cfg.learning_rate * 3))
+  finally:
+    sys.path.remove(str(root))
