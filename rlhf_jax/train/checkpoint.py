@@ -14,11 +14,13 @@ be reused), the file writes in the background -- call manager.wait_until_finishe
 before exiting (`train` does).
 """
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import distributed
 from rlhf_jax.train.state import TrainState
 
 
@@ -59,19 +61,50 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
-                   ) -> tuple[TrainState, dict[str, Any]] | None:
-  """(state, data_state) from the latest checkpoint, or None if there is none.
+DAMAGED_DIR = "checkpoints_damaged"  # <workdir>/checkpoints_damaged/<step>: kept, not reused
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState, *,
+                   print_fn=print) -> tuple[TrainState, dict[str, Any]] | None:
+  """(state, data_state) from the latest readable checkpoint, or None if there is none.
 
   abstract_state: a TrainState of jax.ShapeDtypeStruct with shardings (see
   state.abstract_state); arrays are restored directly into those shardings.
+
+  A checkpoint that fails to restore (truncated or corrupted files: a disk that filled, a copy
+  cut short) is moved to <workdir>/checkpoints_damaged/ (kept for inspection, never reused,
+  and out of the way of the run's next save at that step) and the previous one is tried,
+  with a warning naming both. Every checkpoint damaged: an error naming them.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return restored["state"], restored["data"]
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 -- any failure of damaged files: try the previous
+      damaged.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
+      _set_aside(manager, step)
+      continue
+    if damaged:
+      print_fn(f"WARNING: checkpoint {damaged[0][0]} under {manager.directory} is damaged "
+               f"({damaged[0][1]}); resuming from checkpoint {step} instead. Damaged "
+               f"checkpoints {[s for s, _ in damaged]} moved to {DAMAGED_DIR}/")
+    return restored["state"], restored["data"]
+  if damaged:
+    raise RuntimeError(f"every checkpoint under {manager.directory} is damaged: {damaged}; "
+                       f"they were moved to {DAMAGED_DIR}/. Start over with a fresh --workdir "
+                       "(or restore them from a copy)")
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  if jax.process_index() == 0:
+    src = os.path.join(str(manager.directory), str(step))
+    dest = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+    os.makedirs(dest, exist_ok=True)
+    os.replace(src, os.path.join(dest, f"{step}-{int(time.time())}"))
+  distributed.barrier(f"checkpoint {step} set aside")  # every process sees it gone
+  manager.reload()
 
 
 def save_params(path: str, params) -> None:
