@@ -27,6 +27,7 @@ from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models import lora
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import checkpoint, config_check, optim, state as state_lib, step as step_lib
+from rlhf_jax.train import workdir_lock
 from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 
@@ -168,7 +169,13 @@ def _floats(tree) -> dict:
   return {k: float(sharding.to_host(v)) for k, v in tree.items()}
 
 
-def run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
+def run(cfg: LoopConfig, algorithm: Algorithm, **kwargs):
+  """_run (below) holding <workdir>/LOCK (workdir_lock: one run per workdir)."""
+  with workdir_lock.hold(cfg.workdir):
+    return _run(cfg, algorithm, **kwargs)
+
+
+def _run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
         evaluate: Callable[[object], dict], config: dict | None = None,
         describe: Callable[[Experience], dict] | None = None,
         initial_point: dict | None = None, params_view: Callable | None = None):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 
-from rlhf_jax.train import checkpoint, config_check
+from rlhf_jax.train import checkpoint, config_check, workdir_lock
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 from rlhf_jax.train.state import TrainState
 
@@ -31,7 +31,13 @@ def _abstract_like(state: TrainState) -> TrainState:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def train(*, workdir: str, train_step: Callable, state: TrainState,
+def train(*, workdir: str, **kwargs) -> tuple[TrainState, dict]:
+  """_train (below) holding <workdir>/LOCK (workdir_lock: one run per workdir)."""
+  with workdir_lock.hold(workdir):
+    return _train(workdir=workdir, **kwargs)
+
+
+def _train(*, workdir: str, train_step: Callable, state: TrainState,
           train_iter: ResumableIterator | Iterator, total_steps: int,
           manager=None, logger: MetricsLogger | None = None,
           eval_fn: Callable[[Any], Mapping[str, float]] | None = None, eval_every: int = 0,
