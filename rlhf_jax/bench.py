@@ -63,14 +63,19 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
-def bench_train_step(cfg: ModelConfig, *, batch: int, seq_len: int, repeats: int) -> dict:
+def lm_train_step(cfg: ModelConfig):
+  """(state, step) of the causal-LM train step on one device: what the benchmarks time."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   graphdef, params, shardings = sharding.init_sharded(lambda r: Transformer(cfg, rngs=r),
                                                       jax.random.key(0), mesh)
   opt = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, total_steps=1000))
   state = state_lib.init_train_state(params, opt, jax.random.key(0), param_shardings=shardings)
-  step = step_lib.compile_train_step(step_lib.make_train_step(lm_loss_fn(graphdef), opt,
-                                                              num_microbatches=1))
+  return state, step_lib.compile_train_step(step_lib.make_train_step(lm_loss_fn(graphdef), opt,
+                                                                     num_microbatches=1))
+
+
+def bench_train_step(cfg: ModelConfig, *, batch: int, seq_len: int, repeats: int) -> dict:
+  state, step = lm_train_step(cfg)
   rng = np.random.default_rng(0)
   data = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
           "valid": jnp.ones((batch, seq_len), bool),

@@ -16,12 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import runtime, sharding
-from rlhf_jax.bench import _time, model_preset
+from rlhf_jax import runtime
+from rlhf_jax.bench import _time, lm_train_step, model_preset
 from rlhf_jax.data import packing
-from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.train import optim, state as state_lib, step as step_lib
-from rlhf_jax.train.lm import lm_loss_fn
 
 
 def examples(n: int, *, seq_len: int, median_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -40,13 +37,7 @@ def examples(n: int, *, seq_len: int, median_len: int, vocab: int, seed: int = 0
 
 
 def bench(cfg, rows: list[dict], keys, *, batch: int, repeats: int) -> dict:
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  graphdef, params, shardings = sharding.init_sharded(lambda r: Transformer(cfg, rngs=r),
-                                                      jax.random.key(0), mesh)
-  opt = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, total_steps=1000))
-  state = state_lib.init_train_state(params, opt, jax.random.key(0), param_shardings=shardings)
-  step = step_lib.compile_train_step(step_lib.make_train_step(lm_loss_fn(graphdef), opt,
-                                                              num_microbatches=1))
+  state, step = lm_train_step(cfg)
   data = {k: jnp.asarray(np.stack([r[k] for r in rows[:batch]])) for k in keys}
   holder = [state]
 
