@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import distributed, plan, sharding
-from rlhf_jax.data import file_datasets, pairs
+from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
@@ -268,3 +268,17 @@ class LocalDataFlags:
   def check_data_files(self):
     if not 0.0 < self.test_fraction < 1.0:
       raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def read_local_data(cfg, mcfg):
+  """(tokenizer, render_fn, build report, train split, test split) of an offline stage's
+  --data_files: the tokenizer (checked against the model), the files built once and
+  validated (records over --seq_len are malformed), split by --test_fraction."""
+  tok, render_fn, render_id = load_tokenizer(cfg)
+  check_vocabulary(tok, mcfg)
+  built = file_datasets.build_file_dataset(
+      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
+      on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
+      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+  train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
+  return tok, render_fn, built.report, train, test

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import plan_models, provenance, sharding
-from rlhf_jax.data import builders, file_datasets, packing, pairs, pipeline
+from rlhf_jax.data import packing, pairs, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import ScalarHeadModel
@@ -104,13 +104,7 @@ def run(cfg) -> dict:
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
         ranking_k=2))
   mesh = lm.setup(cfg)
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
-  real_models.check_vocabulary(tok, mcfg)
-  built = file_datasets.build_file_dataset(
-      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
-      on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
-      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
-  train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
+  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg)
   k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
   encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
   graphdef, params, shardings = real_models.with_adapters(
@@ -150,7 +144,7 @@ def run(cfg) -> dict:
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "steps": summary["final_step"], "responses_per_prompt": k,
             "packed_rows": len(packed.rows) if packed else None,
-            "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped},
+            "data": {"train": len(train), "test": len(test), "skipped": report.skipped},
             "head_bias_dropped": float(sharding.to_host(final.params["head_b"])),
             "provenance": provenance.provenance()}
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)

@@ -22,7 +22,7 @@ import json
 import os
 
 from rlhf_jax import plan_models, provenance, sharding
-from rlhf_jax.data import builders, file_datasets, packing, pipeline
+from rlhf_jax.data import packing, pipeline
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.pipeline import lm, real_models
@@ -87,13 +87,7 @@ def run(cfg) -> dict:
     return real_models.dry_run(cfg, "sft", mcfg, plan_models.Shapes(
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches))
   mesh = lm.setup(cfg)
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
-  real_models.check_vocabulary(tok, mcfg)
-  built = file_datasets.build_file_dataset(
-      cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
-      on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
-      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
-  train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
+  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg)
   if cfg.data_format in pf.PROMPT_FORMATS and not any(
       pipeline._text(train[i]["response"]) for i in range(len(train))):
     raise ValueError(f"--data_format={cfg.data_format}: no record has a reference answer to "
@@ -130,7 +124,7 @@ def run(cfg) -> dict:
   real_models.export(cfg, graphdef, final.params)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "steps": summary["final_step"],
-            "data": {"train": len(train), "test": len(test), "skipped": built.report.skipped,
+            "data": {"train": len(train), "test": len(test), "skipped": report.skipped,
                      "packed_rows": len(packed.rows) if packed else None,
                      "packed_fill": packed.fill if packed else None},
             "provenance": provenance.provenance()}

@@ -210,17 +210,24 @@ def run(cfg: BestOfNConfig) -> dict:
   return result
 
 
-def write_outputs(cfg: BestOfNConfig, result: dict, samples: comparisons.Samples,
-                  proxy_NxK: np.ndarray) -> None:
+def write_records(cfg, result: dict, samples: comparisons.Samples, scores_name: str,
+                  scores_NxK: np.ndarray, keys=PER_N_KEYS) -> None:
+  """config.json, one metrics record (its `keys`) per n, result.json and samples.json (with
+  each sample's score under scores_name) in --workdir: what both best-of-n modes write."""
   write_config(cfg.workdir, config.to_dict(cfg))
   logger = MetricsLogger(cfg.workdir)
   for row in result["per_n"]:
-    logger.log(row["n"], {k: row[k] for k in PER_N_KEYS}, split="eval")
+    logger.log(row["n"], {k: row[k] for k in keys}, split="eval")
   logger.close()
   write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
   with open(os.path.join(cfg.workdir, "samples.json"), "w") as f:
     json.dump({"prompts": samples.prompts, "responses": samples.responses,
-               "finished": samples.finished.tolist(), "proxy": proxy_NxK.tolist()}, f)
+               "finished": samples.finished.tolist(), scores_name: scores_NxK.tolist()}, f)
+
+
+def write_outputs(cfg: BestOfNConfig, result: dict, samples: comparisons.Samples,
+                  proxy_NxK: np.ndarray) -> None:
+  write_records(cfg, result, samples, "proxy", proxy_NxK)
   curve = [dict(row, kl=row["kl_exact"]) for row in result["per_n"]]
   plots.reward_vs_kl(curve, os.path.join(cfg.workdir, "best_of_n.png"),
                      title=f"best-of-n (n = {cfg.ns}), aggregate {cfg.aggregate}")

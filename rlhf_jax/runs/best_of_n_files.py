@@ -22,7 +22,6 @@ Nothing trains, so there is no export. Outputs in --workdir: result.json ({"per_
 responses, finished, rewards), metrics.jsonl and tb/ (one "eval" record per n, step = n),
 config.json and best_of_n_reward.png (reward against n).
 """
-import json
 import os
 import time
 
@@ -31,10 +30,9 @@ import numpy as np
 
 from rlhf_jax import provenance
 from rlhf_jax.losses import diagnostics
-from rlhf_jax.pipeline import config, lm, prompt_sets, real_models, reward_files
+from rlhf_jax.pipeline import lm, prompt_sets, real_models, reward_files
 from rlhf_jax.rl import comparisons, scorers
 from rlhf_jax.runs import best_of_n, plots
-from rlhf_jax.train.logging import MetricsLogger, write_config, write_json
 
 PER_N_KEYS = ("reward", "reward_se", "kl_bound", "kl_exact", "words")
 
@@ -91,15 +89,7 @@ def run(cfg: best_of_n.BestOfNConfig) -> dict:
 
 
 def write_outputs(cfg, result: dict, samples: comparisons.Samples, reward_NxK) -> None:
-  write_config(cfg.workdir, config.to_dict(cfg))
-  logger = MetricsLogger(cfg.workdir)
-  for row in result["per_n"]:
-    logger.log(row["n"], {k: row[k] for k in PER_N_KEYS}, split="eval")
-  logger.close()
-  write_json(os.path.join(cfg.workdir, "result.json"), result, indent=1)
-  with open(os.path.join(cfg.workdir, "samples.json"), "w") as f:
-    json.dump({"prompts": samples.prompts, "responses": samples.responses,
-               "finished": samples.finished.tolist(), "reward": reward_NxK.tolist()}, f)
+  best_of_n.write_records(cfg, result, samples, "reward", reward_NxK, PER_N_KEYS)
   plots.curve_with_se(result["per_n"], "n", "reward",
                       os.path.join(cfg.workdir, "best_of_n_reward.png"),
                       title=f"best-of-n (n = {cfg.ns})", xlabel="n",
