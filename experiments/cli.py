@@ -6,7 +6,8 @@ environment), then run.
 A user error (a bad flag value, a missing or malformed file: the ValueError or
 FileNotFoundError the configs and stages raise, naming the problem and its fix) ends the run
 with that one message and exit status 2 (a usage error), not a traceback; --verbose keeps the
-traceback, for when the error is the library's own."""
+traceback, for when the error is the library's own. A fault of the run (a NaN step, a full
+disk) is one message too, with its own status (RUN_FAULTS)."""
 import os
 import sys
 
@@ -15,9 +16,14 @@ from absl import app, flags, logging
 
 from rlhf_jax import distributed
 from rlhf_jax.pipeline import config
+from rlhf_jax.train import checkpoint, nonfinite
 
 USAGE_ERROR = 2
 USER_ERRORS = (ValueError, FileNotFoundError)
+# Faults of a run, reported as one message with their own exit status, so a scheduler can
+# tell them from a usage error: a NaN/inf step (65) and a checkpoint that could not be written
+# (74). A preemption exits through preemption.Preempted (85; 86 past the deadline).
+RUN_FAULTS = (nonfinite.NonfiniteError, checkpoint.CheckpointWriteError)
 
 
 def split_verbose(args: list[str]) -> tuple[bool, list[str]]:
@@ -60,6 +66,11 @@ def main(config_cls, run, *, multi_process: bool = False) -> None:
       if distributed.join(job) and not multi_process:
         distributed.refuse_multi_process(jax.process_count(), config_cls.__name__)
       run(cfg)
+    except RUN_FAULTS as e:
+      if verbose:
+        raise
+      print(f"python -m experiments.{name}: {e}", file=sys.stderr)
+      sys.exit(e.exit_status)
     except USER_ERRORS as e:
       if verbose:
         raise

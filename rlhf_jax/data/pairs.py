@@ -117,7 +117,7 @@ def make_pair_train_iterator(source: Sequence[dict], *, batch_size: int, seed: i
   pipeline.make_train_iterator: global shuffle, a fresh order every epoch, nothing dropped;
   this process's `rows` of each global batch."""
   ds = pipeline.global_order_batches(len(source), batch_size, seed=seed, repeat=True).map(
-      pipeline.read_rows(source, encode, rows, batch_size))
+      pipeline.read_rows(source, encode, rows, batch_size, with_ids=True))
   return iter(ds.to_iter_dataset(pipeline._READ_OPTIONS))
 
 

@@ -139,13 +139,23 @@ def global_order_batches(num_records: int, batch_size: int, *, seed: int | None,
   return ds.batch(batch_size, drop_remainder=repeat)
 
 
+# A training batch's record indices in its source (-1: filler), kept on the host by the
+# training loop to name the examples of a step that went NaN (rlhf_jax/train/nonfinite.py).
+EXAMPLE_ID = "example_id"
+
+
 def read_rows(source: Sequence[dict], encode: Callable[[dict], dict], rows: slice,
-              batch_size: int, filler: dict | None = None) -> Callable[[np.ndarray], dict]:
+              batch_size: int, filler: dict | None = None, *,
+              with_ids: bool = False) -> Callable[[np.ndarray], dict]:
   """index batch -> this process's `rows` of it, read from `source` and encoded. A short last
-  batch is first padded to batch_size with `filler` (example_valid False) rows."""
+  batch is first padded to batch_size with `filler` (example_valid False) rows. with_ids adds
+  the rows' record indices as EXAMPLE_ID."""
   def read(indices: np.ndarray) -> dict:
-    picked = list(indices) + [-1] * (batch_size - len(indices))
-    return _stack([filler if i < 0 else encode(source[int(i)]) for i in picked[rows]])
+    picked = (list(indices) + [-1] * (batch_size - len(indices)))[rows]
+    batch = _stack([filler if i < 0 else encode(source[int(i)]) for i in picked])
+    if with_ids:
+      batch[EXAMPLE_ID] = np.asarray(picked, np.int64)
+    return batch
   return read
 
 
@@ -159,11 +169,12 @@ def make_train_iterator(data_source: Sequence[dict], *, batch_size: int, seq_len
   examples: batches straddle epoch boundaries. `it.get_state()` is a JSON-able dict;
   `it.set_state(state)` on a new iterator over the same source and arguments continues with
   exactly the batches the uninterrupted iterator would have produced. encode(record) ->
-  example replaces `kind`'s encoder (e.g. chat_example for message lists).
+  example replaces `kind`'s encoder (e.g. chat_example for message lists). Each batch holds
+  its record indices as EXAMPLE_ID (int64, not for the step: the consumer takes its keys).
   """
   encode = encode or _encoder(kind, tokenizer, seq_len)
   ds = global_order_batches(len(data_source), batch_size, seed=seed, repeat=True).map(
-      read_rows(data_source, encode, rows, batch_size))
+      read_rows(data_source, encode, rows, batch_size, with_ids=True))
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 

@@ -71,6 +71,16 @@ class LMConfig:
   allow_config_change: bool = flag(False, "Resume a --workdir's checkpoint even though flags "
                                    "that alter training changed since it started "
                                    "(rlhf_jax/train/config_check.py).")
+  on_nonfinite: str = flag("stop", "A step whose loss or gradients are NaN/inf: 'stop' the run "
+                           "(naming the step and its examples, with a debug dump in "
+                           "<workdir>/nonfinite/) or 'skip' its update (counted and logged); "
+                           "the bad values never reach the state (rlhf_jax/train/nonfinite.py).",
+                           choices=("stop", "skip"))
+  preempt_deadline_s: float = flag(120.0, "Seconds from a SIGTERM to a written checkpoint: the "
+                                   "run saves at the next step and exits with status 85, or "
+                                   "with 86 if that takes longer (rlhf_jax/train/"
+                                   "preemption.py). Keep it below the scheduler's grace "
+                                   "period.")
 
   def __post_init__(self):
     positive = ("seq_len", "batch_size", "num_microbatches", "steps", "log_every", "eval_every",
@@ -81,6 +91,8 @@ class LMConfig:
     if self.batch_size % self.num_microbatches:
       raise ValueError(f"--batch_size={self.batch_size} must be divisible by "
                        f"--num_microbatches={self.num_microbatches}")
+    if not self.preempt_deadline_s > 0:
+      raise ValueError(f"--preempt_deadline_s must be > 0, got {self.preempt_deadline_s}")
     if self.learning_rate <= 0:
       raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
     criterion.parse(self.criterion)  # syntax errors before anything runs
@@ -299,6 +311,7 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
       train_iter=_ShardedIterator(host_iter, mesh), total_steps=cfg.steps, manager=manager,
       logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
       tokens_per_batch=tokens_per_batch, config=config_dict or to_dict(cfg),
+      on_nonfinite=cfg.on_nonfinite, preempt_deadline_s=cfg.preempt_deadline_s,
       stop_fn=(lambda metrics: criterion.met(conditions, metrics)) if conditions else None)
   if conditions:
     summary["criterion"] = {"criterion": cfg.criterion, "met": summary["stopped"],
@@ -319,13 +332,18 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
 
 
 class _ShardedIterator:
-  """Places each host batch on the mesh; forwards the resumable state of the grain iterator."""
+  """Places each host batch on the mesh; forwards the resumable state of the grain iterator.
+  A batch's "example_id" rows (pipeline.read_rows) stay on the host as `example_ids`, for the
+  loop's report of a nonfinite step (train/nonfinite.py)."""
 
   def __init__(self, it, mesh):
     self._it, self._mesh = it, mesh
+    self.example_ids = None
 
   def __next__(self):
-    return sharding.shard_batch(next(self._it), self._mesh)
+    batch = dict(next(self._it))
+    self.example_ids = batch.pop(pipeline.EXAMPLE_ID, None)
+    return sharding.shard_batch(batch, self._mesh)
 
   def get_state(self):
     return self._it.get_state()

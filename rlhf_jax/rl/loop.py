@@ -7,6 +7,8 @@
       every eval_every: evaluate(params) -> a point of the curve
       every save_every: checkpoint of the train state, the curve and the algorithm's own
                         resumable state (KL coefficient, prompts seen, ptx data position)
+      faults: a NaN/inf step stops the run or is skipped (train/nonfinite.py); a SIGTERM saves
+              the iteration's checkpoint at its end and exits (train/preemption.py)
 
 Everything that makes a resumed run bitwise equal to an uninterrupted one lives here: an
 iteration's draws depend only on (seed, it) (the algorithm's collect derives them), the step's
@@ -27,7 +29,7 @@ from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models import lora
 from rlhf_jax.rl.rollout import Experience
 from rlhf_jax.train import checkpoint, config_check, optim, state as state_lib, step as step_lib
-from rlhf_jax.train import workdir_lock
+from rlhf_jax.train import nonfinite, preemption, workdir_lock
 from rlhf_jax.train import lora as lora_train
 from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
 
@@ -42,12 +44,22 @@ class LoopConfig:
   eval_every: int = 1  # iterations between held-out evaluations (and at the end)
   save_every: int = 1  # iterations between checkpoints (and at the end)
   keep_checkpoints: int = 2
+  on_nonfinite: str = "stop"  # or "skip": a NaN/inf optimizer step (train/nonfinite.py)
+  preempt_deadline_s: float = 120.0  # SIGTERM -> checkpoint -> exit 85 (train/preemption.py)
 
   def __post_init__(self):
     for name in ("iterations", "epochs", "num_minibatches", "log_every", "eval_every",
                  "save_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.on_nonfinite not in nonfinite.POLICIES:
+      raise ValueError(f"on_nonfinite must be one of {nonfinite.POLICIES}, "
+                       f"got {self.on_nonfinite!r}")
+
+  @staticmethod
+  def faults(cfg) -> dict:
+    """The fault-handling fields from a run's flags (pipeline/lm.py's LMConfig)."""
+    return {"on_nonfinite": cfg.on_nonfinite, "preempt_deadline_s": cfg.preempt_deadline_s}
 
   @property
   def updates(self) -> int:
@@ -152,6 +164,31 @@ def _step_metrics(metrics: list, how: str) -> dict:
   return out
 
 
+def _nonfinite_steps(cfg: LoopConfig, manager, logger, state, step: Iteration, order,
+                     metrics: list, mesh, done: int) -> int:
+  """How many of the iteration's optimizer steps were NaN/inf (their updates were not applied,
+  train/nonfinite.py), under --on_nonfinite=skip; under stop, the first one ends the run with
+  its rollout rows dumped."""
+  bad = [i for i, m in enumerate(metrics) if nonfinite.is_bad(m)]
+  if not bad:
+    return 0
+  last = int(sharding.to_host(state.step))
+  if cfg.on_nonfinite == "skip":
+    for i in bad:
+      logger.log(last - len(metrics) + i + 1, {"nonfinite_skipped": 1.0}, split="faults")
+    print(f"[nonfinite] iteration {done}: {len(bad)} of {len(metrics)} optimizer steps had a "
+          "non-finite loss or gradient; their updates were skipped")
+    return len(bad)
+  i = bad[0]
+  at = last - len(metrics) + i + 1
+  rows = [int(r) for r in np.asarray(order[i]).reshape(-1)]
+  path = nonfinite.dump(cfg.workdir, at, _take_rows(mesh)(step.batch, np.asarray(rows, np.int32)),
+                        metrics[i], iteration=done, rollout_rows=rows)
+  checkpoint.finish(manager)
+  raise nonfinite.error(at, metrics[i], path, latest_checkpoint=manager.latest_step(),
+                        where=f"rows {rows} of iteration {done}'s rollout (minibatch {i})")
+
+
 def resume(workdir: str, state, *, save_every: int, keep: int):
   """(manager, logger, state, data): data is the latest checkpoint's extra data with the state
   restored into `state`'s shapes and shardings; None (and `state` as given) for a fresh run."""
@@ -207,7 +244,8 @@ def _run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
     logger.log(0, curve[-1], split="eval")
 
   t_loop = time.perf_counter()
-  with CompileCounter() as counter:
+  with CompileCounter() as counter, preemption.Watch(
+      cfg.workdir, cfg.preempt_deadline_s) as preempt:
     for it in range(start, cfg.iterations):
       counter.reset()  # compiles per iteration are logged: after the first there should be none
       step = algorithm.collect(it, view(state.params))
@@ -217,11 +255,14 @@ def _run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
       state, metrics = train_on_rollout(train_step, state, step.batch, order, mesh,
                                         extend=algorithm.extend_minibatch)
       values = {**_floats(step.stats), **_step_metrics(metrics, step.metrics)}
+      done = it + 1
+      skipped = _nonfinite_steps(cfg, manager, logger, state, step, order, metrics, mesh, done)
+      if skipped:
+        values["nonfinite_skipped"] = float(skipped)
       if describe is not None:
         values.update(describe(step.experience))
       values = algorithm.finish_iteration(values)
       values["compiles"] = float(counter.count)
-      done = it + 1
       logger.log(done, values)
       if done % cfg.log_every == 0 or done == cfg.iterations:
         rate = (done - start) / max(time.perf_counter() - t_loop, 1e-9)
@@ -231,11 +272,19 @@ def _run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
       if done % cfg.eval_every == 0 or done == cfg.iterations:
         curve.append({"iteration": done, **evaluate(view(state.params))})
         logger.log(done, curve[-1], split="eval")
-      if manager.should_save(done) or done == cfg.iterations:
+      checkpoint.check(manager)  # the previous save's writes failed (a full disk): stop here
+      preempted = preempt.requested(done)
+      if manager.should_save(done) or done == cfg.iterations or preempted:
         checkpoint.save(manager, done, state,
                         {"curve": curve, "algorithm": algorithm.state_dict()},
-                        force=done == cfg.iterations)
-  manager.wait_until_finished()
+                        force=done == cfg.iterations or preempted)
+      if preempted:
+        checkpoint.finish(manager)
+        print(f"[preemption] SIGTERM: saved iteration {done}'s checkpoint "
+              f"{preempt.waited_s():.1f}s after the notice; exiting with status "
+              f"{preemption.PREEMPTED_EXIT}. Relaunch the same command to resume")
+        raise preemption.Preempted(done, cfg.workdir)
+  checkpoint.finish(manager)
   manager.close()
   logger.close()
   return state, curve

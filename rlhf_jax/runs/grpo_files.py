@@ -183,7 +183,8 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,
                                 num_minibatches=cfg.num_minibatches, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, save_every=cfg.save_every,
-                                keep_checkpoints=cfg.keep_checkpoints)
+                                keep_checkpoints=cfg.keep_checkpoints,
+                                **rl_loop.LoopConfig.faults(cfg))
   state, train_step, view = rl_loop.make_trainer_for(
       loss_fn, params, shardings, batch_keys, mesh,
       optim_cfg=lm.optim_config(cfg, loop_cfg.updates), num_microbatches=cfg.num_microbatches,

@@ -218,7 +218,8 @@ def run(cfg: OnlineDPOConfig) -> dict:
                                      key=key),
       labeler(cfg, rms, rater_temperature), ref_fn, sft_params, split["train"],
       cfg.prompts_per_round, cfg.steps_per_round, cfg.batch_size, cfg.seq_len, cfg.seed, mesh)
-  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints)
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints,
+                                **rl_loop.LoopConfig.faults(cfg))
   state, train_step = rl_loop.make_trainer(
       loss_fn, jax.tree.map(jnp.copy, sft_params), shardings, online_dpo.BATCH_KEYS, mesh,
       optim_cfg=lm.optim_config(cfg, cfg.total_steps), num_microbatches=cfg.num_microbatches,

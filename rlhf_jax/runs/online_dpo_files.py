@@ -85,7 +85,8 @@ def run(cfg: online_dpo_run.OnlineDPOConfig) -> dict:
       cfg.prompts_per_round, cfg.steps_per_round, cfg.batch_size, cfg.seq_len, cfg.seed, mesh,
       tokenizer=tok)
   algorithm.progress_keys = ("sample_reward", "reward_margin")
-  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints)
+  loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.rounds, keep_checkpoints=cfg.keep_checkpoints,
+                                **rl_loop.LoopConfig.faults(cfg))
   state, train_step, view = rl_loop.make_trainer_for(
       loss_fn, params, shardings, online_dpo.BATCH_KEYS, mesh,
       optim_cfg=lm.optim_config(cfg, cfg.total_steps), num_microbatches=cfg.num_microbatches,

@@ -28,15 +28,13 @@ def make_manager(workdir: str, *, save_every: int, max_to_keep: int | None = 3,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """A manager saving every `save_every` steps (plus forced saves), keeping the last K.
 
-  The save policy is exactly "step % save_every == 0" (and preemption): orbax's default
+  The save policy is exactly "step % save_every == 0" (plus forced saves): orbax's default
   also saves the first step of a run that has no checkpoint yet, which we do not want.
   """
-  policy = ocp.checkpoint_managers.AnySavePolicy([
-      ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-  ])
   options = ocp.CheckpointManagerOptions(
-      save_decision_policy=policy,
+      # Preemption saves are the loops' (train/preemption.py: they save and exit), so orbax's
+      # own preemption policy, which would save and train on, is not added.
+      save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
       max_to_keep=max_to_keep,
       create=True,
       cleanup_tmp_directories=True,
@@ -58,7 +56,59 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
   items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
   if meta is not None:
     items["meta"] = ocp.args.JsonSave(meta)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  try:  # also raises a failure of the previous save's background writes
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # noqa: BLE001 -- any write failure: one clear error, below
+    raise _write_error(manager, step, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background writes of the last save; a failure is a CheckpointWriteError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _write_error(manager, None, e) from e
+
+
+def check(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointWriteError if a save's background writes have failed (does not wait for
+  a save in progress): the loops call it at log steps, so a run whose disk filled stops there
+  rather than training on to its next save."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise _write_error(manager, None, e) from e
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount). The previous
+  checkpoints are intact: orbax writes a step into a temporary directory and renames it into
+  place only when complete."""
+  exit_status = 74  # sysexits' EX_IOERR
+
+
+_DISK_FULL = ("no space left", "file too large", "quota exceeded", "errno 28", "errno 27",
+              "errno 122", "resource_exhausted")
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int | None,
+                 cause: Exception) -> CheckpointWriteError:
+  text = f"{type(cause).__name__}: {cause}"
+  manager.reload()  # what is on disk now: the failed step's temporary directory is not a step
+  latest = manager.latest_step()
+  kept = (f"checkpoint {latest} is intact and a relaunch of the same command resumes from it"
+          if latest is not None else "no earlier checkpoint exists")
+  unfinished = sorted(int(n.split(".")[0]) for n in os.listdir(manager.directory)
+                      if ".orbax-checkpoint-tmp" in n and n.split(".")[0].isdigit())
+  if unfinished:  # the failed save may be an earlier one, still writing in the background
+    step = unfinished[-1]
+  full = any(k in text.lower() for k in _DISK_FULL)
+  what = "the disk is full (or a size/quota limit was hit)" if full else "the write failed"
+  return CheckpointWriteError(
+      f"could not write checkpoint{'' if step is None else f' {step}'} under "
+      f"{manager.directory}: {what} ({text[:300]}). The run stopped; {kept}. "
+      + ("Free space there (or point --workdir at a larger disk), then relaunch"
+         if full else "Check that the directory is writable, then relaunch"))
 
 
 DAMAGED_DIR = "checkpoints_damaged"  # <workdir>/checkpoints_damaged/<step>: kept, not reused

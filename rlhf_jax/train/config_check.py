@@ -24,6 +24,9 @@ NOT_TRAINING = frozenset({
     "dry_run", "dry_run_compile", "allow_config_change", "data_dir", "stage_root",
     "matched_sft", "mesh_data", "mesh_fsdp", "mesh_tensor", "num_microbatches",
     "rollout_chunk_rows",
+    # What to do on a fault: relaunching a run that stopped on a NaN with
+    # --on_nonfinite=skip is the point of the flag.
+    "on_nonfinite", "preempt_deadline_s",
 })
 
 

@@ -74,8 +74,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   sees join(state.params, frozen) (module docstring: frozen parameters).
 
   metrics: loss (= loss_sum / denominator), grad_norm (global, before clipping),
-  denominator (the global unit count), every other aux key as sum / denominator, and
-  learning_rate when lr_schedule is given (the rate this update used).
+  denominator (the global unit count), every other aux key as sum / denominator,
+  learning_rate when lr_schedule is given (the rate this update used), and nonfinite (1.0 when
+  the loss or gradients were NaN/inf: the update was then not applied, train/nonfinite.py).
   """
   if num_microbatches < 1:
     raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -106,6 +107,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     params = optax.apply_updates(state.params, updates)
     metrics = _normalise(sums)
     metrics["grad_norm"] = optax.global_norm(grads)
+    # A NaN/inf loss or gradient never reaches the state (train/nonfinite.py): the previous
+    # params and optimizer state are kept, the flag tells the loop. where(True, new, old) is
+    # new exactly, so healthy steps are bitwise unchanged.
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics["nonfinite"] = (~finite).astype(jnp.float32)
     if lr_schedule is not None:
       metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)

@@ -76,7 +76,16 @@ def test_train_batch_keys_shapes_dtypes():
   batch = next(_train(0))
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       "tokens": ((4, 12), np.int32), "loss_mask": ((4, 12), np.float32),
-      "valid": ((4, 12), bool), "example_valid": ((4,), bool)}
+      "valid": ((4, 12), bool), "example_valid": ((4,), bool),
+      pipeline.EXAMPLE_ID: ((4,), np.int64)}
+
+
+def test_train_batch_example_ids_name_their_records():
+  """Each row's example id is the index of the record its tokens encode (what a NaN step's
+  report names), across epochs."""
+  for batch in _take(_train(3), 5):  # 20 rows of 12 records: into the second epoch
+    for tokens, i in zip(batch["tokens"], batch[pipeline.EXAMPLE_ID]):
+      assert TOK.decode(tokens) == SOURCE[int(i)]["text"]
 
 
 def test_train_order_is_seeded():

@@ -239,3 +239,40 @@ def test_killing_one_process_ends_the_other_with_a_clear_error(tmp_path):
   assert time.monotonic() - killed < 60
   assert procs[0].returncode == 75, out[-3000:]
   assert "its job lost a peer (another process died" in out, out[-3000:]
+
+
+def _sigterm_at_step(procs, target: int, at_step: int):
+  """SIGTERMs process `target`'s supervisor (it forwards the signal to its child) once that
+  process printed step >= at_step; returns every process's output."""
+  seen = ""
+  while True:
+    line = procs[target].stdout.readline()
+    seen += line
+    step = re.match(r"step +(\d+)/", line)
+    if (step and int(step.group(1)) >= at_step) or not line:
+      break
+  procs[target].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs[target] = seen + outs[target]
+  return outs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_every_part_and_the_job_resumes(tmp_path):
+  """The notice reaches one process; jax's preemption service has both stop at the same step,
+  save their parts of one checkpoint and exit 85; the relaunched job resumes from it."""
+  args = [*PRETRAIN, "--steps=100000", "--save_every=100000", "--eval_every=100000",
+          f"--workdir={tmp_path}/w", f"--data_dir={tmp_path}/d"]
+  saved = []
+  for attempt in range(2):
+    procs = launch_job.start("experiments.pretrain", args, processes=2, devices=4)
+    outs = _sigterm_at_step(procs, target=1 - attempt, at_step=3)
+    for p, out in zip(procs, outs):
+      assert p.returncode == 85, out[-3000:]
+    steps = {int(re.search(r"saved checkpoint (\d+)", out).group(1)) for out in outs}
+    assert len(steps) == 1, steps  # one agreed step
+    saved.append(steps.pop())
+    assert os.path.exists(tmp_path / "w" / "checkpoints" / str(saved[-1]) / "commit_success.txt")
+    if attempt:
+      assert f"resumed from step {saved[0]}" in outs[0]
+  assert saved[1] > saved[0]

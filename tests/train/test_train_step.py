@@ -82,7 +82,8 @@ def test_metrics_and_rng():
   rng_before = np.asarray(state.rng)
   batch = toy_train.make_batch(0, 8)
   s1, m1 = fn(state, batch)
-  assert set(m1) == {"loss", "correct", "denominator", "grad_norm", "learning_rate"}
+  assert set(m1) == {"loss", "correct", "denominator", "grad_norm", "learning_rate",
+                     "nonfinite"}
   assert float(m1["learning_rate"]) == pytest.approx(0.0)  # update 0 of a warmup from 0
   s2, m2 = fn(s1, batch)
   assert float(m2["learning_rate"]) == pytest.approx(0.1 / 4)

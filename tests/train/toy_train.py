@@ -6,10 +6,13 @@ matters. The data iterator is in-memory and resumable (get_state/set_state).
 
 As a script it trains with rlhf_jax.train.loop.train, checkpointing every few steps:
     python tests/train/toy_train.py WORKDIR [--steps N] [--save-every K] [--sleep S]
+        [--preempt-deadline S] [--disk-full-at STEP]
 and writes WORKDIR/final_params.npz. --sleep slows each step so a test can kill it.
 """
 import argparse
 import os
+import resource
+import signal
 import time
 
 import jax
@@ -84,6 +87,11 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=12)
   parser.add_argument("--save-every", type=int, default=3)
   parser.add_argument("--sleep", type=float, default=0.0)
+  parser.add_argument("--preempt-deadline", type=float, default=120.0)
+  # From step --disk-full-at on, files may not grow past 4 KB (RLIMIT_FSIZE): a write that
+  # would fails with EFBIG, as on a full disk (a checkpoint's largest file is ~5 KB, the logs
+  # stay under 4 KB). For the full-disk test.
+  parser.add_argument("--disk-full-at", type=int, default=0)
   args = parser.parse_args(argv)
 
   from rlhf_jax import runtime
@@ -98,11 +106,14 @@ def main(argv=None) -> None:
   fn = step.make_train_step(make_loss_fn(dropout=0.1), optimizer, num_microbatches=2,
                             lr_schedule=optim.make_schedule(cfg))
   compiled = step.compile_train_step(fn)
-  if args.sleep:
+  if args.sleep or args.disk_full_at:
     inner = compiled
 
     def compiled(state, batch):
       time.sleep(args.sleep)
+      if args.disk_full_at and int(state.step) + 1 == args.disk_full_at:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
       return inner(state, batch)
 
   manager = checkpoint.make_manager(args.workdir, save_every=args.save_every, max_to_keep=2)
@@ -110,8 +121,10 @@ def main(argv=None) -> None:
   state, _ = loop.train(workdir=args.workdir, train_step=compiled, state=state,
                         train_iter=ToyData(batch_size=8), total_steps=args.steps,
                         manager=manager, logger=logger, log_every=1, tokens_per_batch=8 * SEQ,
-                        # --sleep only throttles the test's kill; the resumed run drops it
-                        config={k: v for k, v in vars(args).items() if k != "sleep"})
+                        preempt_deadline_s=args.preempt_deadline,
+                        # test instrumentation, not training: the resumed run drops it
+                        config={k: v for k, v in vars(args).items()
+                                if k not in ("sleep", "preempt_deadline", "disk_full_at")})
   logger.close()
   params = jax.device_get(state.params)
   np.savez(os.path.join(args.workdir, "final_params.npz"),
