@@ -4,7 +4,10 @@ changed. Which stages exist and how their configs are derived is chain.py's.
 
 A stage's directory is <stage_root>/<name>-<key>, key = hash(its resolved config with the
 resolved configs of its upstream stages folded in, the code version). A stage is complete
-when its STAGE_DONE marker exists; a half-finished stage resumes from its own checkpoints.
+when its STAGE_DONE marker exists, written (atomically) only after the stage's run returned.
+A half-built stage (killed, preempted, failed) is never used: its run is called again, which
+resumes training from the stage's own checkpoints (bitwise, as any resume) and rewrites every
+output; whatever the interrupted run had written is not read.
 """
 import functools
 import hashlib
@@ -65,8 +68,10 @@ def ensure_stage(name: str, config: dict[str, Any], stage_root: str,
   run(workdir)
   if distributed.is_writer():
     os.makedirs(workdir, exist_ok=True)
-    with open(done_marker, "w") as f:
+    # Written whole or not at all (a kill mid-write leaves no marker, so the stage is rerun).
+    with open(done_marker + ".tmp", "w") as f:
       f.write(json.dumps({"wall_s": time.perf_counter() - start}))
+    os.replace(done_marker + ".tmp", done_marker)
   # Every process sees the marker and the stage's outputs before any reads them.
   distributed.barrier(f"stage {name} done")
   print_fn(f"[stage {name}] done in {time.perf_counter() - start:.1f}s")

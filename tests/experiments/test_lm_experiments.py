@@ -75,6 +75,33 @@ def test_ensure_stage_runs_once_per_config(tmp_path):
   assert calls == [a, c]
 
 
+def test_a_half_built_stage_is_built_again_never_reused(tmp_path):
+  """A build cut short (here its run raises after writing part of its output) leaves no
+  STAGE_DONE: the next ensure_stage runs the stage again, which rewrites the output."""
+  attempts = []
+
+  def run(workdir):
+    attempts.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "output.txt"), "w") as f:
+      f.write("partial")
+      if len(attempts) == 1:
+        raise KeyboardInterrupt("killed mid-build")
+      f.write(" then complete")
+
+  quiet = lambda s: None
+  with pytest.raises(KeyboardInterrupt):
+    stages.ensure_stage("s", {"x": 1}, str(tmp_path), run, print_fn=quiet)
+  workdir = attempts[0]
+  assert not os.path.exists(os.path.join(workdir, "STAGE_DONE"))
+  assert stages.ensure_stage("s", {"x": 1}, str(tmp_path), run, print_fn=quiet) == workdir
+  assert len(attempts) == 2
+  assert open(os.path.join(workdir, "output.txt")).read() == "partial then complete"
+  assert sorted(os.listdir(workdir)) == ["STAGE_DONE", "output.txt"]  # no marker temp left
+  stages.ensure_stage("s", {"x": 1}, str(tmp_path), run, print_fn=quiet)
+  assert len(attempts) == 2  # complete now: reused
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--batch_size=0", "--batch_size must be >= 1"),
     ("--model=huge", "value should be one of"),
