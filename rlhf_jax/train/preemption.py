@@ -13,7 +13,8 @@ loop asks it instead, and no Python handler replaces its handler.
 
 The deadline: from the notice, the loop has --preempt_deadline_s to reach a step boundary and
 finish writing. If it has not (a long online iteration, a slow filesystem), the process exits
-with PREEMPTED_UNSAVED_EXIT at once, before the scheduler's SIGKILL, saying so: the checkpoint
+with PREEMPTED_UNSAVED_EXIT at once, before the scheduler's SIGKILL, saying so (several
+processes: counted from the agreed step, at most a step after the notice): the checkpoint
 in progress is abandoned (orbax writes into a temporary directory, so the latest complete one
 stays intact) and the workdir's lock is released for the relaunch. Set the deadline below the
 scheduler's grace period.
