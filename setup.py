@@ -36,6 +36,8 @@ setup(
         "cuda": ["jax[cuda13]>=0.10,<0.11"],
         "cuda12": ["jax[cuda12]>=0.10,<0.11"],
         "test": ["pytest>=8", "scipy>=1.13",
+                 # the bad-input campaign (tests/fuzz)
+                 "hypothesis>=6.100",
                  # HF parity tests; .ci/run installs this CPU torch first
                  "torch==2.13.0", "transformers==5.24.0",
                  # LoRA export/import parity (tests/models/test_lora.py)

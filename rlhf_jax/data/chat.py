@@ -26,6 +26,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rlhf_jax.data.hf_tokenizer import read_special_tokens
+from rlhf_jax.data.local_files import read_json_object, read_text
 from rlhf_jax.data.tokenizer import Tokenizer
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -63,13 +64,36 @@ def _environment() -> ImmutableSandboxedEnvironment:
   return env
 
 
-class ChatTemplate:
-  """A compiled chat template plus the special-token strings it may reference."""
+class TemplateRenderError(ValueError):
+  """The chat template raised while rendering a conversation: its raise_exception refusing
+  it (e.g. roles that do not alternate) or an error in the template's own code. A reader
+  counts the conversation as malformed."""
 
-  def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
-    self.source = source
+
+class NoChatTemplate(ValueError):
+  """The tokenizer directory has no chat template (base models often have none); a broken
+  template raises a plain ValueError instead, never mistaken for none."""
+
+
+class ChatTemplate:
+  """A compiled chat template plus the special-token strings it may reference. `origin` (the
+  file it came from) names it in errors."""
+
+  def __init__(self, source: str, special_tokens: dict[str, str] | None = None, *,
+               origin: str = "chat template"):
+    if not isinstance(source, str):
+      raise ValueError(f"{origin}: chat_template is a {type(source).__name__}, expected a "
+                       "jinja string")
+    self.source, self.origin = source, origin
     self.special_tokens = dict(special_tokens or {})
-    self._template = _environment().from_string(source)
+    try:
+      self._template = _environment().from_string(source)
+    except Exception as e:  # noqa: BLE001 - jinja's syntax errors, and Python's for code it
+      # generates from some (a {% break %} outside a loop)
+      detail = (f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError)
+                else f"{type(e).__name__}: {e}")
+      raise ValueError(f"{origin}: the chat template is not valid jinja ({detail}); fix the "
+                       "template or pass another --tokenizer") from None
 
   @classmethod
   def from_file(cls, directory) -> "ChatTemplate":
@@ -77,28 +101,34 @@ class ChatTemplate:
     chat_template (a string, or a list of named templates: the one named "default")."""
     directory = pathlib.Path(directory)
     jinja_file, config_file = directory / "chat_template.jinja", directory / "tokenizer_config.json"
-    source = None
+    source, origin = None, str(jinja_file)
     if jinja_file.exists():
-      source = jinja_file.read_text()
+      source = read_text(jinja_file)
     elif config_file.exists():
-      source = json.loads(config_file.read_text()).get("chat_template")
+      source, origin = read_json_object(config_file).get("chat_template"), str(config_file)
       if isinstance(source, list):
-        named = {t["name"]: t["template"] for t in source}
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         if "default" not in named:
-          raise ValueError(f"{config_file}: chat templates {sorted(named)} include no 'default'")
+          raise ValueError(f"{config_file}: chat templates {sorted(map(str, named))} include no "
+                           "'default' (a list of {\"name\", \"template\"} objects)")
         source = named["default"]
     if not source:
-      raise ValueError(f"{directory}: no chat_template in tokenizer_config.json and no "
+      raise NoChatTemplate(f"{directory}: no chat_template in tokenizer_config.json and no "
                        "chat_template.jinja (base models often have none)")
-    return cls(source, read_special_tokens(directory))
+    return cls(source, read_special_tokens(directory), origin=origin)
 
   def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
              **variables) -> str:
     """The template's text for `messages`; extra `variables` reach the template (and win
     over the special tokens, as in transformers)."""
-    return self._template.render(messages=[dict(m) for m in messages],
-                                 add_generation_prompt=add_generation_prompt,
-                                 **{**self.special_tokens, **variables})
+    try:
+      return self._template.render(messages=[dict(m) for m in messages],
+                                   add_generation_prompt=add_generation_prompt,
+                                   **{**self.special_tokens, **variables})
+    except Exception as e:  # noqa: BLE001 - the template is the file's code: any error is its
+      raise TemplateRenderError(f"{self.origin}: the chat template failed on this "
+                                f"conversation ({type(e).__name__}: {e}); fix the conversation "
+                                "or the template") from e
 
 
 class ChatTokens(NamedTuple):
@@ -106,7 +136,8 @@ class ChatTokens(NamedTuple):
   loss_mask: list[int]  # 1 on the tokens of assistant messages (end-of-turn included)
 
 
-def _check_prefix(prefix_ids, full_ids, what: str, prefix_text: str, full_text: str):
+def _check_prefix(prefix_ids, full_ids, what: str, prefix_text: str, full_text: str,
+                  origin: str):
   if full_ids[:len(prefix_ids)] == prefix_ids:
     return
   at = next((i for i, (a, b) in enumerate(zip(prefix_text, full_text)) if a != b),
@@ -114,8 +145,9 @@ def _check_prefix(prefix_ids, full_ids, what: str, prefix_text: str, full_text: 
   detail = (f"the texts differ at character {at}: {prefix_text[at:at + 40]!r} vs "
             f"{full_text[at:at + 40]!r}" if not full_text.startswith(prefix_text) else
             "the text is a prefix but its tokens are not (a merge across the boundary)")
-  raise ValueError(f"chat template breaks the prefix property: {what}; {detail}. Assistant "
-                   "loss masks need each rendered prefix to tokenize to a prefix of the whole")
+  raise ValueError(f"{origin}: chat template breaks the prefix property: {what}; {detail}. "
+                   "Assistant loss masks need each rendered prefix to tokenize to a prefix of "
+                   "the whole")
 
 
 def _assistant_span(tokenizer: Tokenizer, template: ChatTemplate, messages, i: int,
@@ -125,7 +157,7 @@ def _assistant_span(tokenizer: Tokenizer, template: ChatTemplate, messages, i: i
   after_text = template.render(messages[:i + 1], **variables)
   before, after = tokenizer.encode(before_text), tokenizer.encode(after_text)
   _check_prefix(before, after, f"messages[:{i}] + generation prompt vs messages[:{i + 1}]",
-                before_text, after_text)
+                before_text, after_text, template.origin)
   return before, after
 
 
@@ -140,7 +172,7 @@ def encode_chat(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence
       continue
     before, after = _assistant_span(tokenizer, template, messages, i, **variables)
     _check_prefix(after, tokens, f"messages[:{i + 1}] vs the whole conversation",
-                  template.render(messages[:i + 1], **variables), full_text)
+                  template.render(messages[:i + 1], **variables), full_text, template.origin)
     mask[len(before):len(after)] = [1] * (len(after) - len(before))
   return ChatTokens(tokens, mask)
 

@@ -233,8 +233,12 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
     report.check()
     for split, records in splits.items():
       if not records:
-        raise ValueError(f"split {split!r} has no records after parsing ({report.read} read, "
-                         f"skipped by reason: {report.skipped}); {paths}")
+        fix = ("too few prompts for a held-out split: raise --test_fraction or add records"
+               if split == "test" and test_fraction is not None else
+               f"check that they hold {format} records (--data_format; prompt files: "
+               "--prompt_format) and are not empty")
+        raise ValueError(f"split {split!r} has no records after parsing {paths} "
+                         f"({report.read} read, skipped by reason: {report.skipped}): {fix}")
     return splits, report
 
   tfds.disable_progress_bar()

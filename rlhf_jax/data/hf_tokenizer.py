@@ -13,21 +13,24 @@ Special-token policy (documented, not guessed silently):
 encode never adds special tokens (the pipelines frame examples themselves), but special
 tokens written in the text (e.g. by a chat template) are recognised; decode drops them.
 """
-import json
 import pathlib
 import warnings
 from typing import Sequence
 
 import tokenizers
 
+from rlhf_jax.data.local_files import read_json_object
+
 _ROLES = ("bos", "eos", "pad", "unk")
 
 
-def _content(token) -> str | None:
+def _content(token, file, key: str) -> str | None:
   """tokenizer_config stores a special token as a string or an AddedToken dict."""
-  if isinstance(token, dict):
-    return token.get("content")
-  return token
+  value = token.get("content") if isinstance(token, dict) else token
+  if value is not None and not isinstance(value, str):
+    raise ValueError(f"{file}: {key} is {token!r:.60}, expected a string or "
+                     "{\"content\": string}")
+  return value
 
 
 def read_special_tokens(directory) -> dict[str, str]:
@@ -36,9 +39,9 @@ def read_special_tokens(directory) -> dict[str, str]:
   for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
     file = pathlib.Path(directory) / name
     if file.exists():
-      config = json.loads(file.read_text())
+      config = read_json_object(file)
       for role in _ROLES:
-        value = _content(config.get(f"{role}_token"))
+        value = _content(config.get(f"{role}_token"), file, f"{role}_token")
         if value is not None:
           found[f"{role}_token"] = value
   return found
@@ -69,7 +72,8 @@ class HFTokenizer:
   def _id(self, token: str, role: str) -> int:
     i = self.tokenizer.token_to_id(token)
     if i is None:
-      raise ValueError(f"{role} token {token!r} is not in the tokenizer's vocabulary")
+      raise ValueError(f"{role} token {token!r} is not in the tokenizer's vocabulary; name one "
+                       f"of its tokens as {role}_token in tokenizer_config.json")
     return i
 
   @classmethod
@@ -85,9 +89,17 @@ class HFTokenizer:
     if bad:
       raise TypeError(f"unknown special tokens {sorted(bad)}")
     tokens = {**read_special_tokens(file.parent), **special_tokens}
-    return cls(tokenizers.Tokenizer.from_file(str(file)), bos_token=tokens.get("bos_token"),
-               eos_token=tokens.get("eos_token"), pad_token=tokens.get("pad_token"),
-               unk_token=tokens.get("unk_token"))
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+      raise ValueError(f"{file}: not a readable tokenizer.json ({e}); save it with a current "
+                       "tokenizers/transformers") from None
+    try:
+      return cls(tokenizer, bos_token=tokens.get("bos_token"),
+                 eos_token=tokens.get("eos_token"), pad_token=tokens.get("pad_token"),
+                 unk_token=tokens.get("unk_token"))
+    except ValueError as e:  # a special token missing or unknown: name the directory
+      raise ValueError(f"{file.parent}: {e}") from None
 
   def encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -3,8 +3,10 @@
 Every reader yields `RawRecord`s: the decoded value plus where it came from, so a problem
 found later (by a format parser or a length check) is reported as `file:line` (JSONL, 1-based
 line number) or `file[index]` (JSON list / Parquet row, 0-based). A line that is not valid JSON
-is yielded too, with `error` set, so the caller counts it like any other malformed record:
-nothing a file holds is dropped silently. Blank JSONL lines are not records and are skipped.
+(or not UTF-8) is yielded too, with `error` set, so the caller counts it like any other
+malformed record: nothing a file holds is dropped silently. Blank JSONL lines are not records
+and are skipped. A file that cannot be read as a whole (JSON that does not parse, a damaged
+Parquet file) raises a ValueError naming it.
 
 JSON files hold either a list of records or {"data": [records]}. Parquet rows come back as
 python dicts (nested lists/structs, e.g. message lists, become lists/dicts) through pyarrow.
@@ -59,25 +61,39 @@ def resolve_files(spec: str | Sequence[str]) -> list[str]:
   return paths
 
 
+def _decode(text: str):
+  """json.loads, or the error message: invalid JSON, a number too long for int() or nesting
+  too deep for the parser (both raised as other exception types by json)."""
+  try:
+    return json.loads(text), None
+  except (ValueError, RecursionError) as e:
+    return None, f"invalid JSON: {type(e).__name__}: {e}"[:300]
+
+
 def read_jsonl(path: str) -> Iterator[RawRecord]:
-  with open(path, encoding="utf-8") as f:
+  """Invalid UTF-8 (kept by surrogateescape) makes that line a malformed record, not the
+  whole file; a leading BOM is dropped (utf-8-sig)."""
+  with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        yield RawRecord(path, line_no, True, value=json.loads(line))
-      except json.JSONDecodeError as e:
-        yield RawRecord(path, line_no, True, error=f"invalid JSON: {e}")
+        line.encode("utf-8")
+      except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00
+        yield RawRecord(path, line_no, True, error=f"invalid UTF-8 (byte 0x{byte:02x} at "
+                        f"character {e.start}); save the file as UTF-8")
+        continue
+      value, error = _decode(line)
+      yield RawRecord(path, line_no, True, value=value, error=error)
 
 
 def read_json(path: str) -> Iterator[RawRecord]:
   """A JSON list of records, or an object {"data": [records]}. A file that is not valid
   JSON, or has another shape, raises: there is no record to blame it on."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: invalid JSON: {e}") from e
+  data, error = _decode(read_text(path))
+  if error is not None:
+    raise ValueError(f"{path}: {error}")
   if isinstance(data, dict) and isinstance(data.get("data"), list):
     data = data["data"]
   if not isinstance(data, list):
@@ -88,12 +104,19 @@ def read_json(path: str) -> Iterator[RawRecord]:
 
 
 def read_parquet(path: str) -> Iterator[RawRecord]:
-  import pyarrow.parquet as pq  # Imported lazily: only Parquet inputs need pyarrow.
+  """A file pyarrow cannot read (truncated, not Parquet) raises naming it, not pyarrow's error."""
+  import pyarrow as pa  # Imported lazily: only Parquet inputs need pyarrow.
+  import pyarrow.parquet as pq
   index = 0
-  for batch in pq.ParquetFile(path).iter_batches():
-    for row in batch.to_pylist():
-      yield RawRecord(path, index, False, value=row)
-      index += 1
+  try:
+    batches = pq.ParquetFile(path).iter_batches()
+    for batch in batches:
+      for row in batch.to_pylist():
+        yield RawRecord(path, index, False, value=row)
+        index += 1
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); "
+                     "rewrite it, e.g. with pandas.DataFrame.to_parquet") from None
 
 
 _READERS = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
@@ -111,6 +134,25 @@ def read_records(spec: str | Sequence[str]) -> Iterator[RawRecord]:
   """All records of all files matching spec (see resolve_files), file by file, in order."""
   for path in resolve_files(spec):
     yield from read_file(path)
+
+
+def read_text(path) -> str:
+  """A UTF-8 text file (a leading BOM dropped); other bytes raise naming the file."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}; save the file as UTF-8") from None
+
+
+def read_json_object(path) -> dict:
+  """A JSON object file (a tokenizer or model config.json); anything else raises naming it."""
+  value, error = _decode(read_text(path))
+  if error is not None:
+    raise ValueError(f"{path}: {error}")
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def file_sha256(path: str) -> str:

@@ -50,8 +50,9 @@ def chat_render_fn(template: ChatTemplate) -> pf.RenderFn:
     prompt = template.render(messages[:-1], add_generation_prompt=True)
     full = template.render(messages)
     if not full.startswith(prompt):
-      raise ValueError("chat template renders the context differently once the reply is "
-                       f"appended ({prompt[-40:]!r} is not a prefix); cannot split prompt/reply")
+      raise ValueError(f"{template.origin}: the chat template renders the context "
+                       f"differently once the reply is appended ({prompt[-40:]!r} is not a "
+                       "prefix), so prompt and reply cannot be split; fix the template")
     return strip_bos(prompt), full[len(prompt):]
 
   return render

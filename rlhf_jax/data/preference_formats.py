@@ -73,6 +73,7 @@ REASONS = (
     "too_long",             # over max_len tokens after tokenisation (bos/eos included)
     "no_answer",            # gsm8k / math: the reference solution states no final answer
     "tied_scores",          # rankings: two responses with the same score
+    "bad_text",             # a string that is not Unicode text (an unpaired surrogate escape)
 )
 
 Messages = list[dict[str, str]]
@@ -300,7 +301,14 @@ PARSERS: dict[str, Callable[[Any], dict[str, str]]] = {
 def parse(fmt: str, obj: Any) -> dict[str, str]:
   if fmt not in PARSERS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-  return PARSERS[fmt](obj)
+  record = PARSERS[fmt](obj)
+  for key, text in record.items():
+    try:  # JSON can escape a lone surrogate ("\\ud800"); no tokenizer or dataset can store it
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise Malformed("bad_text", f"{key} holds an unpaired surrogate {text[e.start]!r} at "
+                      f"character {e.start}: not Unicode text") from None
+  return record
 
 
 # --- rendering (the hook a chat template plugs into) and the length check --------------------
@@ -338,8 +346,14 @@ def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
 def check_length(record: dict, fmt: str, tokenizer: Tokenizer, max_len: int,
                  render_fn: RenderFn = default_render) -> None:
   """Raises Malformed("too_long") if a sequence is over max_len tokens framed as the
-  pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt)."""
-  for prompt, response in render_pairs(record, fmt, render_fn):
+  pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt). A
+  conversation render_fn refuses (a chat template's raise_exception, a reply it cannot split
+  off) is malformed ("bad_messages")."""
+  try:
+    sequences = render_pairs(record, fmt, render_fn)
+  except ValueError as e:
+    raise Malformed("bad_messages", f"the chat template cannot render it: {e}") from None
+  for prompt, response in sequences:
     n = 1 + len(tokenizer.encode(prompt))
     if fmt not in PROMPT_FORMATS:
       n += len(tokenizer.encode(response)) + 1

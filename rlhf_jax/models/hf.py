@@ -18,10 +18,10 @@ The loader lives in hf_import (load_hf_model), the writer in hf_export (save_hf_
 are re-exported here.
 """
 import dataclasses
-import json
 import math
 import pathlib
 
+from rlhf_jax.data.local_files import read_json_object
 from rlhf_jax.models.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {  # HF class -> (model_type, kind)
@@ -37,17 +37,24 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  #
 
 
 def read_hf_config(path) -> dict:
-  """config.json of a model directory as a dict."""
+  """config.json of a model directory as a dict, checked now (config_from_hf's every check,
+  the error naming the file) so no later use of it fails on a bad value."""
   file = pathlib.Path(path) / "config.json"
   if not file.exists():
     raise FileNotFoundError(f"{file} not found: a Hugging Face model directory needs config.json")
-  return json.loads(file.read_text())
+  config = read_json_object(file)
+  try:
+    config_from_hf(config)
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from None
+  return config
 
 
 def architecture(hf: dict) -> tuple[str, str, str]:
   """(HF class name, model_type, kind) of a config, or a clear error if unsupported."""
   archs = hf.get("architectures") or []
-  if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+  if (not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str)
+      or archs[0] not in ARCHITECTURES):
     raise ValueError(f"unsupported architecture {archs} (model_type={hf.get('model_type')!r}); "
                      f"rlhf_jax imports one of {sorted(ARCHITECTURES)}")
   return (archs[0], *ARCHITECTURES[archs[0]])
@@ -57,11 +64,49 @@ def _opt(hf: dict, key: str):
   return hf[key] if hf.get(key) is not None else HF_DEFAULTS[key]
 
 
+# Sizes a model needs (required) and may state (absent or null: the default), and numbers.
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "intermediate_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_NUMBERS = ("rope_theta", "rms_norm_eps")
+_LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _positive(value, integer: bool) -> bool:
+  """A positive int below 2**31 (what an array dimension can be), or with integer=False also
+  a positive finite float."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, int):
+    return 0 < value < 2**31
+  return not integer and isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def _check_values(hf: dict, name: str) -> None:
+  """The types and ranges config_from_hf relies on: a bad value is a ValueError naming its key,
+  not a TypeError or a division by zero, nor a model of negative size."""
+  for key in _SIZES + _OPTIONAL_SIZES:
+    if (key in _SIZES or hf.get(key) is not None) and not _positive(hf.get(key), True):
+      raise ValueError(f"{name}: {key} must be a positive integer, got {hf.get(key)!r:.40}")
+  for key in _NUMBERS:
+    if hf.get(key) is not None and not _positive(hf[key], False):
+      raise ValueError(f"{name}: {key} must be a positive number, got {hf[key]!r}")
+  for key in ("rope_scaling", "rope_parameters", "id2label"):
+    if hf.get(key) is not None and not isinstance(hf[key], dict):
+      raise ValueError(f"{name}: {key} must be an object, got {hf[key]!r}")
+  for key in ("dtype", "torch_dtype", "hidden_act"):
+    if hf.get(key) is not None and not isinstance(hf[key], str):
+      raise ValueError(f"{name}: {key} must be a string, got {hf[key]!r}")
+  if hf.get("num_labels") is not None and not _positive(hf["num_labels"], True):
+    raise ValueError(f"{name}: num_labels must be a positive integer, got {hf['num_labels']!r}")
+
+
 def config_from_hf(hf: dict, *, dtype: str | None = None, compute_dtype: str | None = None,
                    max_seq_len: int | None = None) -> ModelConfig:
   """ModelConfig of a Llama/Qwen2 config.json dict. dtype (parameter storage) defaults to the
   checkpoint's (float16 checkpoints load as float32); compute_dtype defaults to dtype."""
   name, model_type, kind = architecture(hf)
+  _check_values(hf, name)
   if _opt(hf, "hidden_act") != "silu":
     raise ValueError(f"{name}: hidden_act={hf['hidden_act']!r} is not supported "
                      "(SwiGLU with silu only)")
@@ -80,13 +125,18 @@ def config_from_hf(hf: dict, *, dtype: str | None = None, compute_dtype: str | N
       "rope_theta", HF_DEFAULTS["rope_theta"])
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type == "llama3":
+    for key in _LLAMA3:
+      if not _positive(rope.get(key), key.startswith("original")):
+        raise ValueError(f"{name}: llama3 rope scaling needs a positive {key}, got "
+                         f"{rope.get(key)!r}")
     scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
                           float(rope["high_freq_factor"]),
                           int(rope["original_max_position_embeddings"]))
   elif rope_type == "default":
     scaling = None
   else:
-    raise ValueError(f"{name}: rope_type={rope_type!r} is not supported ('default' or 'llama3')")
+    raise ValueError(f"{name}: rope_type={rope_type!r:.40} is not supported ('default' or "
+                     "'llama3')")
   n_heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim")
   if head_dim == hf["hidden_size"] // n_heads:

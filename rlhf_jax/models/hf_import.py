@@ -9,6 +9,8 @@ at most one tensor's local blocks at a time, never a full state dict: an 8B chec
 loads on a host with little memory beyond its own shards.
 """
 import json
+import math
+import os
 import pathlib
 import struct
 
@@ -17,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.data.local_files import read_json_object
 from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import ScalarHeadModel, Transformer
 from rlhf_jax.sharding import param_shardings
@@ -28,21 +31,61 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class SafetensorsFile:
-  """Header of one .safetensors file; `array(name)` is a lazy read-only memory map."""
+  """Header of one .safetensors file; `array(name)` is a lazy read-only memory map. The header
+  is checked against the file first: a truncated or damaged file raises naming it, and no
+  tensor is mapped past the end of the file or with a size that does not match its shape."""
 
   def __init__(self, path):
     self.path = str(path)
+    size = os.path.getsize(self.path)
     with open(self.path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(n))
+      prefix = f.read(8)
+      n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+      if n is None or n > size - 8:
+        raise ValueError(f"{self.path}: not a complete safetensors file ({size} bytes; the "
+                         f"header claims {n}); download it again")
+      try:
+        header = json.loads(f.read(n))
+      except (ValueError, RecursionError) as e:
+        raise ValueError(f"{self.path}: the safetensors header is not JSON ({e}); download it "
+                         "again") from None
+    if not isinstance(header, dict):
+      raise ValueError(f"{self.path}: the safetensors header is a {type(header).__name__}, not "
+                       "an object")
     header.pop("__metadata__", None)
     self.header, self.data_start = header, 8 + n
+    for name, info in header.items():
+      self._check(name, info, size - self.data_start)
+
+  def _check(self, name: str, info, data_size: int) -> None:
+    problem = None
+    if not isinstance(info, dict):
+      problem = f"is a {type(info).__name__}, not an object"
+    elif not isinstance(info.get("dtype"), str):
+      problem = f"has dtype {info.get('dtype')!r}"
+    elif not (isinstance(info.get("shape"), list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])):
+      problem = f"has shape {info.get('shape')!r}, not a list of sizes"
+    elif not (isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+              and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data_size):
+      problem = (f"has data_offsets {info.get('data_offsets')!r}, not [begin, end] within the "
+                 f"{data_size} data bytes")
+    elif info["dtype"] in ST_DTYPES:
+      begin, end = info["data_offsets"]
+      expected = math.prod(info["shape"]) * ST_DTYPES[info["dtype"]].itemsize
+      if end - begin != expected:
+        problem = (f"has {end - begin} bytes for shape {info['shape']} of {info['dtype']} "
+                   f"({expected} expected)")
+    if problem:
+      raise ValueError(f"{self.path}: tensor {name!r:.80} {problem:.200}; the file is damaged: "
+                       "download it again")
 
   def array(self, name: str) -> np.ndarray:
     info = self.header[name]
     if info["dtype"] not in ST_DTYPES:
-      raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported "
-                       f"({sorted(ST_DTYPES)})")
+      raise ValueError(f"{self.path}: tensor {name}: dtype {info['dtype']!r:.20} is not "
+                       f"supported ({sorted(ST_DTYPES)})")
     shape = tuple(info["shape"])
     begin, end = info["data_offsets"]
     if end == begin:
@@ -59,9 +102,21 @@ class Checkpoint:
     path = pathlib.Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = read_json_object(index).get("weight_map")
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(f, str) and pathlib.Path(f).name == f for f in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names in "
+                         f"{path}, got {weight_map!r:.100}")
+      for f in sorted(set(weight_map.values())):
+        if not (path / f).is_file():
+          raise FileNotFoundError(f"{index} lists {f}, which is not in {path}: download every "
+                                  "shard the index names")
       files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
       self.where = {name: files[f] for name, f in weight_map.items()}
+      for name, file in self.where.items():
+        if name not in file.header:
+          raise ValueError(f"{index} places tensor {name!r:.80} in {file.path}, which does not "
+                           "hold it: the shards and the index do not match")
     elif (path / "model.safetensors").exists():
       single = SafetensorsFile(path / "model.safetensors")
       self.where = {name: single for name in single.header}

@@ -20,6 +20,7 @@ import numpy as np
 
 from rlhf_jax.data import builders, file_datasets, pipeline
 from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data.chat import TemplateRenderError
 from rlhf_jax.pipeline import real_models
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.rewards import functions
@@ -111,6 +112,7 @@ class PromptSet:
   report: file_datasets.Report
   prompt_len: int  # tokens of the longest prompt, bos included
   too_long: int = 0  # preference files' prompts over --max_prompt_len, skipped
+  refused: int = 0  # preference files' prompts the chat template refuses, skipped
 
 
 def prompt_text(record, render_fn) -> str:
@@ -122,22 +124,24 @@ def prompt_text(record, render_fn) -> str:
   return render_fn(json.loads(prompt))[0]
 
 
-def _prompts(source, render_fn, answers: dict[str, str], keep) -> list[str]:
-  """Distinct prompts of a split in order (a preference file repeats a prompt per pair)."""
+def _prompts(source, answers: dict[str, str], prompt_of, files) -> list[str]:
+  """Distinct prompts of a split in order (a preference file repeats a prompt per pair);
+  prompt_of(record) is a record's rendered prompt, or None to skip it."""
   out = []
   for i in range(len(source)):
     record = source[i]
-    prompt = prompt_text(record, render_fn)
+    prompt = prompt_of(record)
+    if prompt is None:
+      continue
     answer = pipeline._text(record.get("response", b""))
     if prompt in answers:
       if answers[prompt] != answer:
-        raise ValueError(f"prompt {prompt[:80]!r} appears with two reference answers "
+        raise ValueError(f"prompt {prompt[:80]!r} appears in {files} with two reference answers "
                          f"({answers[prompt][-40:]!r} and {answer[-40:]!r}); deduplicate the "
                          "files")
       continue
-    if keep(prompt):
-      answers[prompt] = answer
-      out.append(prompt)
+    answers[prompt] = answer
+    out.append(prompt)
   return out
 
 
@@ -146,7 +150,8 @@ def build_prompt_set(cfg: PromptFileFlags, *, data_dir: str, tokenizer, render_f
   """The train and held-out prompts of the flags' files (built once, reused while the files
   and the rendering are unchanged). Prompt formats are length-checked at the build (too_long
   records skipped or raised by --on_error); preference files, whose build checks whole
-  pairs, have their prompts checked here the same way."""
+  pairs, have their prompts checked here the same way (and rendered alone: a chat template's
+  refusal of one is skipped or raised the same way too)."""
   files = cfg.prompt_files.split(",")
   if cfg.eval_files:
     files = {"train": files, "test": cfg.eval_files.split(",")}
@@ -156,26 +161,43 @@ def build_prompt_set(cfg: PromptFileFlags, *, data_dir: str, tokenizer, render_f
       test_fraction=None if cfg.eval_files else cfg.test_fraction,
       tokenizer=tokenizer if checked else None, max_len=cfg.max_prompt_len if checked else None,
       render_fn=render_fn, render_id=render_id)
-  too_long = []
+  too_long, refused = [], []
 
-  def fits(prompt: str) -> bool:
+  def prompt_of(record) -> str | None:
+    try:  # a preference file's prompts meet the chat template alone only here
+      prompt = prompt_text(record, render_fn)
+    except TemplateRenderError as e:
+      refused.append(str(e))
+      return None
     if 1 + len(tokenizer.encode(prompt)) <= cfg.max_prompt_len:
-      return True
+      return prompt
     too_long.append(prompt)
-    return False
+    return None
 
   answers: dict[str, str] = {}
-  train, test = (_prompts(builders.load_split(built.builder, split), render_fn, answers, fits)
+  train, test = (_prompts(builders.load_split(built.builder, split), answers, prompt_of, files)
                  for split in ("train", "test"))
+  if refused and cfg.on_error == "raise":
+    raise ValueError(f"the chat template refuses {len(refused)} prompts of {files} (first: "
+                     f"{refused[0]}); fix them, the template or --system_prompt, or pass "
+                     "--on_error=skip to drop and count them")
   if too_long and cfg.on_error == "raise":
-    raise ValueError(f"{len(too_long)} prompts are over --max_prompt_len={cfg.max_prompt_len} "
-                     f"tokens (first: {too_long[0][:60]!r}); raise it, or pass --on_error=skip "
-                     "to drop and count them")
+    raise ValueError(f"{len(too_long)} prompts of {files} are over --max_prompt_len="
+                     f"{cfg.max_prompt_len} tokens (first: {too_long[0][:60]!r}); raise it, or "
+                     "pass --on_error=skip to drop and count them")
+  for split, prompts in (("train", train), ("held-out", test)):
+    if not prompts:  # all skipped (too long), or every held-out prompt is also a train one
+      raise ValueError(f"no {split} prompts left in {files} ({len(too_long)} over "
+                       f"--max_prompt_len={cfg.max_prompt_len} skipped, "
+                       f"{len(refused)} refused by the chat template, "
+                       f"{built.report.num_skipped} malformed records skipped); raise "
+                       "--max_prompt_len or add prompts (held out: not also in --prompt_files)")
   prompt_len = max(1 + len(tokenizer.encode(p)) for p in train + test)
   print(f"prompts: {len(train)} train, {len(test)} held out, longest {prompt_len} tokens; "
         f"malformed records skipped: {built.report.skipped or 0}, prompts over "
-        f"--max_prompt_len skipped: {len(too_long)}")
-  return PromptSet(train, test, answers, built.report, prompt_len, len(too_long))
+        f"--max_prompt_len skipped: {len(too_long)}, prompts the chat template refuses "
+        f"skipped: {len(refused)}")
+  return PromptSet(train, test, answers, built.report, prompt_len, len(too_long), len(refused))
 
 
 def load(cfg, mcfg):

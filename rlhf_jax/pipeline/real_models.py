@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from rlhf_jax import distributed, plan, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
-from rlhf_jax.data.chat import ChatTemplate
+from rlhf_jax.data.chat import ChatTemplate, NoChatTemplate
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import hf, hf_export, hf_import, hf_peft, lora
@@ -107,7 +107,7 @@ def load_tokenizer(cfg: HFFlags, system_prompt: str = ""):
     tok = HFTokenizer.from_file(directory)
     try:
       template = ChatTemplate.from_file(directory)
-    except ValueError:  # base models often have no chat template
+    except NoChatTemplate:  # base models often have none; a broken one raises
       template = None
     if template is not None:
       digest = hashlib.sha256(template.source.encode()).hexdigest()[:12]

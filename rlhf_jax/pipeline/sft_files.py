@@ -24,7 +24,7 @@ import os
 from rlhf_jax import plan_models, provenance, sharding
 from rlhf_jax.data import packing, pipeline
 from rlhf_jax.data import preference_formats as pf
-from rlhf_jax.data.chat import ChatTemplate
+from rlhf_jax.data.chat import ChatTemplate, NoChatTemplate
 from rlhf_jax.pipeline import lm, real_models
 from rlhf_jax.pipeline.config import flag
 from rlhf_jax.train import step as step_lib
@@ -75,7 +75,7 @@ def _template(cfg):
   directory = real_models.tokenizer_dir(cfg)
   try:
     return ChatTemplate.from_file(directory) if directory else None
-  except ValueError:
+  except NoChatTemplate:
     return None
 
 

@@ -37,6 +37,7 @@ checked before the checkpoint is downloaded.
 """
 import math
 import os
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,18 +115,30 @@ def init_policy(cfg: dpo.DPOConfig, mcfg, mesh):
                                mesh)
 
 
-def run(cfg: dpo.DPOConfig) -> dict:
-  cfg = cfg.effective()
-  mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
-  if cfg.world_mode and not cfg.dry_run:
-    return dpo_world.run_world(cfg)
-  mesh = _mesh(cfg)
-  if cfg.dry_run:
-    return dry_run(cfg, mcfg, mesh)
-  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
-  real_models.check_vocabulary(tok, mcfg)
-  graphdef, params, shardings = real_models.with_adapters(cfg, *init_policy(cfg, mcfg, mesh),
-                                                          mesh)
+class PairData(NamedTuple):
+  """The preference data of a file-mode run, read and encoded before any model exists."""
+  report: file_datasets.Report
+  train: Sequence  # records, KTO examples or packed rows
+  test: Sequence | None  # records or KTO examples; None without a held-out split
+  encode: Callable  # record (or KTO example) -> encoded pair
+  train_encode: Callable  # an item of train -> encoded pair (packed rows are already)
+  packed: packing.Packed | None
+
+
+def _kto_examples(source, split: str, cfg: dpo.DPOConfig) -> list[dict]:
+  """pairs.kto_examples of a split; its refusal (one prompt only) names the files and the fix."""
+  try:
+    return pairs.kto_examples([source[i] for i in range(len(source))])
+  except ValueError as e:
+    more = " or raise --test_fraction" if split == "test" else ""
+    raise ValueError(f"--data_files={cfg.data_files}, {split} split: {e}; add records of other "
+                     f"prompts{more}") from None
+
+
+def read_pairs(cfg: dpo.DPOConfig, tok, render_fn, render_id: str) -> PairData:
+  """--data_files built and validated (records over --seq_len malformed), split by
+  --test_fraction, made KTO examples or packed rows: every error in the data is raised before
+  the model is loaded or anything compiles."""
   built = file_datasets.build_file_dataset(
       cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
       on_error=cfg.on_error, test_fraction=cfg.test_fraction or None, tokenizer=tok,
@@ -136,9 +149,9 @@ def run(cfg: dpo.DPOConfig) -> dict:
   encode = pairs.make_encoder(tok, cfg.seq_len, "pairs" if kto else cfg.data_format, render_fn)
   if kto:
     encode = pairs.kto_encoder(encode)
-    train_src = pairs.kto_examples([train_src[i] for i in range(len(train_src))])
+    train_src = _kto_examples(train_src, "train", cfg)
     if test_src is not None:
-      test_src = pairs.kto_examples([test_src[i] for i in range(len(test_src))])
+      test_src = _kto_examples(test_src, "test", cfg)
   train_encode, packed = encode, None
   if cfg.pack:  # rows of several whole pairs, computed once; the loss reads their segments
     packed = packing.pack_pairs(packing.shuffled(
@@ -147,6 +160,25 @@ def run(cfg: dpo.DPOConfig) -> dict:
     train_src, train_encode = packed.rows, lambda row: row
     print(f"packed {packed.examples} pairs into {len(packed.rows)} rows of {cfg.seq_len} "
           f"tokens ({packed.fill:.0%} full)")
+  return PairData(built.report, train_src, test_src, encode, train_encode, packed)
+
+
+def run(cfg: dpo.DPOConfig) -> dict:
+  cfg = cfg.effective()
+  mcfg = model_config(cfg)  # an unsupported --init_hf architecture stops here
+  if cfg.world_mode and not cfg.dry_run:
+    return dpo_world.run_world(cfg)
+  mesh = _mesh(cfg)
+  if cfg.dry_run:
+    return dry_run(cfg, mcfg, mesh)
+  tok, render_fn, render_id = real_models.load_tokenizer(cfg)
+  real_models.check_vocabulary(tok, mcfg)
+  data = read_pairs(cfg, tok, render_fn, render_id)
+  train_src, test_src, encode, train_encode, packed = (data.train, data.test, data.encode,
+                                                       data.train_encode, data.packed)
+  graphdef, params, shardings = real_models.with_adapters(cfg, *init_policy(cfg, mcfg, mesh),
+                                                          mesh)
+  kto = cfg.loss == "kto"
   ref_params = None
   needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
   if needs_ref and cfg.precompute_ref:
@@ -179,7 +211,7 @@ def run(cfg: dpo.DPOConfig) -> dict:
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "data": {"train": packed.examples if packed else len(train_src),
                      "test": len(test_src) if test_src else 0,
-                     "skipped": built.report.skipped,
+                     "skipped": data.report.skipped,
                      "packed_rows": len(packed.rows) if packed else None,
                      "packed_fill": packed.fill if packed else None},
             "memory": memory_estimate(cfg, mcfg, mesh), "provenance": provenance.provenance()}

@@ -2,14 +2,13 @@
 tokenizer the test trains itself (Llama-3 and ChatML templates)."""
 import json
 
-import jinja2
 import pytest
 import tokenizers
 import transformers
 from jinja2.exceptions import SecurityError
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from rlhf_jax.data.chat import (ChatTemplate, encode_chat, encode_prompt,
+from rlhf_jax.data.chat import (ChatTemplate, TemplateRenderError, encode_chat, encode_prompt,
                                 encode_prompt_response)
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 
@@ -163,10 +162,11 @@ def test_template_breaking_the_prefix_property_is_refused(tmp_path):
 
 def test_raise_exception_and_sandbox(tmp_path):
   path = _write(tmp_path, CHATML, {"eos_token": "<|im_end|>", "pad_token": "<pad>"})
-  with pytest.raises(jinja2.TemplateError, match="Unknown role: tool"):
+  with pytest.raises(TemplateRenderError, match="TemplateError: Unknown role: tool"):
     ChatTemplate.from_file(path).render([{"role": "tool", "content": "x"}])
-  with pytest.raises(SecurityError):
+  with pytest.raises(TemplateRenderError) as refused:
     ChatTemplate("{{ messages.append(1) }}").render([])
+  assert isinstance(refused.value.__cause__, SecurityError)
 
 
 def test_chat_template_jinja_file(tmp_path, chat_dir):
