@@ -37,17 +37,19 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
   """Fills at most one -1 with the remaining devices; checks the product."""
   sizes = [data, fsdp, tensor]
+  flags = "--mesh_data/--mesh_fsdp/--mesh_tensor"
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one of --mesh_data/--mesh_fsdp/--mesh_tensor may be -1, got {sizes}")
+    raise ValueError(f"at most one of {flags} may be -1, got {sizes}")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+    raise ValueError(f"{flags}: mesh sizes must be positive or -1 (fill), got {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed sizes {sizes}")
+      raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed sizes "
+                       f"{sizes} ({flags}); pick sizes whose product divides {num_devices}")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh data*fsdp*tensor = {sizes} uses {int(np.prod(sizes))} devices, "
+    raise ValueError(f"mesh {flags} = {sizes} uses {int(np.prod(sizes))} devices, "
                      f"but {num_devices} are available; use -1 for one axis to fill the rest")
   return tuple(sizes)
 

@@ -8,6 +8,7 @@ flags), so the stage chain and tests can parse several flagfiles in one process,
 values fail here, before anything compiles. experiments/cli.py runs a config as a main.
 """
 import dataclasses
+import math
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -49,8 +50,8 @@ def define_flags(config_cls, fv: flags.FlagValues) -> None:
 def parse(config_cls: type[C], argv: Sequence[str]) -> C:
   """Builds config_cls from flags such as ["--flagfile=x.flags", "--steps=3"].
 
-  Raises ValueError naming the flag for unknown flags, unparsable values and values the
-  config rejects."""
+  Raises ValueError naming the flag for unknown flags, unparsable values, NaN or infinite
+  numbers and values the config rejects."""
   fv = flags.FlagValues()
   define_flags(config_cls, fv)
   try:
@@ -59,7 +60,11 @@ def parse(config_cls: type[C], argv: Sequence[str]) -> C:
     raise ValueError(f"bad flags for {config_cls.__name__}: {e}") from None
   if len(unparsed) > 1:
     raise ValueError(f"unexpected positional arguments {unparsed[1:]}")
-  return config_cls(**{f.name: fv[f.name].value for f in dataclasses.fields(config_cls)})
+  values = {f.name: fv[f.name].value for f in dataclasses.fields(config_cls)}
+  for name, value in values.items():  # absl parses "nan" and "inf"; no flag means either
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"--{name}={value}: must be a finite number")
+  return config_cls(**values)
 
 
 def to_dict(config) -> dict[str, Any]:

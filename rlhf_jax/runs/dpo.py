@@ -83,7 +83,12 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
       self._check_world_mode()
     # KTO's labels: the world's rankings split into examples, or an unpaired file.
     unpaired = self.data_format == "unpaired"
-    preference.check_loss(self.loss, unpaired_labels=self.world_mode or unpaired)
+    try:
+      preference.check_loss(self.loss, unpaired_labels=self.world_mode or unpaired)
+    except ValueError as e:  # name the flags the refusal is about
+      raise ValueError(f"--loss={self.loss} with --data_format={self.data_format}: {e}; pass "
+                       "--data_format=unpaired (KTO's labelled completions) or another --loss"
+                       ) from None
     if unpaired and self.loss != "kto":
       raise ValueError(f"--data_format=unpaired holds labelled single completions, which only "
                        f"KTO trains on: pass --loss=kto (got --loss={self.loss})")

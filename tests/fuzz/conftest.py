@@ -1,12 +1,17 @@
 """The campaign's session pieces: the per-target table printed at the end of every run that
-fuzzed something, and a tiny Hugging Face tokenizer directory (written here, without torch, so
-the campaign's imports stay fast)."""
+fuzzed something, and tiny Hugging Face tokenizer and model directories (written here, without
+torch, so the campaign's imports stay fast)."""
 import json
+import shutil
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import tally
+from rlhf_jax.models import hf
+from rlhf_jax.models.config import ModelConfig
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
@@ -20,6 +25,8 @@ STRICT = ("{{ bos_token }}{% for m in messages %}"
           "{% endif %}{{ '[' + m['role'] + '] ' + m['content'] + eos_token }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
 TEMPLATES = {"chatml": CHATML, "strict": STRICT}
+TINY = ModelConfig(vocab_size=300, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
+                   max_seq_len=32)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -55,3 +62,15 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
     write_tokenizer(root / name, template)
     dirs[name] = str(root / name)
   return dirs
+
+
+@pytest.fixture(scope="session")
+def good_dir(tmp_path_factory, tokenizer_dirs):
+  """A valid tiny Llama directory: config.json, model.safetensors (zeros) and the tokenizer."""
+  directory = tmp_path_factory.mktemp("model")
+  (directory / "config.json").write_text(json.dumps(hf.config_to_hf(TINY)))
+  save_file({name: np.zeros(layout.hf_shape, np.float32)
+             for _, name, layout in hf.tensor_plan(TINY, "lm") if name},
+            str(directory / "model.safetensors"))
+  shutil.copytree(tokenizer_dirs["chatml"], directory, dirs_exist_ok=True)
+  return directory

@@ -13,23 +13,18 @@ import struct
 import tempfile
 
 import jax
-import numpy as np
 import pytest
 from hypothesis import strategies as st
-from safetensors.numpy import save_file
 
 import inputs
 import tally
-from conftest import CHATML, STRICT
+from conftest import CHATML, STRICT, TINY
 from rlhf_jax.data import chat
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.models import hf, hf_import
-from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.pipeline import real_models
 from rlhf_jax.sharding import make_mesh
 
-TINY = ModelConfig(vocab_size=300, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
-                   max_seq_len=32)
 CONVERSATIONS = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                   {"role": "assistant", "content": "4"}, {"role": "user", "content": "Why?"},
@@ -48,18 +43,6 @@ TEMPLATES = st.one_of(
     st.lists(st.sampled_from(SNIPPETS), max_size=6).map("".join),
     st.tuples(st.sampled_from([CHATML, STRICT]), st.integers(0, len(STRICT)),
               st.sampled_from(SNIPPETS)).map(lambda t: t[0][:t[1]] + t[2] + t[0][t[1]:]))
-
-
-@pytest.fixture(scope="module")
-def good_dir(tmp_path_factory, tokenizer_dirs):
-  """A valid tiny Llama directory: config.json, model.safetensors and the tokenizer."""
-  directory = tmp_path_factory.mktemp("model")
-  (directory / "config.json").write_text(json.dumps(hf.config_to_hf(TINY)))
-  save_file({name: np.zeros(layout.hf_shape, np.float32)
-             for _, name, layout in hf.tensor_plan(TINY, "lm") if name},
-            str(directory / "model.safetensors"))
-  shutil.copytree(tokenizer_dirs["chatml"], directory, dirs_exist_ok=True)
-  return directory
 
 
 def _copy(good_dir, tmp_path):

@@ -51,7 +51,7 @@ def _check_blame(written: inputs.Written):
 @pytest.mark.parametrize("container", inputs.CONTAINERS)
 @pytest.mark.parametrize("fmt", pf.FORMATS)
 def test_file_dataset_build(fmt, container, profile, tmp_path):
-  @tally.fuzz(profile, 12, st.data(), st.sampled_from(file_datasets.ON_ERROR),
+  @tally.fuzz(profile, 20, st.data(), st.sampled_from(file_datasets.ON_ERROR),
               st.sampled_from([4, 64, 4096]))
   def run(data, on_error, max_len):
     written = data.draw(inputs.files(fmt, container, tempfile.mkdtemp(dir=tmp_path)))
@@ -117,7 +117,7 @@ STAGES = {  # stage -> (config, formats, extra flags, reader)
 def test_stage_readers(stage, profile, tmp_path, tokenizer_dirs):
   config_cls, formats, extra, read = STAGES[stage]
 
-  @tally.fuzz(profile, 25, st.data(), st.sampled_from(formats),
+  @tally.fuzz(profile, 40, st.data(), st.sampled_from(formats),
               st.sampled_from(inputs.CONTAINERS), st.sampled_from(file_datasets.ON_ERROR),
               st.sampled_from(sorted(tokenizer_dirs)), st.sampled_from([16, 256]),
               st.booleans())
