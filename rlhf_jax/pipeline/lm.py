@@ -237,18 +237,32 @@ def stage_eval_fn(cfg: LMConfig, mesh, graphdef, shardings, heldout_source):
   loss_fn = heldout_loss_fn(cfg, mesh, graphdef, shardings, heldout_source)
   sampled = any(c.metric not in _TEACHER_FORCED for c in conditions)
   key = jax.random.key(cfg.seed)
-  previous = {}
 
-  def eval_fn(params):
+  def metrics(params):
     out = dict(loss_fn(params))
-    if "loss" in previous:
-      out["loss_drop"] = previous["loss"] - out["loss"]
-    previous["loss"] = out["loss"]
     if sampled:
       out.update(worlds.heldout_metrics(cfg, graphdef, params, heldout_source, key=key))
     return out
+  return LossDropEval(metrics)
 
-  return eval_fn
+
+class LossDropEval:
+  """An evaluation plus loss_drop, the held-out loss's fall since the previous evaluation.
+  That previous loss is state the loop restores on resume (restore(last logged evaluation),
+  train/loop.py), so a resumed run reports and stops exactly as an uninterrupted one."""
+
+  def __init__(self, metrics):
+    self._metrics, self._previous = metrics, None
+
+  def restore(self, last_eval: dict) -> None:
+    self._previous = last_eval.get("loss")
+
+  def __call__(self, params) -> dict:
+    out = self._metrics(params)
+    if self._previous is not None:
+      out["loss_drop"] = self._previous - out["loss"]
+    self._previous = out["loss"]
+    return out
 
 
 _BATCH_KEYS = ("tokens", "loss_mask", "valid", "example_valid")
@@ -294,8 +308,6 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
     train_state, train_step, base = lora_train.adapter_training(
         loss_fn, optimizer, params, shardings, batch_shardings, jax.random.key(cfg.seed),
         num_microbatches=cfg.num_microbatches, lr_schedule=optim.make_schedule(ocfg))
-    if eval_fn is not None:
-      eval_fn = (lambda f: lambda adapters: f(lora.join(adapters, base)))(eval_fn)
   else:
     train_state = state_lib.init_train_state(params, optimizer, jax.random.key(cfg.seed),
                                              param_shardings=shardings)
@@ -312,6 +324,7 @@ def run_training(cfg: LMConfig, mesh, loss_fn, params, shardings, batch_sharding
       logger=logger, eval_fn=eval_fn, eval_every=cfg.eval_every, log_every=cfg.log_every,
       tokens_per_batch=tokens_per_batch, config=config_dict or to_dict(cfg),
       on_nonfinite=cfg.on_nonfinite, preempt_deadline_s=cfg.preempt_deadline_s,
+      params_view=None if base is None else (lambda adapters: lora.join(adapters, base)),
       stop_fn=(lambda metrics: criterion.met(conditions, metrics)) if conditions else None)
   if conditions:
     summary["criterion"] = {"criterion": cfg.criterion, "met": summary["stopped"],

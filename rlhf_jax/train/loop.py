@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 import jax
 
 from rlhf_jax.train import checkpoint, config_check, nonfinite, preemption, workdir_lock
-from rlhf_jax.train.logging import MetricsLogger, format_progress, write_config
+from rlhf_jax.train.logging import MetricsLogger, format_progress, read_metrics, write_config
 from rlhf_jax.train.state import TrainState
 
 
@@ -59,6 +59,7 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
           config: Mapping[str, Any] | None = None,
           stop_fn: Callable[[Mapping[str, float]], bool] | None = None,
           on_nonfinite: str = "stop", preempt_deadline_s: float = 120.0,
+          params_view: Callable | None = None,
           print_fn: Callable[[str], None] | None = print) -> tuple[TrainState, dict]:
   """Runs `train_step` until state.step == total_steps, or until stop_fn(eval metrics) is
   true at an evaluation; returns (state, summary).
@@ -69,19 +70,25 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
     (its shapes and shardings are the restore target).
   manager: checkpoint.make_manager(...) or None (no checkpoints, no resume). The loop
     saves whenever the manager's policy says so, and always at the end.
-  eval_fn: eval_fn(params) -> dict of floats, run every `eval_every` steps and at the end.
+  eval_fn: eval_fn(params) -> dict of floats, run every `eval_every` steps and at the end,
+    before that step's checkpoint. If it carries state between evaluations (a loss's drop
+    since the previous one), eval_fn.restore(last logged evaluation) restores it on resume.
   config: written to <workdir>/config.json when given; a run that resumes first compares it
     with the saved one (config_check: a change that alters training is refused).
   stop_fn: stop_fn(eval metrics) -> True ends training at that evaluation (a stage's
-    criterion, rlhf_jax/pipeline/criterion.py). A run resumed at an evaluation step evaluates
-    first, so a run killed after it stopped does not train on.
+    criterion, rlhf_jax/pipeline/criterion.py). A run resumed at an evaluation step checks
+    that step's evaluation first, so a run killed after it stopped does not train on.
   on_nonfinite: "stop" or "skip", what a step with a NaN/inf loss or gradient does
     (train/nonfinite.py).
   preempt_deadline_s: a SIGTERM saves a checkpoint at the next step and raises
     preemption.Preempted (exit status 85), or exits with 86 when that takes longer
     (train/preemption.py).
+  params_view: params_view(state.params) -> the params eval_fn sees, when the state holds part
+    of them (LoRA adapters: their base joined).
   summary: start_step (0, or the step resumed from), final_step, wall_s, steps_per_sec,
-    stopped (stop_fn held), skipped_nonfinite and the last logged "train" and "eval" metrics.
+    stopped (stop_fn held), skipped_nonfinite and the last logged "train" and "eval" metrics
+    (a resumed run starts from those it had logged up to its checkpoint, so its summary is the
+    uninterrupted run's even when it resumes at the last step).
   """
   if on_nonfinite not in nonfinite.POLICIES:
     raise ValueError(f"--on_nonfinite must be one of {nonfinite.POLICIES}, got {on_nonfinite!r}")
@@ -126,10 +133,25 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
     raise nonfinite.error(pending.step, pending.metrics, path, where=where,
                           latest_checkpoint=manager.latest_step() if manager else None)
 
-  if stop_fn is not None and eval_fn is not None and start_step and eval_every and (
-      start_step % eval_every == 0):
-    summary["eval"] = dict(eval_fn(state.params))
-    summary["stopped"] = bool(stop_fn(summary["eval"]))
+  view = params_view or (lambda params: params)
+  eval_due = lambda at: bool(eval_fn is not None and eval_every and (
+      at % eval_every == 0 or at == total_steps))
+
+  def evaluate(at: int) -> None:
+    summary["eval"] = dict(eval_fn(view(state.params)))
+    if logger is not None:
+      logger.log(at, summary["eval"], split="eval")
+    if stop_fn is not None and stop_fn(summary["eval"]):
+      summary["stopped"] = True
+
+  if start_step:
+    summary["train"], summary["eval"], eval_at = _logged_up_to(workdir, start_step)
+    if summary["eval"] and hasattr(eval_fn, "restore"):
+      eval_fn.restore(summary["eval"])
+    if eval_due(start_step) and eval_at != start_step:  # killed before it was logged
+      evaluate(start_step)
+    elif eval_due(start_step) and stop_fn is not None:
+      summary["stopped"] = bool(stop_fn(summary["eval"]))
   pending = None
   with preemption.Watch(workdir, preempt_deadline_s, print_fn=say) as preempt:
     while step < total_steps and not summary["stopped"]:
@@ -140,13 +162,6 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
       settle(pending)  # the previous step's flag: the device is one step ahead of this read
       pending = _Pending(step, metrics, batch, position,
                          getattr(train_iter, "example_ids", None))
-      preempted = preempt.requested(step)
-      if manager is not None and (preempted or manager.should_save(step)):
-        settle(pending)  # never a checkpoint of a step not yet checked
-        pending = None
-        checkpoint.save(manager, step, state, train_iter.get_state(), force=preempted)
-      if preempted:
-        _exit_preempted(manager, step, workdir, preempt, say)
       if step % log_every == 0 or step == total_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -159,12 +174,15 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
         tokens = steps_per_sec * tokens_per_batch if tokens_per_batch else None
         say(format_progress(step, total_steps, values["loss"], steps_per_sec, tokens))
         summary["train"] = values
-      if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
-        summary["eval"] = dict(eval_fn(state.params))
-        if logger is not None:
-          logger.log(step, summary["eval"], split="eval")
-        if stop_fn is not None and stop_fn(summary["eval"]):
-          summary["stopped"] = True
+      if eval_due(step):  # before the checkpoint: a resume at this step finds it logged
+        evaluate(step)
+      preempted = preempt.requested(step)
+      if manager is not None and (preempted or manager.should_save(step)):
+        settle(pending)  # never a checkpoint of a step not yet checked
+        pending = None
+        checkpoint.save(manager, step, state, train_iter.get_state(), force=preempted)
+      if preempted:
+        _exit_preempted(manager, step, workdir, preempt, say)
     settle(pending)
 
   if manager is not None:
@@ -177,6 +195,21 @@ def _train(*, workdir: str, train_step: Callable, state: TrainState,
   summary.update(final_step=step, wall_s=wall,
                  steps_per_sec=(step - start_step) / wall if wall > 0 else 0.0)
   return state, summary
+
+
+def _logged_up_to(workdir: str, step: int) -> tuple[dict, dict, int | None]:
+  """(last train metrics, last eval metrics, the eval's step) logged at or before `step` in
+  <workdir>/metrics.jsonl ({} and None where there are none). Records after `step` are a killed
+  run's steps past its checkpoint: the resumed run computes them again."""
+  try:
+    records = read_metrics(workdir)
+  except FileNotFoundError:
+    return {}, {}, None
+  last = {"train": ({}, None), "eval": ({}, None)}
+  for r in records:
+    if r["step"] <= step and r["split"] in last:
+      last[r["split"]] = (r["metrics"], r["step"])
+  return last["train"][0], last["eval"][0], last["eval"][1]
 
 
 def _exit_preempted(manager, step: int, workdir: str, preempt: preemption.Watch, say) -> None:
