@@ -69,7 +69,8 @@ class Report:
 
 def parse_records(raw: Sequence[local_files.RawRecord] | Any, fmt: str, report: Report, *,
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
-                  render_fn: pf.RenderFn = pf.default_render) -> list[dict[str, str]]:
+                  render_fn: pf.RenderFn = pf.default_render, train_answers: bool = False,
+                  packed: bool = False) -> list[dict[str, str]]:
   """Normalises raw records, counting every one in `report` as kept or skipped."""
   if fmt not in pf.FORMATS:
     raise ValueError(f"format must be one of {pf.FORMATS}, got {fmt!r}")
@@ -81,7 +82,8 @@ def parse_records(raw: Sequence[local_files.RawRecord] | Any, fmt: str, report: 
         raise pf.Malformed("invalid_json", rec.error)
       record = pf.parse(fmt, rec.value)
       if tokenizer is not None:
-        pf.check_length(record, fmt, tokenizer, max_len, render_fn)
+        pf.check_length(record, fmt, tokenizer, max_len, render_fn,
+                        train_answers=train_answers, packed=packed)
     except pf.Malformed as e:
       report.add_problem(rec.where, e)
       continue
@@ -167,7 +169,8 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
                        test_fraction: float | None = None, split_seed: int = 0,
                        tokenizer: Tokenizer | None = None, max_len: int | None = None,
                        render_fn: pf.RenderFn = pf.default_render,
-                       render_id: str | None = None) -> FileDataset:
+                       render_id: str | None = None, train_answers: bool = False,
+                       packed: bool = False) -> FileDataset:
   """Builds (or reuses, for identical inputs and arguments) an array_record TFDS dataset of
   normalised records (preference_formats.FIELDS[format]) read from local files.
 
@@ -182,6 +185,10 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
   render_fn, render_id: how message lists become text for the length check (a chat template
     plugs in here); render_id names it in the config hash (default: its qualified name;
     required for lambdas and closures, whose names do not identify them).
+  train_answers: prompt formats' reference answers are trained on (SFT), so they count
+    toward max_len.
+  packed: a record's sequences share one row (--pack of pairs and rankings), so their total
+    must fit max_len.
   """
   if format not in pf.FORMATS:
     raise ValueError(f"format must be one of {pf.FORMATS}, got {format!r}")
@@ -211,6 +218,7 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
       "test_fraction": test_fraction, "split_seed": split_seed if test_fraction else None,
       "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
       "max_len": max_len, "render": render_id if tokenizer is not None else None,
+      "train_answers": train_answers, "packed": packed,
   }
 
   def parse_fn():
@@ -220,7 +228,7 @@ def build_file_dataset(files: FileSpec | Mapping[str, FileSpec], *, format: str,
       for path in split_paths:
         splits.setdefault(split, []).extend(parse_records(
             local_files.read_file(path), format, report, tokenizer=tokenizer, max_len=max_len,
-            render_fn=render_fn))
+            render_fn=render_fn, train_answers=train_answers, packed=packed))
     if on_error == "raise":
       _raise_if_problems(report)
     if test_fraction is not None:

@@ -323,39 +323,50 @@ def default_render(messages: Sequence[dict]) -> tuple[str, str]:
   return prompt, response
 
 
-def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render
-                 ) -> list[tuple[str, str]]:
+def render_pairs(record: dict, fmt: str, render_fn: RenderFn = default_render, *,
+                 train_answers: bool = False) -> list[tuple[str, str]]:
   """The (prompt_text, response_text) sequences a normalised record trains on: one per
   response for preferences (chosen first), the whole conversation for sft_messages (split at
-  its final assistant message), (prompt, "") for prompts. Text prompts are used verbatim;
-  message lists go through render_fn."""
+  its final assistant message), (prompt, "") for prompts, or with train_answers (SFT on them)
+  (prompt, reference answer). Text prompts are used verbatim; message lists go through
+  render_fn."""
   record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
   if fmt == "sft_messages":
     return [render_fn(json.loads(record["messages"]))]
+  prompt_only = fmt in PROMPT_FORMATS and not train_answers
   responses = ([record["chosen"], record["rejected"]] if fmt in PREFERENCE_FORMATS else
                json.loads(record["responses"]) if fmt == "rankings" else
-               [record["completion"]] if fmt == "unpaired" else [""])
+               [record["completion"]] if fmt == "unpaired" else
+               [""] if prompt_only else [record["response"]])
   if record["prompt_kind"] == "text":
     return [(record["prompt"], r) for r in responses]
   context = json.loads(record["prompt"])
-  if fmt in PROMPT_FORMATS:
+  if prompt_only:
     return [render_fn(context)]
   return [render_fn(context + [{"role": "assistant", "content": r}]) for r in responses]
 
 
 def check_length(record: dict, fmt: str, tokenizer: Tokenizer, max_len: int,
-                 render_fn: RenderFn = default_render) -> None:
+                 render_fn: RenderFn = default_render, *, train_answers: bool = False,
+                 packed: bool = False) -> None:
   """Raises Malformed("too_long") if a sequence is over max_len tokens framed as the
-  pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt). A
-  conversation render_fn refuses (a chat template's raise_exception, a reply it cannot split
-  off) is malformed ("bad_messages")."""
+  pipelines frame them: [bos] + prompt + response + [eos] (prompts: [bos] + prompt, unless
+  train_answers: SFT trains on their reference answers); with packed (--pack puts a pair's or
+  a ranking's sequences in one row) if they are over it together. A conversation render_fn
+  refuses (a chat template's raise_exception, a reply it cannot split off) is malformed
+  ("bad_messages")."""
   try:
-    sequences = render_pairs(record, fmt, render_fn)
+    sequences = render_pairs(record, fmt, render_fn, train_answers=train_answers)
   except ValueError as e:
     raise Malformed("bad_messages", f"the chat template cannot render it: {e}") from None
+  total = 0
   for prompt, response in sequences:
     n = 1 + len(tokenizer.encode(prompt))
-    if fmt not in PROMPT_FORMATS:
+    if fmt not in PROMPT_FORMATS or train_answers:
       n += len(tokenizer.encode(response)) + 1
     if n > max_len:
       raise Malformed("too_long", f"{n} tokens (with bos/eos) > max_len={max_len}")
+    total += n
+  if packed and total > max_len:
+    raise Malformed("too_long", f"{total} tokens in all (with bos/eos) > max_len={max_len}, "
+                    "and packed its sequences share one row")

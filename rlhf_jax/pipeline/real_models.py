@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from rlhf_jax import distributed, plan, sharding
 from rlhf_jax.data import builders, file_datasets, pairs
 from rlhf_jax.data import preference_formats as pf
-from rlhf_jax.data.chat import ChatTemplate, NoChatTemplate
+from rlhf_jax.data.chat import ChatTemplate, NoChatTemplate, encode_chat
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import hf, hf_export, hf_import, hf_peft, lora
@@ -270,15 +270,33 @@ class LocalDataFlags:
       raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
-def read_local_data(cfg, mcfg):
+def _masks_checked(render_fn: pf.RenderFn, tok, template: ChatTemplate) -> pf.RenderFn:
+  """render_fn that first builds the conversation's assistant masks (chat.encode_chat raises
+  for one it cannot mask), so the build's length check refuses what the SFT encoder would."""
+  def render(messages):
+    encode_chat(tok, template, messages)
+    return render_fn(messages)
+  return render
+
+
+def read_local_data(cfg, mcfg, *, chat_template: ChatTemplate | None = None,
+                    packed: bool = False):
   """(tokenizer, render_fn, build report, train split, test split) of an offline stage's
   --data_files: the tokenizer (checked against the model), the files built once and
-  validated (records over --seq_len are malformed), split by --test_fraction."""
+  validated (records over --seq_len are malformed, a prompt format's reference answer
+  counted: SFT trains on it), split by --test_fraction. chat_template (SFT's, which builds
+  assistant masks with it): a conversation it cannot mask is malformed at the build too, not
+  refused by the encoder mid-training. packed: a record's sequences must fit one row
+  together (--pack of rankings)."""
   tok, render_fn, render_id = load_tokenizer(cfg)
   check_vocabulary(tok, mcfg)
+  length_render = render_fn
+  if chat_template is not None:
+    length_render, render_id = _masks_checked(render_fn, tok, chat_template), render_id + ":masks"
   built = file_datasets.build_file_dataset(
       cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
       on_error=cfg.on_error, test_fraction=cfg.test_fraction, tokenizer=tok,
-      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+      max_len=cfg.seq_len, render_fn=length_render, render_id=render_id, train_answers=True,
+      packed=packed)
   train, test = (builders.load_split(built.builder, s) for s in ("train", "test"))
   return tok, render_fn, built.report, train, test

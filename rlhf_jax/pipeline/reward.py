@@ -77,9 +77,10 @@ class RewardConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags,
                        f"(--world={'|'.join(registry.PREFERENCE_WORLDS)}), got {self.world!r}")
     if ((registry.get(self.world).pairs_only or self.reward_model == "pairwise")
         and self.ranking_k != 2):
-      raise ValueError(f"--ranking_k={self.ranking_k}: the intransitive world and the pairwise "
-                       "model compare pairs (a cyclic preference has no K-way ranking model); "
-                       "pass --ranking_k=2")
+      raise ValueError(f"--ranking_k={self.ranking_k} with --world={self.world} "
+                       f"--reward_model={self.reward_model}: the intransitive world and the "
+                       "pairwise model compare pairs (a cyclic preference has no K-way ranking "
+                       "model); pass --ranking_k=2")
     if self.reward_model == "pairwise" and self.ensemble_size != 1:
       raise ValueError("--reward_model=pairwise trains one model: pass --ensemble_size=1")
     for name in ("num_rankings", "ensemble_size"):

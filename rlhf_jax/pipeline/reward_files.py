@@ -104,7 +104,7 @@ def run(cfg) -> dict:
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches,
         ranking_k=2))
   mesh = lm.setup(cfg)
-  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg)
+  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg, packed=cfg.pack)
   k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
   encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
   graphdef, params, shardings = real_models.with_adapters(

@@ -87,12 +87,14 @@ def run(cfg) -> dict:
     return real_models.dry_run(cfg, "sft", mcfg, plan_models.Shapes(
         batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_microbatches=cfg.num_microbatches))
   mesh = lm.setup(cfg)
-  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg)
+  template = _template(cfg)
+  tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg,
+                                                                    chat_template=template)
   if cfg.data_format in pf.PROMPT_FORMATS and not any(
       pipeline._text(train[i]["response"]) for i in range(len(train))):
     raise ValueError(f"--data_format={cfg.data_format}: no record has a reference answer to "
                      "train on")
-  encode = make_encoder(cfg.data_format, tok, _template(cfg), render_fn, cfg.seq_len)
+  encode = make_encoder(cfg.data_format, tok, template, render_fn, cfg.seq_len)
   graphdef, params, shardings = real_models.trained_model(cfg, mesh, lm.init_model)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in _BATCH_KEYS}
   loss_fn = lm_loss_fn(graphdef)

@@ -142,7 +142,7 @@ def read_pairs(cfg: dpo.DPOConfig, tok, render_fn, render_id: str) -> PairData:
   built = file_datasets.build_file_dataset(
       cfg.data_files.split(","), format=cfg.data_format, data_dir=cfg.data_dir,
       on_error=cfg.on_error, test_fraction=cfg.test_fraction or None, tokenizer=tok,
-      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id)
+      max_len=cfg.seq_len, render_fn=render_fn, render_id=render_id, packed=cfg.pack)
   train_src = builders.load_split(built.builder, "train")
   test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
   kto = cfg.loss == "kto"  # unpaired labels: each example with a mismatched KL partner

@@ -14,7 +14,7 @@ from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import hf_import
 from rlhf_jax.models.config import preset
-from rlhf_jax.pipeline import config, prompt_sets, real_models
+from rlhf_jax.pipeline import config, prompt_sets, real_models, sft
 from rlhf_jax.runs import dpo, dpo_files, grpo
 from rlhf_jax.sharding import make_mesh
 
@@ -218,6 +218,43 @@ def test_prompts_the_template_refuses_are_raised_or_counted(tmp_path):
            "--system_prompt=Be brief.", "--test_fraction=0.5"]  # a system turn STRICT refuses
   with pytest.raises(ValueError, match="the chat template refuses 8 prompts of .*--on_error"):
     _prompt_set(tmp_path, pairs, *flags)
+
+
+def test_sft_counts_a_prompt_formats_answer_toward_seq_len(tmp_path):
+  """The build used to count the question alone, keeping an example the SFT encoder then
+  refused mid-training (after compiling), naming no file."""
+  path = _lines(tmp_path / "g.jsonl", json.dumps(
+      {"question": "q", "answer": "x" * 40 + "\n#### 1"}).encode())
+  cfg = config.parse(sft.SFTConfig, [f"--data_files={path}", "--data_format=gsm8k",
+                                     "--seq_len=32", f"--data_dir={tmp_path / 'built'}"])
+  with pytest.raises(ValueError, match=rf"{path}:1: too_long"):
+    real_models.read_local_data(cfg, preset("nano"))
+
+
+def test_a_conversation_sft_cannot_mask_is_refused_at_the_build(tmp_path):
+  """STRICT's "[assistant] " cue merges with the reply "hi" in the tiny BPE (" hi" is one
+  token), so no assistant mask exists: the encoder used to refuse it mid-training (after
+  compiling), naming no file."""
+  write_tokenizer(tmp_path / "tok", STRICT)
+  path = _lines(tmp_path / "c.jsonl", *(json.dumps({"messages": [
+      {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]}).encode()
+      for i, reply in enumerate(["hi", "4", "4"])))
+  cfg = config.parse(sft.SFTConfig, [f"--data_files={path}", f"--tokenizer={tmp_path / 'tok'}",
+                                     f"--data_dir={tmp_path / 'built'}", "--test_fraction=0.5"])
+  with pytest.raises(ValueError, match=rf"{path}:1: bad_messages: .*prefix property"):
+    real_models.read_local_data(cfg, preset("nano", vocab_size=512),
+                                chat_template=chat.ChatTemplate.from_file(tmp_path / "tok"))
+
+
+def test_a_pair_too_long_to_pack_is_refused_at_the_build(tmp_path):
+  """Each side fits --seq_len but --pack puts both in one row: packing used to raise naming
+  neither the record nor a flag."""
+  path = _lines(tmp_path / "p.jsonl", *(json.dumps(
+      {"prompt": f"p{i}", "chosen": "y" * 10, "rejected": "n" * 10}).encode() for i in range(4)))
+  cfg = config.parse(dpo.DPOConfig, [f"--data_files={path}", "--seq_len=20", "--pack",
+                                     "--test_fraction=0", f"--data_dir={tmp_path / 'built'}"])
+  with pytest.raises(ValueError, match=rf"{path}:1: too_long: .* packed"):
+    dpo_files.read_pairs(cfg, ByteTokenizer(), *real_models.load_tokenizer(cfg)[1:])
 
 
 def test_kto_with_one_prompt_names_the_files(tmp_path):
