@@ -135,6 +135,19 @@ def _kto_examples(source, split: str, cfg: dpo.DPOConfig) -> list[dict]:
                      f"prompts{more}") from None
 
 
+def _check_kl_pairs(encode, splits, cfg: dpo.DPOConfig) -> None:
+  """A KTO example's KL pair puts its prompt with ANOTHER record's completion, which the
+  build's per-record length check never saw: every example is encoded now, so one over
+  --seq_len fails before the model is built, not mid-training."""
+  for split in splits:
+    for i in range(len(split)):
+      try:
+        encode(split[i])
+      except ValueError as e:
+        raise ValueError(f"--data_files={cfg.data_files}: a KTO KL pair (a prompt with another "
+                         f"record's completion) does not fit: {e}") from None
+
+
 def read_pairs(cfg: dpo.DPOConfig, tok, render_fn, render_id: str) -> PairData:
   """--data_files built and validated (records over --seq_len malformed), split by
   --test_fraction, made KTO examples or packed rows: every error in the data is raised before
@@ -152,6 +165,7 @@ def read_pairs(cfg: dpo.DPOConfig, tok, render_fn, render_id: str) -> PairData:
     train_src = _kto_examples(train_src, "train", cfg)
     if test_src is not None:
       test_src = _kto_examples(test_src, "test", cfg)
+    _check_kl_pairs(encode, [train_src, test_src or []], cfg)
   train_encode, packed = encode, None
   if cfg.pack:  # rows of several whole pairs, computed once; the loss reads their segments
     packed = packing.pack_pairs(packing.shuffled(

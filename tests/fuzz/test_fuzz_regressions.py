@@ -268,6 +268,19 @@ def test_kto_with_one_prompt_names_the_files(tmp_path):
     dpo_files.read_pairs(cfg, ByteTokenizer(), *real_models.load_tokenizer(cfg)[1:])
 
 
+def test_a_kto_kl_pair_over_seq_len_fails_before_the_model(tmp_path):
+  """Each record fits --seq_len, but a KL pair (a short prompt with a long completion of
+  another record) does not: the encoder used to refuse it mid-training, naming no file."""
+  records = [{"prompt": "p" * 12, "completion": "c", "label": True},
+             {"prompt": "q", "completion": "d" * 12, "label": False}]
+  path = _lines(tmp_path / "u.jsonl", *(json.dumps(r).encode() for r in records))
+  cfg = config.parse(dpo.DPOConfig, [f"--data_files={path}", "--data_format=unpaired",
+                                     "--loss=kto", "--test_fraction=0", "--seq_len=16",
+                                     f"--data_dir={tmp_path / 'built'}"])
+  with pytest.raises(ValueError, match=rf"--data_files={path}: a KTO KL pair .* --seq_len"):
+    dpo_files.read_pairs(cfg, ByteTokenizer(), *real_models.load_tokenizer(cfg)[1:])
+
+
 def test_read_json_object_names_the_file(tmp_path):
   (tmp_path / "x.json").write_text("3")
   with pytest.raises(ValueError, match=rf"{tmp_path / 'x.json'}: expected a JSON object"):
