@@ -16,12 +16,14 @@ Causal LMs only (task_type CAUSAL_LM): a reward model's trained score head would
 modules_to_save.
 """
 import json
+import math
 import pathlib
 
 import jax
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.data.local_files import read_json_object
 from rlhf_jax.models import hf, hf_export, hf_import, lora
 from rlhf_jax.models.config import LORA_TARGETS, ModelConfig
 from rlhf_jax.models.transformer import Transformer
@@ -84,7 +86,7 @@ def read_lora_settings(path) -> dict:
   file = pathlib.Path(path) / CONFIG_FILE
   if not file.exists():
     raise FileNotFoundError(f"{file} not found: a PEFT adapter directory needs {CONFIG_FILE}")
-  c = json.loads(file.read_text())
+  c = read_json_object(file)
   if c.get("peft_type") != "LORA":
     raise ValueError(f"{file}: peft_type={c.get('peft_type')!r}, only LORA adapters load")
   refused = {"use_rslora": c.get("use_rslora"), "use_dora": c.get("use_dora"),
@@ -99,10 +101,17 @@ def read_lora_settings(path) -> dict:
                      "layer's projections and nothing else")
   targets = c.get("target_modules")
   targets = LORA_TARGETS if targets == "all-linear" else targets
-  if isinstance(targets, str) or not set(targets) <= set(LORA_TARGETS):
-    raise ValueError(f"{file}: target_modules={targets!r}; supported: a list of "
+  if (not isinstance(targets, (list, tuple)) or not targets
+      or not all(isinstance(t, str) and t in LORA_TARGETS for t in targets)):
+    raise ValueError(f"{file}: target_modules={targets!r:.80}; supported: a list of "
                      f"{LORA_TARGETS} or 'all-linear'")
-  return {"lora_rank": int(c["r"]), "lora_alpha": float(c["lora_alpha"]),
+  r, alpha = c.get("r"), c.get("lora_alpha")
+  if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    raise ValueError(f"{file}: r={r!r:.40}, expected a positive integer (the adapters' rank)")
+  if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+      or not math.isfinite(alpha)):
+    raise ValueError(f"{file}: lora_alpha={alpha!r:.40}, expected a number")
+  return {"lora_rank": r, "lora_alpha": float(alpha),
           "lora_targets": tuple(t for t in LORA_TARGETS if t in targets)}
 
 

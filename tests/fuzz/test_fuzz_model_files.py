@@ -1,12 +1,14 @@
 """Bad-input campaign, model directories: chat templates (rendered in the sandbox), tokenizer
-files, Hugging Face config.json and safetensors headers (and the shard index), each read the
-way a stage reads it: load_tokenizer + render + encode_chat, HFTokenizer.from_file + encode,
-load_hf_model onto a one-device mesh.
+files, Hugging Face config.json and safetensors headers (and the shard index), PEFT
+adapter_config.json, each read the way a stage reads it: load_tokenizer + render +
+encode_chat, HFTokenizer.from_file + encode, load_hf_model onto a one-device mesh,
+read_lora_settings applied to a model config.
 
 Property (tally.py): accepted, or a ValueError / FileNotFoundError naming the directory or file
 at fault, before anything compiles. A file that lies about its tensors (offsets past the end,
 a size that does not match the shape) must be refused, not memory-mapped.
 """
+import dataclasses
 import json
 import shutil
 import struct
@@ -21,7 +23,7 @@ import tally
 from conftest import CHATML, STRICT, TINY
 from rlhf_jax.data import chat
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
-from rlhf_jax.models import hf, hf_import
+from rlhf_jax.models import hf, hf_import, hf_peft
 from rlhf_jax.pipeline import real_models
 from rlhf_jax.sharding import make_mesh
 
@@ -174,3 +176,23 @@ def test_safetensors_headers(profile, good_dir, tmp_path):
         json.dump(index, f)
     tally.check("safetensors", lambda: hf_import.load_hf_model(directory, mesh),
                 names=[directory])
+
+
+PEFT_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8.0,
+               "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none",
+               "use_rslora": False, "use_dora": False, "modules_to_save": None,
+               "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+@pytest.mark.parametrize("profile", tally.PROFILES)
+def test_peft_adapter_config(profile, tmp_path):
+  values = CONFIG_VALUES | st.sampled_from(["all-linear", "LORA", ["lm_head"], ["q_proj"]])
+
+  @tally.fuzz(profile, 40, inputs.mutated(st.just(PEFT_CONFIG), values).map(
+      lambda c: json.dumps(c).encode()) | inputs.RAW_LINES)
+  def run(content):
+    directory = tempfile.mkdtemp(dir=tmp_path)
+    with open(f"{directory}/{hf_peft.CONFIG_FILE}", "wb") as f:
+      f.write(content)
+    tally.check("peft adapter_config.json", lambda: dataclasses.replace(
+        TINY, **hf_peft.read_lora_settings(directory)), names=[directory])

@@ -12,7 +12,7 @@ from conftest import STRICT, write_tokenizer
 from rlhf_jax.data import chat, file_datasets, local_files
 from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.models import hf_import
+from rlhf_jax.models import hf_import, hf_peft
 from rlhf_jax.models.config import preset
 from rlhf_jax.pipeline import config, prompt_sets, real_models, sft
 from rlhf_jax.runs import dpo, dpo_files, grpo
@@ -174,6 +174,19 @@ def test_a_shard_index_naming_a_missing_file_says_so(model_dir):
   index.write_text(json.dumps({"metadata": {}}))
   with pytest.raises(ValueError, match="weight_map must map tensor names to file names"):
     hf_import.load_hf_model(model_dir, make_mesh(devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_modules": None}, "target_modules=None"),   # was TypeError
+    ({"r": None}, "r=None, expected a positive integer"),  # was TypeError
+    ({"r": 0}, "r=0, expected a positive integer"),        # was accepted
+    ({"lora_alpha": "8"}, "lora_alpha='8', expected a number"),  # was read as 8.0
+])
+def test_a_bad_peft_adapter_config_is_named(change, message, tmp_path):
+  config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]}
+  (tmp_path / hf_peft.CONFIG_FILE).write_text(json.dumps({**config, **change}))
+  with pytest.raises(ValueError, match=rf"{tmp_path / hf_peft.CONFIG_FILE}: {message}"):
+    hf_peft.read_lora_settings(tmp_path)
 
 
 @pytest.mark.parametrize("cls, args, message", [
