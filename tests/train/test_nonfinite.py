@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 import toy_train
-from rlhf_jax.train import checkpoint, loop, nonfinite, optim, step
+from rlhf_jax.train import checkpoint, loop, nonfinite, step
 from rlhf_jax.train.logging import MetricsLogger, read_metrics
-from rlhf_jax.train.state import init_train_state
 
 BATCH, SAVE_EVERY = 4, 2
 
@@ -42,11 +41,7 @@ class PoisonedData(toy_train.ToyData):
 
 
 def _setup(total):
-  cfg = optim.OptimConfig(learning_rate=0.05, total_steps=total, warmup_steps=1)
-  optimizer = optim.make_optimizer(cfg)
-  fn = step.make_train_step(loss_fn, optimizer, num_microbatches=1,
-                            lr_schedule=optim.make_schedule(cfg))
-  return init_train_state(toy_train.init_params(0), optimizer, jax.random.key(1)), fn
+  return toy_train.trainer(total, loss_fn=loss_fn, seed=1)
 
 
 def _train(workdir, total, bad, policy):

@@ -5,15 +5,13 @@ checkpoint's step is logged even when the run died before logging it."""
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 import toy_train
 from rlhf_jax.pipeline.lm import LossDropEval
-from rlhf_jax.train import checkpoint, loop, optim, step
+from rlhf_jax.train import checkpoint, loop, step
 from rlhf_jax.train.logging import MetricsLogger, read_metrics
-from rlhf_jax.train.state import init_train_state
 
 TOTAL, EVERY = 8, 2  # evaluate and save every 2 steps
 
@@ -34,12 +32,8 @@ class DiesAt(toy_train.ToyData):
 
 
 def _train(workdir, dies_at=None):
-  cfg = optim.OptimConfig(learning_rate=0.05, total_steps=TOTAL, warmup_steps=1)
-  optimizer = optim.make_optimizer(cfg)
-  state = init_train_state(toy_train.init_params(0), optimizer, jax.random.key(3))
-  fn = step.compile_train_step(step.make_train_step(
-      toy_train.make_loss_fn(), optimizer, num_microbatches=1,
-      lr_schedule=optim.make_schedule(cfg)))
+  state, fn = toy_train.trainer(TOTAL, seed=3)
+  fn = step.compile_train_step(fn)
   evaluate = LossDropEval(lambda params: {"loss": float(np.sum(np.asarray(params["embed"]) ** 2))})
   manager = checkpoint.make_manager(str(workdir), save_every=EVERY, async_save=False,
                                     max_to_keep=None)

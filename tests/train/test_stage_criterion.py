@@ -4,8 +4,7 @@ import jax
 import pytest
 
 from rlhf_jax.pipeline import criterion
-from rlhf_jax.train import checkpoint, loop, optim, step
-from rlhf_jax.train.state import init_train_state
+from rlhf_jax.train import checkpoint, loop, step
 from tests.train import toy_train
 
 
@@ -50,12 +49,8 @@ def test_failure_message_says_what_was_reached_and_expected():
 
 
 def _toy_run(workdir, *, total_steps, stop_fn, eval_every=2, manager=None):
-  cfg = optim.OptimConfig(learning_rate=0.05, total_steps=total_steps, warmup_steps=1)
-  optimizer = optim.make_optimizer(cfg)
-  state = init_train_state(toy_train.init_params(0), optimizer, jax.random.key(0))
-  compiled = step.compile_train_step(step.make_train_step(
-      toy_train.make_loss_fn(), optimizer, num_microbatches=1,
-      lr_schedule=optim.make_schedule(cfg)))
+  state, fn = toy_train.trainer(total_steps)
+  compiled = step.compile_train_step(fn)
   evals = []
 
   def eval_fn(params):

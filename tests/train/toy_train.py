@@ -81,6 +81,20 @@ class ToyData:
     self.index = int(state["index"])
 
 
+def trainer(total_steps: int, *, loss_fn=None, seed: int = 0, warmup_steps: int = 1,
+            num_microbatches: int = 1):
+  """(a fresh TrainState, the uncompiled train step) of the toy model: AdamW at 0.05 with
+  linear warmup then cosine decay over total_steps."""
+  from rlhf_jax.train import optim, step
+  from rlhf_jax.train.state import init_train_state
+  cfg = optim.OptimConfig(learning_rate=0.05, total_steps=total_steps, warmup_steps=warmup_steps)
+  optimizer = optim.make_optimizer(cfg)
+  state = init_train_state(init_params(0), optimizer, jax.random.key(seed))
+  return state, step.make_train_step(loss_fn or make_loss_fn(), optimizer,
+                                     num_microbatches=num_microbatches,
+                                     lr_schedule=optim.make_schedule(cfg))
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("workdir")
@@ -95,16 +109,12 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   from rlhf_jax import runtime
-  from rlhf_jax.train import checkpoint, loop, optim, step
+  from rlhf_jax.train import checkpoint, loop, step
   from rlhf_jax.train.logging import MetricsLogger
-  from rlhf_jax.train.state import init_train_state
 
   runtime.enable_compilation_cache()
-  cfg = optim.OptimConfig(learning_rate=0.05, total_steps=args.steps, warmup_steps=2)
-  optimizer = optim.make_optimizer(cfg)
-  state = init_train_state(init_params(0), optimizer, jax.random.key(42))
-  fn = step.make_train_step(make_loss_fn(dropout=0.1), optimizer, num_microbatches=2,
-                            lr_schedule=optim.make_schedule(cfg))
+  state, fn = trainer(args.steps, loss_fn=make_loss_fn(dropout=0.1), seed=42, warmup_steps=2,
+                      num_microbatches=2)
   compiled = step.compile_train_step(fn)
   if args.sleep or args.disk_full_at:
     inner = compiled
