@@ -146,12 +146,18 @@ def read_text(path) -> str:
 
 
 def read_json_object(path) -> dict:
-  """A JSON object file (a tokenizer or model config.json); anything else raises naming it."""
+  """A JSON object file (a tokenizer or model config.json); anything else raises naming it,
+  a lone surrogate escape ("\\ud800", which no UTF-8 text can hold) included."""
   value, error = _decode(read_text(path))
   if error is not None:
     raise ValueError(f"{path}: {error}")
   if not isinstance(value, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  try:
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{path}: holds an unpaired surrogate escape ({e.object[e.start]!r}), "
+                     "not Unicode text") from None
   return value
 
 

@@ -294,7 +294,12 @@ def test_a_kto_kl_pair_over_seq_len_fails_before_the_model(tmp_path):
     dpo_files.read_pairs(cfg, ByteTokenizer(), *real_models.load_tokenizer(cfg)[1:])
 
 
-def test_read_json_object_names_the_file(tmp_path):
-  (tmp_path / "x.json").write_text("3")
-  with pytest.raises(ValueError, match=rf"{tmp_path / 'x.json'}: expected a JSON object"):
+@pytest.mark.parametrize("content, message", [
+    ("3", "expected a JSON object"),
+    # was a UnicodeEncodeError where load_tokenizer hashes the template
+    ('{"chat_template": "\\ud800"}', "holds an unpaired surrogate"),
+])
+def test_read_json_object_names_the_file(content, message, tmp_path):
+  (tmp_path / "x.json").write_text(content)
+  with pytest.raises(ValueError, match=rf"{tmp_path / 'x.json'}: {message}"):
     local_files.read_json_object(tmp_path / "x.json")
