@@ -40,6 +40,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   return KVCache(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+  """The same cache with max_len slots: the new slots are empty (invalid, zeros). Attention
+  costs what the cache holds, so a decode loop can run on a short cache and grow it as rows
+  fill it (length buckets) instead of attending over every slot from the first step."""
+  extra = max_len - cache.valid_BxS.shape[1]
+  if extra < 0:
+    raise ValueError(f"cannot shrink a cache of {cache.valid_BxS.shape[1]} slots to {max_len}")
+  # The slot axis is -3 of every k/v array (B x S x K x H, or L x B x S x K x H stacked).
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, extra), (0, 0), (0, 0)])
+  return KVCache(jax.tree.map(pad, cache.layers),
+                 jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))), cache.index)
+
+
 def positions_from_valid(valid_BxT) -> jax.Array:
   """Position ids that skip padding: 0 at each row's first real token."""
   return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=-1) - 1, 0)
