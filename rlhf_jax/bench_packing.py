@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import runtime
-from rlhf_jax.bench import _time, lm_train_step, model_preset
+from rlhf_jax.bench.common import median_time, model_preset
+from rlhf_jax.bench.train_workloads import lm_train_step
 from rlhf_jax.data import packing
 
 
@@ -45,7 +46,7 @@ def bench(cfg, rows: list[dict], keys, *, batch: int, repeats: int) -> dict:
     holder[0], metrics = step(holder[0], data)
     jax.block_until_ready(metrics)
 
-  seconds = _time(run, repeats=repeats)
+  seconds = median_time(run, repeats=repeats)
   real = int(np.asarray(data["valid"]).sum())
   return {"seconds_per_step": seconds, "real_tokens_per_step": real,
           "real_tokens_per_s": real / seconds}
