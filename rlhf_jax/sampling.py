@@ -2,8 +2,11 @@
 
 Prompts may be left- or right-padded with different lengths: `prompt_valid_BxP` marks real
 tokens, positions follow the padding, and padded cache slots are masked, so a prompt's
-continuation depends neither on its padding nor on its batch-mates. Decoding is a
-lax.while_loop (no Python per token) that stops when every row has emitted EOS.
+continuation depends neither on its padding nor on its batch-mates. Decoding runs inside the
+one jitted function (no Python or host work per token): a short static sequence of
+lax.while_loops over length buckets (`decode_cache_lengths`), each on a KV cache just long
+enough for the tokens it decodes, so a step's attention reads (about) the filled slots only;
+every loop exits as soon as every row has emitted EOS.
 
 Randomness is per row: row r draws its token at step t with fold_in(fold_in(key, row_ids[r]), t)
 (row_ids default to the batch positions 0..B-1). A caller that passes each example's own id
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.losses.nash_md import geometric_mixture_logprobs
-from rlhf_jax.models.transformer import init_cache, last_valid_index, positions_from_valid
+from rlhf_jax.models.transformer import (grow_cache, init_cache, last_valid_index,
+                                         positions_from_valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,44 +99,95 @@ def _choose(logits_BxV, keys_B, step, cfg: SamplingConfig):
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+# Each bucket compiles one more copy of the decode step (the whole model), so compile time grows
+# with their number, while the attention a finer bucket would save halves with each one.
+_MAX_BUCKETS = 4
+
+
+def decode_cache_lengths(prompt_len: int, max_new_tokens: int) -> tuple[int, ...]:
+  """The decode loop's length buckets: the KV cache lengths it runs at, in order.
+
+  Step t writes cache slot P + t in every row (a finished row writes an invalid slot), so after
+  t steps exactly P + t slots are filled, while a step's attention costs every slot of the
+  cache, filled or not. The prompt is prefilled into the first bucket, P + ceil(n / 8) slots;
+  when a bucket's slots are used up the cache grows (grow_cache, empty slots) to the next one:
+  room for ceil(n / 4), ceil(n / 2), then all n new tokens (fewer buckets when n is small; the
+  rounded rooms may coincide). Past the first bucket a step attends over fewer than twice the
+  slots filled when its bucket began; the whole loop attends over P·n + (43/64)·n² slots
+  instead of P·n + n² with one cache of P + n slots (the filled slots alone: P·n + n²/2). The
+  lengths depend only on the static (P, n): one compiled program per (batch, P, n), whatever
+  the prompts and EOS."""
+  rooms = {-(-max_new_tokens // 2**k) for k in range(_MAX_BUCKETS)}
+  return tuple(prompt_len + room for room in sorted(rooms))
+
+
+def _checked_cache_lengths(cache_lengths, prompt_len: int, max_new_tokens: int):
+  if cache_lengths is None:
+    return decode_cache_lengths(prompt_len, max_new_tokens)
+  lengths = tuple(cache_lengths)
+  total = prompt_len + max_new_tokens
+  if (not lengths or lengths[0] <= prompt_len or lengths[-1] != total
+      or any(a >= b for a, b in zip(lengths, lengths[1:]))):
+    raise ValueError(f"cache_lengths must increase strictly from above the prompt length "
+                     f"{prompt_len} to {total} (prompt + max_new_tokens), got {lengths}")
+  return lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_lengths"))
 def sample(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row_ids_B=None, *,
-           cfg: SamplingConfig) -> SampleOutput:
+           cfg: SamplingConfig, cache_lengths: tuple[int, ...] | None = None) -> SampleOutput:
   """Samples up to cfg.max_new_tokens continuations of each prompt with a KV cache; row r's
-  draws depend only on (key, row_ids_B[r]) and its prompt (module docstring)."""
+  draws depend only on (key, row_ids_B[r]) and its prompt (module docstring).
+
+  cache_lengths: the decode loop's length buckets, by default decode_cache_lengths(P, n);
+  (P + n,) decodes on one cache of every slot from the first step (the same outputs, the
+  reference the bucket tests compare against)."""
+  b, p = prompt_tokens_BxP.shape
+  lengths = _checked_cache_lengths(cache_lengths, p, cfg.max_new_tokens)
   model = nnx.merge(graphdef, params)
-  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
-                                           cfg.max_new_tokens)
-  keys = row_keys(key, _row_ids(row_ids_B, prompt_tokens_BxP.shape[0]))
-  return _decode(model, cache, logits_BxV, next_pos_B, keys, cfg)
+  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, lengths[0])
+  keys = row_keys(key, _row_ids(row_ids_B, b))
+  choose = lambda logits, step: _choose(logits[0], keys, step, cfg)
+  return _decode((model,), (cache,), (logits_BxV,), next_pos_B, choose, cfg, lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "group_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "group_size", "cache_lengths"))
 def sample_groups(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row_ids_B=None, *,
-                  cfg: SamplingConfig, group_size: int) -> SampleOutput:
+                  cfg: SamplingConfig, group_size: int,
+                  cache_lengths: tuple[int, ...] | None = None) -> SampleOutput:
   """group_size samples of each prompt, prompt-major ((B * group_size) rows: row
   i * group_size + j is sample j of prompt i), with each prompt's prefix processed ONCE: its
-  KV cache, last logits and next position are replicated group_size times after the prefill.
-  Sample j of the prompt with id n draws as row id n * group_size + j: equal to `sample` on
-  the prompts repeated group_size times with those row ids."""
+  KV cache (of the first length bucket), last logits and next position are replicated
+  group_size times after the prefill. Sample j of the prompt with id n draws as row id
+  n * group_size + j: equal to `sample` on the prompts repeated group_size times with those
+  row ids. cache_lengths: as in `sample`."""
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
-  model = nnx.merge(graphdef, params)
-  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP,
-                                           cfg.max_new_tokens)
-  repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x  # not cache.index
-  ids = _row_ids(row_ids_B, prompt_tokens_BxP.shape[0])
-  sample_ids = (ids[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
-  return _decode(model, jax.tree.map(repeat, cache), repeat(logits_BxV), repeat(next_pos_B),
-                 row_keys(key, sample_ids), cfg)
-
-
-def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, max_new_tokens: int):
-  """One forward over the prompts into a fresh cache of P + max_new_tokens slots:
-  (cache, last real token's logits_BxV, next position_B)."""
   b, p = prompt_tokens_BxP.shape
+  lengths = _checked_cache_lengths(cache_lengths, p, cfg.max_new_tokens)
+  model = nnx.merge(graphdef, params)
+  cache, logits_BxV, next_pos_B = _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, lengths[0])
+  repeat = lambda x: jnp.repeat(x, group_size, axis=0)
+  ids = _row_ids(row_ids_B, b)
+  keys = row_keys(key, (ids[:, None] * group_size + jnp.arange(group_size)).reshape(-1))
+  choose = lambda logits, step: _choose(logits[0], keys, step, cfg)
+  return _decode((model,), (_repeat_rows(cache, group_size),), (repeat(logits_BxV),),
+                 repeat(next_pos_B), choose, cfg, lengths)
+
+
+def _repeat_rows(cache, times: int):
+  """The cache with each row repeated `times` times in place (row i -> rows i*times ...)."""
+  # The row axis is -4 of every k/v array (B x S x K x H, or L x B x S x K x H stacked).
+  layers = jax.tree.map(lambda x: jnp.repeat(x, times, axis=-4), cache.layers)
+  return cache._replace(layers=layers, valid_BxS=jnp.repeat(cache.valid_BxS, times, axis=0))
+
+
+def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, cache_len: int):
+  """One forward over the prompts into a fresh cache of cache_len slots:
+  (cache, last real token's logits_BxV, next position_B)."""
+  b = prompt_tokens_BxP.shape[0]
   prompt_valid = prompt_valid_BxP.astype(bool)
-  cache = init_cache(model.cfg, b, p + max_new_tokens)
+  cache = init_cache(model.cfg, b, cache_len)
   out = model(prompt_tokens_BxP, valid_BxT=prompt_valid,
               positions_BxT=positions_from_valid(prompt_valid), cache=cache)
   last = last_valid_index(prompt_valid)
@@ -140,33 +195,53 @@ def _prefill(model, prompt_tokens_BxP, prompt_valid_BxP, max_new_tokens: int):
   return out.cache, logits_BxV, jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
 
 
-def _decode(model, cache, logits_BxV, next_pos_B, keys_B, cfg: SamplingConfig) -> SampleOutput:
-  """The token loop (lax.while_loop) from a prefilled cache; row r draws step t with
-  fold_in(keys_B[r], t)."""
-  b = logits_BxV.shape[0]
-  n = cfg.max_new_tokens
+class _DecodeState(NamedTuple):
+  """The token loop's carry. Models decode in lockstep: one cache and one next-token logits
+  per model (the mixture sampler runs two)."""
+  step: jax.Array  # int32 scalar: tokens drawn so far, in every row
+  caches: tuple  # KVCache per model
+  logits_BxV: tuple  # per model: the logits of each row's next token
+  pos_B: jax.Array  # each row's next position
+  tokens_BxN: jax.Array
+  logps_BxN: jax.Array
+  mask_BxN: jax.Array
+  done_B: jax.Array
 
-  def cond(carry):
-    step, _, _, _, _, _, done, _ = carry
-    return (step < n) & ~jnp.all(done)
 
-  def body(carry):
-    step, cache, logits, pos, tokens, logps, done, mask = carry
-    token, logp = _choose(logits, keys_B, step, cfg)
-    live = ~done
+def _decode(models, caches, logits_BxV, next_pos_B, choose, cfg: SamplingConfig,
+            cache_lengths: tuple[int, ...]) -> SampleOutput:
+  """The token loop from prefilled caches of cache_lengths[0] slots: one lax.while_loop per
+  length bucket (decode_cache_lengths), each running until its cache's slots are used up or
+  every row is done, the caches grown to the next bucket in between. choose(logits_BxV per
+  model, step) -> (token_B, logp_B) draws step `step`'s tokens."""
+  b, n = next_pos_B.shape[0], cfg.max_new_tokens
+  prompt_len = cache_lengths[-1] - n
+
+  def body(state: _DecodeState) -> _DecodeState:
+    step = state.step
+    token, logp = choose(state.logits_BxV, step)
+    live = ~state.done_B
     token = jnp.where(live, token, cfg.pad_id)
-    tokens = tokens.at[:, step].set(token)
-    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
-    mask = mask.at[:, step].set(live)
-    done = done | (token == cfg.eos_id)
-    out = model(token[:, None], valid_BxT=live[:, None], positions_BxT=pos[:, None], cache=cache)
-    return (step + 1, out.cache, out.logits_BxTxV[:, 0], pos + live, tokens, logps, done, mask)
+    outs = [model(token[:, None], valid_BxT=live[:, None], positions_BxT=state.pos_B[:, None],
+                  cache=cache) for model, cache in zip(models, state.caches)]
+    return _DecodeState(
+        step + 1, tuple(out.cache for out in outs),
+        tuple(out.logits_BxTxV[:, 0] for out in outs), state.pos_B + live,
+        state.tokens_BxN.at[:, step].set(token),
+        state.logps_BxN.at[:, step].set(jnp.where(live, logp, 0.0)),
+        state.mask_BxN.at[:, step].set(live), state.done_B | (token == cfg.eos_id))
 
-  carry = (jnp.zeros((), jnp.int32), cache, logits_BxV, next_pos_B,
-           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-           jnp.zeros((b,), bool), jnp.zeros((b, n), bool))
-  _, _, _, _, tokens, logps, done, mask = jax.lax.while_loop(cond, body, carry)
-  return SampleOutput(tokens, logps, mask, done)
+  state = _DecodeState(jnp.zeros((), jnp.int32), tuple(caches), tuple(logits_BxV), next_pos_B,
+                       jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+                       jnp.zeros((b, n), bool), jnp.zeros((b,), bool))
+  for i, cache_len in enumerate(cache_lengths):
+    if i:
+      state = state._replace(caches=tuple(grow_cache(c, cache_len) for c in state.caches))
+    # Step t writes slot prompt_len + t: a cache of cache_len slots holds steps < its room.
+    room = cache_len - prompt_len
+    state = jax.lax.while_loop(lambda s, room=room: (s.step < room) & ~jnp.all(s.done_B),
+                               body, state)
+  return SampleOutput(state.tokens_BxN, state.logps_BxN, state.mask_BxN, state.done_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -198,11 +273,13 @@ def sample_naive(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, row
   return SampleOutput(seq[:, p:], logps, valid[:, p:], done)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_lengths"))
 def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid_BxP, key,
-                   mixture_coef, row_ids_B=None, *, cfg: SamplingConfig) -> SampleOutput:
+                   mixture_coef, row_ids_B=None, *, cfg: SamplingConfig,
+                   cache_lengths: tuple[int, ...] | None = None) -> SampleOutput:
   """Samples from the token-level geometric mixture of a policy and a reference sharing one
-  graphdef (Nash-MD-PG's opponent pi_mix, Munos et al. 2024), with a KV cache per model:
+  graphdef (Nash-MD-PG's opponent pi_mix, Munos et al. 2024), with a KV cache per model (both
+  grown through the same length buckets; cache_lengths as in `sample`):
 
     log pi_mix(. | s) = log_softmax((1 - a) log pi(. | s) + a log mu(. | s)),  a = mixture_coef
 
@@ -210,41 +287,19 @@ def sample_mixture(graphdef, params, ref_params, prompt_tokens_BxP, prompt_valid
   truncate the MIXED distribution, greedy takes its argmax. a = 0 draws what `sample` draws
   from the policy (same key: same tokens), a = 1 what it draws from the reference.
   mixture_coef is traced (a schedule does not recompile). Log-probs are under pi_mix."""
+  b, p = prompt_tokens_BxP.shape
+  lengths = _checked_cache_lengths(cache_lengths, p, cfg.max_new_tokens)
   policy, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
-  b = prompt_tokens_BxP.shape[0]
-  n = cfg.max_new_tokens
-  cache, logits, pos = _prefill(policy, prompt_tokens_BxP, prompt_valid_BxP, n)
-  ref_cache, ref_logits, _ = _prefill(ref, prompt_tokens_BxP, prompt_valid_BxP, n)
+  cache, logits, pos = _prefill(policy, prompt_tokens_BxP, prompt_valid_BxP, lengths[0])
+  ref_cache, ref_logits, _ = _prefill(ref, prompt_tokens_BxP, prompt_valid_BxP, lengths[0])
   keys = row_keys(key, _row_ids(row_ids_B, b))
   mixed_cfg = dataclasses.replace(cfg, temperature=1.0)  # temperature applied before mixing
   temp = 1.0 if cfg.greedy else cfg.temperature
 
-  def mixed(logits_BxV, ref_logits_BxV):
-    return geometric_mixture_logprobs(logits_BxV.astype(jnp.float32) / temp,
-                                      ref_logits_BxV.astype(jnp.float32) / temp,
-                                      mixture_coef=mixture_coef)
+  def choose(logits_per_model, step):
+    policy_logits, ref_logits = (x.astype(jnp.float32) / temp for x in logits_per_model)
+    mixed = geometric_mixture_logprobs(policy_logits, ref_logits, mixture_coef=mixture_coef)
+    return _choose(mixed, keys, step, mixed_cfg)
 
-  def cond(carry):
-    return (carry[0] < n) & ~jnp.all(carry[7])
-
-  def body(carry):
-    step, cache, ref_cache, logits, ref_logits, pos, tokens, done, logps, mask = carry
-    token, logp = _choose(mixed(logits, ref_logits), keys, step, mixed_cfg)
-    live = ~done
-    token = jnp.where(live, token, cfg.pad_id)
-    tokens = tokens.at[:, step].set(token)
-    logps = logps.at[:, step].set(jnp.where(live, logp, 0.0))
-    mask = mask.at[:, step].set(live)
-    done = done | (token == cfg.eos_id)
-    feed = dict(valid_BxT=live[:, None], positions_BxT=pos[:, None])
-    out = policy(token[:, None], cache=cache, **feed)
-    ref_out = ref(token[:, None], cache=ref_cache, **feed)
-    return (step + 1, out.cache, ref_out.cache, out.logits_BxTxV[:, 0],
-            ref_out.logits_BxTxV[:, 0], pos + live, tokens, done, logps, mask)
-
-  # done sits at index 7 of the carry (cond reads it).
-  carry = (jnp.zeros((), jnp.int32), cache, ref_cache, logits, ref_logits, pos,
-           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b,), bool),
-           jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool))
-  _, _, _, _, _, _, tokens, done, logps, mask = jax.lax.while_loop(cond, body, carry)
-  return SampleOutput(tokens, logps, mask, done)
+  return _decode((policy, ref), (cache, ref_cache), (logits, ref_logits), pos, choose, cfg,
+                 lengths)
