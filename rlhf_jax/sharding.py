@@ -31,6 +31,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     # A LoRA adapter's rank (tens): too small to be worth splitting. Its other axes are the
     # adapted projection's, so adapters shard like their weights (models/layers.py: LoRA).
     "lora_rank": None,
+    # The leading axis of a stacked layer stack (models/layer_stack.py): each device keeps
+    # every layer's share, so the scan over layers needs no communication to index it.
+    "layers": None,
 }
 
 

@@ -11,6 +11,15 @@ import jax.numpy as jnp
 # (target_modules in a PEFT adapter_config.json).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Rematerialisation (models/layer_stack.py): "none" keeps every activation backprop needs;
+# "block" keeps only each block's input and recomputes the block in the backward pass;
+# "attention" recomputes only the attention scores and probabilities (the T x T arrays).
+REMAT_POLICIES = ("none", "block", "attention")
+# Attention (models/attention.py): "einsum" writes the scores out; "fused" calls
+# jax.nn.dot_product_attention (cuDNN's flash kernel on GPU where it applies, XLA's otherwise);
+# "auto" is fused on accelerators and einsum on CPU.
+ATTENTION_IMPLS = ("auto", "einsum", "fused")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -45,6 +54,11 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 8.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  # How the same function is computed on an accelerator (docs/performance.md); none of these
+  # changes a parameter's value, only the layout of the layer stack (scan_layers).
+  remat: str = "none"  # REMAT_POLICIES: what the backward recomputes instead of keeping
+  scan_layers: bool = False  # layers stored stacked and run under one lax.scan
+  attention: str = "auto"  # ATTENTION_IMPLS: how attention scores are computed
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -54,6 +68,15 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES} (--remat), got {self.remat!r}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLS} (--attention), got "
+                       f"{self.attention!r}")
+    if self.scan_layers and self.lora_rank:
+      raise ValueError("LoRA adapters (lora_rank > 0) are not supported with scan_layers yet: "
+                       "their export and PEFT files address layers one by one; drop "
+                       "--scan_layers for a LoRA run")
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                        "set head_dim explicitly")

@@ -102,9 +102,10 @@ def _check_values(hf: dict, name: str) -> None:
 
 
 def config_from_hf(hf: dict, *, dtype: str | None = None, compute_dtype: str | None = None,
-                   max_seq_len: int | None = None) -> ModelConfig:
+                   max_seq_len: int | None = None, **options) -> ModelConfig:
   """ModelConfig of a Llama/Qwen2 config.json dict. dtype (parameter storage) defaults to the
-  checkpoint's (float16 checkpoints load as float32); compute_dtype defaults to dtype."""
+  checkpoint's (float16 checkpoints load as float32); compute_dtype defaults to dtype.
+  options: how to compute it (ModelConfig's remat, scan_layers, attention)."""
   name, model_type, kind = architecture(hf)
   _check_values(hf, name)
   if _opt(hf, "hidden_act") != "silu":
@@ -152,7 +153,7 @@ def config_from_hf(hf: dict, *, dtype: str | None = None, compute_dtype: str | N
       rope_scaling=scaling, norm_eps=float(_opt(hf, "rms_norm_eps")),
       qkv_bias=model_type == "qwen2", tie_embeddings=bool(_opt(hf, "tie_word_embeddings")),
       max_seq_len=max_seq_len or _opt(hf, "max_position_embeddings"),
-      dtype=compute_dtype or dtype, param_dtype=dtype)
+      dtype=compute_dtype or dtype, param_dtype=dtype, **options)
 
 
 def config_to_hf(cfg: ModelConfig, *, kind: str = "lm", dtype: str | None = None,

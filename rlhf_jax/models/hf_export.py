@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rlhf_jax.models import hf, lora
+from rlhf_jax.models import hf, layer_stack, lora
 from rlhf_jax.models.config import ModelConfig
 
 _ST_NAMES = {"float32": ("F32", np.dtype(np.float32)),
@@ -76,6 +76,7 @@ def save_hf_model(path, model, params, *, hf_config_base: dict | None = None,
   if lora.split(params)[0]:  # the tensor plan has no place for them: they would be dropped
     raise ValueError("params carry LoRA adapters: export lora.merge(params, cfg) with "
                      "lora.plain_config(cfg), or the adapters alone (hf_peft.save_peft_adapters)")
+  params = layer_stack.listed_params(params)  # the tensor plan names each layer's tensors
   kind = "scalar" if "backbone" in params else "lm"
   if kind == "lm" and not cfg.tie_embeddings and "lm_head" not in params:
     raise ValueError("params have no lm_head (a Transformer built with lm_head=False) and the "

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data.local_files import read_json_object
-from rlhf_jax.models import hf
+from rlhf_jax.models import hf, layer_stack
 from rlhf_jax.models.transformer import ScalarHeadModel, Transformer
 from rlhf_jax.sharding import param_shardings
 
@@ -182,12 +182,14 @@ def _nested(flat: dict) -> dict:
 
 
 def load_hf_model(path, mesh, *, dtype: str | None = None, compute_dtype: str | None = None,
-                  kind: str | None = None, max_seq_len: int | None = None):
+                  kind: str | None = None, max_seq_len: int | None = None, **options):
   """Imports a Hugging Face model directory onto `mesh`.
 
   dtype: parameter storage dtype ("float32" | "bfloat16"; default the checkpoint's);
   compute_dtype defaults to dtype. kind: "lm" (Transformer) or "scalar" (ScalarHeadModel,
   from a *ForSequenceClassification checkpoint; head_b = 0); default from the architecture.
+  options: ModelConfig's remat, scan_layers, attention. A scan_layers model is read layer by
+  layer like any other, then stacked on the devices (which briefly hold the layers twice).
   Returns (graphdef, params pure dict, shardings pure dict).
   """
   hf_cfg = hf.read_hf_config(path)
@@ -196,8 +198,13 @@ def load_hf_model(path, mesh, *, dtype: str | None = None, compute_dtype: str | 
   if kind != arch_kind:
     raise ValueError(f"{path}: a {name} checkpoint imports as kind={arch_kind!r}, not {kind!r}")
   cfg = hf.config_from_hf(hf_cfg, dtype=dtype, compute_dtype=compute_dtype,
-                          max_seq_len=max_seq_len)
+                          max_seq_len=max_seq_len, **options)
   factory = ScalarHeadModel if kind == "scalar" else Transformer
+  if cfg.scan_layers:
+    return _stacked(factory, cfg, mesh, load_hf_model(path, mesh, dtype=dtype,
+                                                      compute_dtype=compute_dtype, kind=kind,
+                                                      max_seq_len=max_seq_len,
+                                                      **options | {"scan_layers": False})[1])
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: factory(cfg, rngs=nnx.Rngs(0))))
   shardings = param_shardings(abstract, mesh)
   targets = dict(jax.tree.flatten_with_path(abstract.to_pure_dict())[0])
@@ -234,6 +241,14 @@ def load_hf_model(path, mesh, *, dtype: str | None = None, compute_dtype: str | 
   if len(flat) != len(targets):
     raise AssertionError(f"tensor plan covers {len(flat)} of {len(targets)} parameters")
   return graphdef, _nested(flat), shardings
+
+
+def _stacked(factory, cfg, mesh, listed: dict):
+  """(graphdef, params, shardings) of a scan_layers model from its listed-layout params."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: factory(cfg, rngs=nnx.Rngs(0))))
+  shardings = param_shardings(abstract, mesh)
+  stack = jax.jit(layer_stack.stacked_params, out_shardings=shardings, donate_argnums=0)
+  return graphdef, stack(listed), shardings
 
 
 def _get(tree, path):

@@ -16,11 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.models import attention
 from rlhf_jax.models.config import ModelConfig
-
-# Large finite negative for masked attention scores: a fully masked row (a padding query)
-# softmaxes to a uniform distribution instead of NaN.
-_MASKED = -1e30
 
 
 def dense(x_BxTxD, w_DxF, **kwargs):
@@ -183,13 +180,7 @@ class Attention(nnx.Module):
                                               index, axis=1)
       cache = LayerCache(k, v)
     b, t, n, h = q.shape
-    groups = n // cfg.n_kv_heads
-    q = q.reshape(b, t, cfg.n_kv_heads, groups, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype)).reshape(b, t, n * h)
+    out = attention.attend(q, k, v, mask_BxTxS, cfg).reshape(b, t, n * h)
     y = dense(out, self.wo[...].reshape(n * h, -1).astype(cfg.compute_dtype))
     return adapted(self, "o_proj", out, y), cache
 

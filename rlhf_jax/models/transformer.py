@@ -17,7 +17,8 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, LayerCache, RMSNorm, dense, param
+from rlhf_jax.models import layer_stack
+from rlhf_jax.models.layers import LayerCache, RMSNorm, dense, param
 
 
 class KVCache(NamedTuple):
@@ -96,7 +97,9 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, cfg.init_std)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    # "blocks" (a list) or "layers" (one stacked Block): models/layer_stack.py
+    setattr(self, layer_stack.STACKED if cfg.scan_layers else layer_stack.LISTED,
+            layer_stack.build(cfg, rngs))
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     self.has_lm_head = lm_head
     if lm_head and not cfg.tie_embeddings:
@@ -119,13 +122,11 @@ class Transformer(nnx.Module):
     index = None if cache is None else cache.index
     x = sharding.constrain_rows(
         jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype))
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions_BxT, mask_BxTxS,
-                             None if cache is None else cache.layers[i], index)
-      new_layers.append(layer_cache)
+    blocks = getattr(self, layer_stack.STACKED if self.cfg.scan_layers else layer_stack.LISTED)
+    x, new_layers = layer_stack.run(blocks, self.cfg, x, positions_BxT, mask_BxTxS,
+                                    None if cache is None else cache.layers, index)
     if cache is not None:
-      cache = KVCache(tuple(new_layers), slot_valid, cache.index + tokens_BxT.shape[1])
+      cache = KVCache(new_layers, slot_valid, cache.index + tokens_BxT.shape[1])
     return self.final_norm(x), cache
 
   def logits(self, hidden_BxTxD):

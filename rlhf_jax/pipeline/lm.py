@@ -16,7 +16,7 @@ from rlhf_jax.pipeline import criterion, worlds
 from rlhf_jax.pipeline.config import flag, to_dict
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer
-from rlhf_jax.models.config import PRESETS, preset
+from rlhf_jax.models.config import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES, preset
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
@@ -33,6 +33,15 @@ class LMConfig:
   workdir: str = flag("workdirs/lm", "Run directory: checkpoints, metrics.jsonl, tb/, config.json.")
   model: str = flag("tiny", "Model preset.", choices=tuple(PRESETS))
   dtype: str = flag("float32", "Compute dtype.", choices=("float32", "bfloat16"))
+  remat: str = flag("none", "What the backward pass recomputes instead of keeping: none, "
+                    "block (each block from its input) or attention (the T x T scores).",
+                    choices=REMAT_POLICIES)
+  scan_layers: bool = flag(False, "Store the layers stacked and run them under one lax.scan: "
+                           "compile time independent of depth (checkpoints are not "
+                           "interchangeable with unscanned runs).")
+  attention: str = flag("auto", "Attention: einsum (written out), fused "
+                        "(jax.nn.dot_product_attention: cuDNN flash on GPU), auto (fused on "
+                        "accelerators, einsum on CPU).", choices=ATTENTION_IMPLS)
   seq_len: int = flag(48, "Training sequence length (tokens, incl. bos/eos).")
   batch_size: int = flag(32, "Global batch size (sequences per step).")
   num_microbatches: int = flag(1, "Gradient-accumulation microbatches per step.")
@@ -123,8 +132,15 @@ def data_seed(cfg: LMConfig) -> int:
   return cfg.seed if cfg.data_seed < 0 else cfg.data_seed
 
 
+def model_options(cfg) -> dict:
+  """The ModelConfig fields a run's flags set on any model it builds or loads: the compute
+  dtype and how the model is computed (models/config.py)."""
+  return dict(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+              attention=cfg.attention)
+
+
 def model_config(cfg: LMConfig):
-  return preset(cfg.model, dtype=cfg.dtype)
+  return preset(cfg.model, **model_options(cfg))
 
 
 @dataclasses.dataclass(frozen=True)

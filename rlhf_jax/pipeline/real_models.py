@@ -38,6 +38,7 @@ from rlhf_jax.data.hf_tokenizer import HFTokenizer
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import hf, hf_export, hf_import, hf_peft, lora
 from rlhf_jax.models.config import LORA_TARGETS
+from rlhf_jax.pipeline import lm
 from rlhf_jax.pipeline.config import flag
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -137,13 +138,17 @@ def model_config(cfg, fallback, *, dry_run: bool = False):
   preset's shape, so a real flagfile can be checked before the checkpoint is downloaded."""
   if cfg.init_hf:
     if has_checkpoint_config(cfg):
-      return hf.config_from_hf(hf.read_hf_config(cfg.init_hf), dtype="float32",
-                               compute_dtype=cfg.dtype)
+      return config_of(cfg.init_hf, cfg)
     if not dry_run:
       raise FileNotFoundError(f"--init_hf={cfg.init_hf}: no config.json (a Hugging Face model "
                               "directory holds config.json and model*.safetensors)")
     print(f"[dry run] {cfg.init_hf}/config.json not found: using the --model={cfg.model} shape")
   return fallback(cfg)
+
+
+def config_of(path: str, cfg):
+  """The ModelConfig of the HF directory `path` under the run's flags (see _hf_options)."""
+  return hf.config_from_hf(hf.read_hf_config(path), **_hf_options(cfg))
 
 
 def check_vocabulary(tok, mcfg) -> None:
@@ -155,7 +160,13 @@ def check_vocabulary(tok, mcfg) -> None:
 def load(path: str, mesh, cfg, *, kind: str = "lm"):
   """(graphdef, params, shardings) of the HF directory `path` on `mesh`: float32 storage,
   --dtype compute. kind "lm" (causal LM) or "scalar" (a reward model)."""
-  return hf_import.load_hf_model(path, mesh, dtype="float32", compute_dtype=cfg.dtype, kind=kind)
+  return hf_import.load_hf_model(path, mesh, kind=kind, **_hf_options(cfg))
+
+
+def _hf_options(cfg) -> dict:
+  """A checkpoint's parameters stay float32; the flags choose how it is computed."""
+  options = lm.model_options(cfg)
+  return dict(dtype="float32", compute_dtype=options.pop("dtype"), **options)
 
 
 def with_adapters(cfg: HFFlags, graphdef, params, shardings, mesh):

@@ -86,7 +86,7 @@ def init_scalar_model(path: str, cfg, mcfg, mesh, seed: int):
   if path and hf.architecture(hf.read_hf_config(path))[2] == "scalar":
     return real_models.load(path, mesh, cfg, kind="scalar")
   if path:
-    mcfg = hf.config_from_hf(hf.read_hf_config(path), dtype="float32", compute_dtype=cfg.dtype)
+    mcfg = real_models.config_of(path, cfg)
   g, fresh, shardings = sharding.init_sharded(lambda r: ScalarHeadModel(mcfg, rngs=r),
                                               jax.random.key(seed), mesh)
   if path:
