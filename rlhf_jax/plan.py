@@ -39,7 +39,7 @@ from absl import flags
 
 from rlhf_jax import sharding
 from rlhf_jax.models import hf
-from rlhf_jax.models.config import ModelConfig, preset
+from rlhf_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, preset
 from rlhf_jax.pipeline import config
 from rlhf_jax.plan_models import STAGES, Shapes, programs
 
@@ -56,6 +56,12 @@ class PlanConfig(Shapes):
                                "--model; parameters stored in float32 as the real runs do.")
   dtype: str = config.flag("", "Compute dtype; empty: the preset's (float32 for --hf_config).",
                            choices=("", "float32", "bfloat16"))
+  remat: str = config.flag("none", "What the backward recomputes (--remat of the runs).",
+                           choices=REMAT_POLICIES)
+  scan_layers: bool = config.flag(False, "Layers stacked under one lax.scan (--scan_layers "
+                                  "of the runs): deep models compile in seconds.")
+  attention: str = config.flag("auto", "Attention implementation (--attention of the runs).",
+                               choices=ATTENTION_IMPLS)
   mesh_data: int = config.flag(1, "Mesh 'data' axis size (-1: the remaining devices).")
   mesh_fsdp: int = config.flag(1, "Mesh 'fsdp' axis size (-1: the remaining devices).")
   mesh_tensor: int = config.flag(1, "Mesh 'tensor' axis size (-1: the remaining devices).")
@@ -65,10 +71,11 @@ class PlanConfig(Shapes):
 
 
 def model_config(cfg: PlanConfig) -> ModelConfig:
+  options = dict(remat=cfg.remat, scan_layers=cfg.scan_layers, attention=cfg.attention)
   if cfg.hf_config:
     return hf.config_from_hf(hf.read_hf_config(cfg.hf_config), dtype="float32",
-                             compute_dtype=cfg.dtype or "float32")
-  return preset(cfg.model, **({"dtype": cfg.dtype} if cfg.dtype else {}))
+                             compute_dtype=cfg.dtype or "float32", **options)
+  return preset(cfg.model, **options, **({"dtype": cfg.dtype} if cfg.dtype else {}))
 
 
 def plan_devices(n: int) -> list:

@@ -151,6 +151,9 @@ PRESETS: dict[str, ModelConfig] = {
     "8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       d_ff=14336, rope_theta=500000.0, rope_scaling=RopeScaling(),
                       max_seq_len=8192, dtype="bfloat16"),
+    "70b": ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       d_ff=28672, rope_theta=500000.0, rope_scaling=RopeScaling(),
+                       max_seq_len=8192, dtype="bfloat16"),
 }
 
 
