@@ -28,7 +28,12 @@ c = compute_bytes; a head count, d_ff or the vocabulary is divided by `tensor` w
                                              when c = 4)
                A train step holds L + 1 layers of it (all L layers' kept activations plus the
                gradients of the layer being differentiated) and an LM's logits b*T*V * 4 * 2
-               (f32 logits and their log-softmax / gradient). A forward (frozen model,
+               (f32 logits and their log-softmax / gradient). With cfg.remat "attention"
+               the L layers drop the T x T term (recomputed for the layer being
+               differentiated); with "block" they keep their input alone, b*T*D*c, and the
+               layer being differentiated is recomputed and differentiated: 2 layers' worth
+               (_kept_per_token). XLA:CPU honours remat only under scan_layers (its
+               scheduler recomputes an unrolled stack's blocks early: docs/performance.md). A forward (frozen model,
                sampler prefill) frees each layer's intermediates before the next: its peak is
                the widest of the attention (b*T*c * (D + N*H + 2*K*H), the residual, q, k, v,
                plus the attention term above), the MLP (b*T*c * (D + 2*F), the residual,
@@ -137,7 +142,7 @@ def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], *, batch_size: int
   probs = heads * seq_len * (2 * 4 + 1 + (c_bytes if c_bytes != 4 else 0))
   logits = 0 if scalar_head else b * seq_len * split(cfg.vocab_size) * 4 * 2
   if train:
-    activations = (cfg.n_layers + 1) * b * seq_len * (token + probs) + logits
+    activations = b * seq_len * _kept_per_token(cfg, token, probs, c_bytes) + logits
   else:
     mlp = c_bytes * (d + 2 * f)
     attention = c_bytes * (d + heads * h + 2 * kv_heads * h) + probs
@@ -158,6 +163,20 @@ def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], *, batch_size: int
   }
   out["total"] = sum(out.values())
   return out
+
+
+def _kept_per_token(cfg: ModelConfig, token: int, probs: int, c_bytes: int) -> int:
+  """Activation bytes per token a train step holds, by cfg.remat: every layer keeps what its
+  backward needs (token + probs) and the layer being differentiated adds its gradients
+  (none); under "attention" the layers keep all but the T x T arrays, which the layer being
+  differentiated recomputes; under "block" they keep their input (d_model) alone and the
+  layer being differentiated recomputes everything, then differentiates it."""
+  layers = cfg.n_layers
+  if cfg.remat == "attention":
+    return layers * token + token + 2 * probs
+  if cfg.remat == "block":
+    return layers * cfg.d_model * c_bytes + 2 * (token + probs)
+  return (layers + 1) * (token + probs)
 
 
 def add(*estimates: Mapping[str, int]) -> dict[str, int]:

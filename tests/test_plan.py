@@ -63,12 +63,25 @@ CASES = {  # small shapes: each program compiles in about a second
     "ppo nano data=4": ("ppo", "nano", (4, 1, 1),
                         Shapes(batch_size=8, num_microbatches=2, **RL)),
     "grpo nano 2x2 kl": ("grpo", "nano", (2, 1, 2), Shapes(batch_size=8, grpo_kl=True, **RL)),
+    # Rematerialisation, under the scanned stack (where XLA:CPU honours it), at a length where
+    # the T x T arrays matter.
+    "sft nano scanned remat=block": ("sft", ("nano", dict(scan_layers=True, remat="block")),
+                                     (1, 1, 1), Shapes(batch_size=4, seq_len=128)),
+    "sft nano scanned remat=attention": ("sft", ("nano", dict(scan_layers=True,
+                                                             remat="attention")),
+                                         (1, 1, 1), Shapes(batch_size=4, seq_len=128)),
 }
+
+
+def _model(model):
+  """A preset name, or (name, ModelConfig overrides)."""
+  name, overrides = (model, {}) if isinstance(model, str) else model
+  return preset(name, **overrides)
 
 
 @pytest.fixture(scope="module")
 def plans():
-  return {name: plan.plan(stage, preset(model), _mesh(*mesh), shapes)
+  return {name: plan.plan(stage, _model(model), _mesh(*mesh), shapes)
           for name, (stage, model, mesh, shapes) in CASES.items()}
 
 
