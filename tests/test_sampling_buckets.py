@@ -236,7 +236,7 @@ def test_repeat_rows_either_cache_layout():
   rows = np.repeat(np.arange(3), 2)
   got_per_layer, got_stacked = _repeat_rows(per_layer, 2), _repeat_rows(stacked, 2)
   for layer, (got, want) in enumerate(zip(got_per_layer.layers, per_layer.layers)):
-    for got_x, want_x, stacked_x, in zip(got, want, got_stacked.layers):
+    for got_x, want_x, stacked_x in zip(got, want, got_stacked.layers):
       np.testing.assert_array_equal(got_x, np.asarray(want_x)[rows])
       np.testing.assert_array_equal(stacked_x[layer], np.asarray(want_x)[rows])
   for got in (got_per_layer, got_stacked):
