@@ -170,6 +170,25 @@ def test_mixture_equals_one_cache(model, kind):
       helpers.forward_terms(CFG, seq_len=P + N) + V))
 
 
+@pytest.mark.parametrize("sampler", ["sample", "sample_groups", "sample_mixture"])
+def test_stacked_layer_cache_equals_one_cache(sampler):
+  """Scanned layers keep one stacked L x B x S x K x H cache: it grows and is replicated the
+  same way (tolerance as above: the scanned forward is the same computation)."""
+  graphdef, params = helpers.make_model(helpers.nano(n_layers=2, scan_layers=True), seed=4,
+                                        std=0.3)
+  run = {"sample": lambda **kw: sample(graphdef, params, PROMPTS, VALID, KEY, **kw),
+         "sample_groups": lambda **kw: sample_groups(graphdef, params, PROMPTS, VALID, KEY,
+                                                     group_size=2, **kw),
+         "sample_mixture": lambda **kw: sample_mixture(graphdef, params, params, PROMPTS, VALID,
+                                                       KEY, jnp.float32(0.5), **kw)}[sampler]
+  got, want = _np(run(cfg=scfg())), _np(run(cfg=scfg(), cache_lengths=ONE_CACHE))
+  assert got.mask_BxN.all()
+  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+  # The mixture of a model with itself adds one log-softmax over the vocabulary.
+  np.testing.assert_allclose(got.logps_BxN, want.logps_BxN, **helpers.f32_tol(
+      helpers.forward_terms(CFG, seq_len=P + N) + V))
+
+
 def _while_loop_cache_lengths(jaxpr) -> list[set]:
   """For every while_loop carrying KV arrays (... x S x n_kv_heads x dim_per_head, either
   cache layout), in program order: the slot counts S it carries."""
