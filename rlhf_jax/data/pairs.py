@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import pipeline, shared_prefix
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.data.chat import ChatTemplate
 from rlhf_jax.data.tokenizer import Tokenizer
@@ -68,19 +68,27 @@ def _side(ids: list[int], first_target: int, seq_len: int, pad_id: int) -> tuple
 
 
 def pair_example(record: dict, tokenizer: Tokenizer, seq_len: int, fmt: str = "pairs",
-                 render_fn: pf.RenderFn = pf.default_render) -> dict:
-  """One record -> the chosen_*/rejected_* arrays (see the module docstring)."""
+                 render_fn: pf.RenderFn = pf.default_render, response_len: int = 0) -> dict:
+  """One record -> the chosen_*/rejected_* arrays (see the module docstring); with
+  response_len > 0, one shared-prompt row of seq_len + response_len tokens instead
+  (data/shared_prefix.py; chosen is response 1, rejected response 2)."""
   (prompt, chosen), (_, rejected) = pf.render_pairs(record, fmt, render_fn)
   head = [tokenizer.bos_id, *tokenizer.encode(prompt)]
   out = {"example_valid": np.True_}
+  responses = []
   for side, response in zip(SIDES, (chosen, rejected)):
     ids = head + tokenizer.encode(response) + [tokenizer.eos_id]
     if len(ids) > seq_len:
       raise ValueError(f"{side} sequence of prompt {prompt[:40]!r} is {len(ids)} tokens (with "
                        f"bos/eos), longer than seq_len={seq_len}; raise --seq_len or filter "
                        "the data (build_file_dataset's max_len drops such records)")
-    out[f"{side}_tokens"], out[f"{side}_valid"], out[f"{side}_mask"] = _side(
-        ids, len(head), seq_len, tokenizer.pad_id)
+    responses.append(ids[len(head):])
+    if not response_len:
+      out[f"{side}_tokens"], out[f"{side}_valid"], out[f"{side}_mask"] = _side(
+          ids, len(head), seq_len, tokenizer.pad_id)
+  if response_len:
+    out.update(shared_prefix.shared_row(head, responses, row_len=seq_len + response_len,
+                                        response_len=response_len, pad_id=tokenizer.pad_id))
   for key in REF_KEYS:
     if key in record:
       out[key] = np.float32(record[key])
@@ -108,8 +116,10 @@ Encoder = Callable[[dict], dict]
 
 
 def make_encoder(tokenizer: Tokenizer, seq_len: int, fmt: str,
-                 render_fn: pf.RenderFn = pf.default_render) -> Encoder:
-  return lambda r: pair_example(r, tokenizer, seq_len, fmt, render_fn)
+                 render_fn: pf.RenderFn = pf.default_render, response_len: int = 0) -> Encoder:
+  if response_len:
+    shared_prefix.check_response_len(response_len, seq_len)
+  return lambda r: pair_example(r, tokenizer, seq_len, fmt, render_fn, response_len)
 
 
 def make_pair_train_iterator(source: Sequence[dict], *, batch_size: int, seed: int,

@@ -8,6 +8,11 @@ padding it carries or on which side. With a KV cache, slots are written in time 
 Packing: `segment_ids_BxT` (int, 0 on padding, 1, 2, ... for the documents packed into a row)
 keeps attention inside each document and restarts positions at each document's first token,
 so every document's outputs are those it has alone in a row (data/packing.py).
+
+Shared prefixes: with `prefix_ids_BxT` as well, a token also attends to the segment whose id
+is its prefix id, so responses to one prompt ride in one row after it, each seeing the prompt
+and itself but not the other responses (data/shared_prefix.py). Such rows carry explicit
+positions: each response continues its prompt's positions.
 """
 from typing import NamedTuple
 
@@ -75,13 +80,17 @@ def last_valid_index(valid_BxT) -> jax.Array:
   return t - 1 - jnp.argmax(valid_BxT[:, ::-1].astype(jnp.int32), axis=-1)
 
 
-def _attention_mask(valid_BxT, cache: KVCache | None, segment_ids_BxT=None):
+def _attention_mask(valid_BxT, cache: KVCache | None, segment_ids_BxT=None,
+                    prefix_ids_BxT=None):
   b, t = valid_BxT.shape
   if cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     mask = causal_TxT[None] & valid_BxT[:, None, :].astype(bool)
     if segment_ids_BxT is not None:
-      mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+      seen = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+      if prefix_ids_BxT is not None:
+        seen = seen | (prefix_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+      mask = mask & seen
     return mask, None
   slot_valid = jax.lax.dynamic_update_slice_in_dim(
       cache.valid_BxS, valid_BxT.astype(bool), cache.index, axis=1)
@@ -107,18 +116,21 @@ class Transformer(nnx.Module):
                            cfg.init_std)
 
   def hidden(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, cache: KVCache | None = None,
-             segment_ids_BxT=None):
+             segment_ids_BxT=None, prefix_ids_BxT=None):
     """Final-normed hidden states BxTxD and the updated cache."""
     if valid_BxT is None:
       valid_BxT = jnp.ones(tokens_BxT.shape, bool)
     if segment_ids_BxT is not None and cache is not None:
       raise ValueError("packed rows (segment_ids_BxT) are for training forwards, not decoding")
+    if prefix_ids_BxT is not None and (segment_ids_BxT is None or positions_BxT is None):
+      raise ValueError("shared-prefix rows (prefix_ids_BxT) need their segment_ids_BxT and "
+                       "explicit positions_BxT (data/shared_prefix.py builds all three)")
     if positions_BxT is None:
       if cache is not None:
         raise ValueError("decoding with a cache needs explicit positions_BxT")
       positions_BxT = (positions_from_valid(valid_BxT) if segment_ids_BxT is None
                        else positions_in_segments(segment_ids_BxT))
-    mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache, segment_ids_BxT)
+    mask_BxTxS, slot_valid = _attention_mask(valid_BxT, cache, segment_ids_BxT, prefix_ids_BxT)
     index = None if cache is None else cache.index
     x = sharding.constrain_rows(
         jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype))
@@ -135,11 +147,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None,
                cache: KVCache | None = None, return_hidden: bool = False,
-               segment_ids_BxT=None) -> ModelOutput:
+               segment_ids_BxT=None, prefix_ids_BxT=None) -> ModelOutput:
     if not self.has_lm_head:
       raise ValueError("this Transformer was built without an LM head (lm_head=False)")
     hidden, cache = self.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
-                                cache=cache, segment_ids_BxT=segment_ids_BxT)
+                                cache=cache, segment_ids_BxT=segment_ids_BxT,
+                                prefix_ids_BxT=prefix_ids_BxT)
     return ModelOutput(self.logits(hidden), hidden if return_hidden else None, cache)
 
 
@@ -152,10 +165,12 @@ class ScalarHeadModel(nnx.Module):
     self.head_w = param(rngs, (cfg.d_model,), ("embed",), cfg, cfg.init_std)
     self.head_b = param(rngs, (), (), cfg, 0.0)
 
-  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, segment_ids_BxT=None):
+  def __call__(self, tokens_BxT, *, valid_BxT=None, positions_BxT=None, segment_ids_BxT=None,
+               prefix_ids_BxT=None):
     """Per-token scalars BxT in float32."""
     hidden, _ = self.backbone.hidden(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT,
-                                     segment_ids_BxT=segment_ids_BxT)
+                                     segment_ids_BxT=segment_ids_BxT,
+                                     prefix_ids_BxT=prefix_ids_BxT)
     values = dense(hidden.astype(jnp.float32), self.head_w[...].astype(jnp.float32)[:, None])[..., 0]
     return values + self.head_b[...].astype(jnp.float32)
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import plan_models, provenance, sharding
-from rlhf_jax.data import packing, pairs, pipeline
+from rlhf_jax.data import packing, pairs, pipeline, shared_prefix
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import ScalarHeadModel
@@ -37,7 +37,6 @@ from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.logging import write_json
 
 REWARD_FORMATS = (*pf.PREFERENCE_FORMATS, "rankings")
-_KEYS = ("tokens_BxKxT", "valid_BxKxT", "response_valid_BxK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +44,18 @@ class RewardFileFlags(real_models.LocalDataFlags):
   data_files: str = flag("", "Comma-separated preference files / globs (JSONL, JSON, Parquet); "
                          "set, the stage trains on them instead of simulated raters' labels.")
   data_format: str = flag("hh_rlhf", "Record format of --data_files.", choices=REWARD_FORMATS)
+  response_len: int = flag(0, "Prefix sharing: N > 0 puts each ranking in ONE row [prompt | "
+                           "response 1 | ... | response K] of --seq_len + (K - 1) N tokens, "
+                           "the prompt computed once; N bounds each response (with eos). 0: K "
+                           "rows of --seq_len.")
 
   def check_data_files(self):
     super().check_data_files()
+    if self.response_len:
+      shared_prefix.check_response_len(self.response_len, self.seq_len)
+      if self.pack:
+        raise ValueError("--pack and --response_len are two layouts of the rankings (several "
+                         "per row, or one row per ranking sharing its prompt): pick one")
     if self.reward_model != "bt" or self.ensemble_size != 1:
       raise ValueError("--data_files trains one Bradley-Terry reward model: pass "
                        "--reward_model=bt --ensemble_size=1")
@@ -59,12 +67,16 @@ def max_responses(source, fmt: str) -> int:
   return max(len(json.loads(pipeline._text(source[i]["responses"]))) for i in range(len(source)))
 
 
-def make_encoder(fmt: str, tokenizer, render_fn, seq_len: int, k: int):
+def make_encoder(fmt: str, tokenizer, render_fn, seq_len: int, k: int, response_len: int = 0):
   """record -> {tokens_BxKxT: K x T, valid_BxKxT, response_valid_BxK: K}: [bos] + prompt +
   response + [eos] per response in rank order, right-padded; absent responses are all
-  padding with response_valid False."""
+  padding with response_valid False. With response_len > 0: one shared-prompt row of
+  seq_len + (K - 1) * response_len tokens (data/shared_prefix.py; absent responses empty)
+  and response_valid_BxK."""
   def encode(record):
     seqs = pf.render_pairs(record, fmt, render_fn)
+    if response_len:
+      return shared(seqs)
     tokens = np.full((k, seq_len), tokenizer.pad_id, np.int32)
     valid = np.zeros((k, seq_len), bool)
     for j, (prompt, response) in enumerate(seqs):
@@ -76,6 +88,18 @@ def make_encoder(fmt: str, tokenizer, render_fn, seq_len: int, k: int):
       tokens[j, :len(ids)], valid[j, :len(ids)] = ids, True
     return {"tokens_BxKxT": tokens, "valid_BxKxT": valid,
             "response_valid_BxK": np.arange(k) < len(seqs)}
+
+  def shared(seqs):
+    head = [tokenizer.bos_id, *tokenizer.encode(seqs[0][0])]
+    responses = [tokenizer.encode(r) + [tokenizer.eos_id] for _, r in seqs]
+    for j, r in enumerate(responses):
+      if len(head) + len(r) > seq_len:
+        raise ValueError(f"prompt + response {j} of {seqs[0][0][:40]!r} is "
+                         f"{len(head) + len(r)} tokens, longer than --seq_len={seq_len}")
+    row = shared_prefix.shared_row(head, responses + [[]] * (k - len(responses)),
+                                   row_len=seq_len + (k - 1) * response_len,
+                                   response_len=response_len, pad_id=tokenizer.pad_id)
+    return {**row, "response_valid_BxK": np.arange(k) < len(seqs)}
   return encode
 
 
@@ -106,11 +130,11 @@ def run(cfg) -> dict:
   mesh = lm.setup(cfg)
   tok, render_fn, report, train, test = real_models.read_local_data(cfg, mcfg, packed=cfg.pack)
   k = max(max_responses(train, cfg.data_format), max_responses(test, cfg.data_format))
-  encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k)
+  encode = make_encoder(cfg.data_format, tok, render_fn, cfg.seq_len, k, cfg.response_len)
   graphdef, params, shardings = real_models.with_adapters(
       cfg, *init_scalar_model(cfg.init_hf, cfg, mcfg, mesh, cfg.seed), mesh)
   loss_fn = reward.ranking_loss_fn(graphdef)
-  batch_shardings = {key: sharding.batch_sharding(mesh) for key in _KEYS}
+  batch_shardings = {key: sharding.batch_sharding(mesh) for key in encode(train[0])}
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(loss_fn), shardings,
                                          batch_shardings)
 
@@ -139,7 +163,10 @@ def run(cfg) -> dict:
                                       rows=sharding.process_rows(mesh, cfg.batch_size))
   final, summary = lm.run_training(
       cfg, mesh, loss_fn, params, shardings, train_shardings, it, eval_fn=eval_fn,
-      tokens_per_batch=cfg.batch_size * (1 if packed else k) * cfg.seq_len, stage="reward")
+      tokens_per_batch=cfg.batch_size * (cfg.seq_len * (1 if packed else k)
+                                         if not cfg.response_len else
+                                         cfg.seq_len + (k - 1) * cfg.response_len),
+      stage="reward")
   real_models.export(cfg, graphdef, final.params, drop_head_bias=True)
   result = {"train": summary["train"], "eval": summary["eval"], "wall_s": summary["wall_s"],
             "steps": summary["final_step"], "responses_per_prompt": k,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding
-from rlhf_jax.data import file_datasets, pairs
+from rlhf_jax.data import file_datasets, pairs, shared_prefix
 from rlhf_jax.data import preference_formats as pf
 from rlhf_jax.pipeline import config, lm, real_models
 from rlhf_jax.train import preference
@@ -48,6 +48,11 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
   pack: bool = config.flag(False, "File mode: pack several pairs per --seq_len row (each pair's "
                          "chosen and rejected adjacent, attention kept inside each response's "
                          "sequence; data/packing.py); --batch_size then counts rows.")
+  response_len: int = config.flag(0, "Prefix sharing: N > 0 puts each pair in ONE row [prompt | "
+                                  "chosen | rejected] of --seq_len + N tokens, so the prompt is "
+                                  "computed once and the LM head runs on response tokens only; "
+                                  "N bounds each response (with eos; a longer one is an error). "
+                                  "0: chosen and rejected as two rows.")
   precompute_ref: bool = config.flag(True, "Precompute reference log-probs once (else per step).")
   sft_flagfile: str = config.flag("experiments/configs/sft_gold_tiny.flags",
                                "World mode: flagfile of the SFT stage that policy and "
@@ -94,6 +99,11 @@ class DPOConfig(lm.LMConfig, lm.SycophancyFlags, real_models.HFFlags):
                        f"KTO trains on: pass --loss=kto (got --loss={self.loss})")
     if min(self.kto_desirable_weight, self.kto_undesirable_weight) <= 0:
       raise ValueError("--kto_desirable_weight and --kto_undesirable_weight must be > 0")
+    if self.response_len:
+      shared_prefix.check_response_len(self.response_len, self.seq_len)
+      if self.pack:
+        raise ValueError("--pack and --response_len are two layouts of the pairs (several "
+                         "pairs per row, or one row per pair sharing its prompt): pick one")
     if self.pack and (self.loss == "kto" or self.world_mode):
       raise ValueError("--pack packs preference pairs of --data_files; KTO's unpaired examples "
                        "and world mode train unpacked: drop --pack")
@@ -185,6 +195,8 @@ def train_pairs(cfg: DPOConfig, mesh, loss_fn, params, shardings, batch_sharding
   it = pairs.make_pair_train_iterator(train_src, batch_size=cfg.batch_size, seed=cfg.seed,
                                       encode=encode,
                                       rows=sharding.process_rows(mesh, cfg.batch_size))
-  rows = cfg.batch_size if cfg.pack else 2 * cfg.batch_size  # packed: rows of several pairs
+  # Packed: rows of several pairs; shared prompt: one longer row per pair.
+  rows = cfg.batch_size if cfg.pack or cfg.response_len else 2 * cfg.batch_size
   return lm.run_training(cfg, mesh, loss_fn, params, shardings, batch_shardings, it,
-                         eval_fn=eval_fn, tokens_per_batch=rows * cfg.seq_len)
+                         eval_fn=eval_fn,
+                         tokens_per_batch=rows * (cfg.seq_len + cfg.response_len))

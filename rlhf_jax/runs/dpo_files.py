@@ -159,7 +159,8 @@ def read_pairs(cfg: dpo.DPOConfig, tok, render_fn, render_id: str) -> PairData:
   train_src = builders.load_split(built.builder, "train")
   test_src = builders.load_split(built.builder, "test") if cfg.test_fraction else None
   kto = cfg.loss == "kto"  # unpaired labels: each example with a mismatched KL partner
-  encode = pairs.make_encoder(tok, cfg.seq_len, "pairs" if kto else cfg.data_format, render_fn)
+  encode = pairs.make_encoder(tok, cfg.seq_len, "pairs" if kto else cfg.data_format, render_fn,
+                              response_len=cfg.response_len)
   if kto:
     encode = pairs.kto_encoder(encode)
     train_src = _kto_examples(train_src, "train", cfg)

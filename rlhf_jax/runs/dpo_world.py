@@ -101,10 +101,14 @@ def run_world(cfg: DPOConfig) -> dict:
   ches = map_pairs(ches_fn, sft_params, records, cfg, encode, mesh)["ches"]
   sft_logps = precompute_reference(logps_fn, sft_params, records, cfg, encode, mesh)
 
+  # Training may put each pair in one shared-prompt row (--response_len); the diagnostics
+  # above read the two-row layout.
+  train_encode = pairs.make_encoder(ByteTokenizer(), cfg.seq_len, "pairs",
+                                    response_len=cfg.response_len)
   if cfg.loss == "kto":
-    train_src, train_encode = pairs.kto_examples(records), pairs.kto_encoder(encode)
+    train_src, train_encode = pairs.kto_examples(records), pairs.kto_encoder(train_encode)
   else:
-    train_src, train_encode = records, encode
+    train_src = records
   ref_params = None
   needs_ref = preference.needs_reference(cfg.loss)  # SimPO is reference-free
   if needs_ref and cfg.precompute_ref:

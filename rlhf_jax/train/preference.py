@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.data import shared_prefix as shared_prefix_data
 from rlhf_jax.logprobs import sequence_logps, shifted_logps
 from rlhf_jax.losses import diagnostics, dpo, dpo_variants
+from rlhf_jax.train import shared_prefix
 
 LOSSES = ("dpo", "cdpo", "ipo", "kto", "hinge", "robust_dpo", "simpo")
 PAIR_LOSSES = ("dpo", "cdpo", "ipo")  # the online DPO's choices
@@ -42,7 +44,11 @@ KTO_REFUSAL = "KTO needs desirable/undesirable labels; this dataset format has p
 def pair_logps(graphdef, params, batch, *, average: bool = False):
   """(chosen_B, rejected_B) sequence log-probs of the batch's pairs under params, in f32; of
   a packed batch (data/packing.py: pack_pairs; rows of several pairs, R x P slots), the
-  R * P slots' (empty ones included: pair_weights gives them weight 0)."""
+  R * P slots' (empty ones included: pair_weights gives them weight 0); of a shared-prompt
+  batch (data/shared_prefix.py: one row per pair), each row's two responses."""
+  if shared_prefix_data.is_shared(batch):  # one row per pair: the prompt computed once
+    both = shared_prefix.response_logps(graphdef, params, batch, average=average)
+    return both[:, 0], both[:, 1]
   if "segment_ids" in batch:
     return _packed_pair_logps(graphdef, params, batch, average)
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])

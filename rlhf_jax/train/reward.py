@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.data import shared_prefix as shared_prefix_data
 from rlhf_jax.losses import bradley_terry as bt
+from rlhf_jax.train import shared_prefix
 
 AGGREGATES = ("mean", "wco", "uwo")
 SINGLE_MEMBER_REFUSAL = "an ensemble aggregator needs --ensemble_size > 1"
@@ -29,7 +31,10 @@ SINGLE_MEMBER_REFUSAL = "an ensemble aggregator needs --ensemble_size > 1"
 def ranking_scores(graphdef, params, batch):
   """rewards_BxK: one ScalarHeadModel forward over the flattened (B*K, T) rows, each read
   at its row's last real token; float32. Of a packed batch (data/packing.py: pack_rankings),
-  the (R * Q) x K slots, each response read at its segment's last token (0 for empty slots)."""
+  the (R * Q) x K slots, each response read at its segment's last token (0 for empty slots);
+  of a shared-prompt batch (data/shared_prefix.py), each row's K responses."""
+  if shared_prefix_data.is_shared(batch):  # one row per prompt: the prompt computed once
+    return shared_prefix.response_scores(graphdef, params, batch)
   if "segment_ids" in batch:
     return _packed_scores(graphdef, params, batch)
   tokens_BxKxT, valid_BxKxT = batch["tokens_BxKxT"], batch["valid_BxKxT"]
