@@ -77,6 +77,8 @@ class Iteration(NamedTuple):
   # Logged step metrics: the last step's ("last"), or the mean over the iteration's steps
   # ("mean", with the last learning rate).
   metrics: str = "last"
+  # Rows shuffled in blocks of this many consecutive rows (a group sharing its prompt).
+  row_block: int = 1
 
 
 class Algorithm(Protocol):
@@ -119,15 +121,18 @@ class StatelessAlgorithm:
 
 
 def epoch_order(rows: int, rng: np.random.Generator, *, epochs: int,
-                num_minibatches: int) -> list[np.ndarray]:
+                num_minibatches: int, block: int = 1) -> list[np.ndarray]:
   """Row indices of each optimizer step: `epochs` passes over the rows, each shuffled and cut
-  into `num_minibatches` minibatches."""
-  if rows % num_minibatches:
-    raise ValueError(f"{rows} rollout rows do not split into {num_minibatches} minibatches")
+  into `num_minibatches` minibatches. block > 1 shuffles runs of `block` consecutive rows
+  (the groups of prompt-sharing rows), which stay whole and in order."""
+  if rows % (num_minibatches * block):
+    raise ValueError(f"{rows} rollout rows do not split into {num_minibatches} minibatches "
+                     f"of whole blocks of {block} rows")
   mb = rows // num_minibatches
   order = []
   for _ in range(epochs):
-    perm = rng.permutation(rows)
+    perm = rng.permutation(rows // block)
+    perm = (perm[:, None] * block + np.arange(block)).reshape(-1) if block > 1 else perm
     order += [perm[j * mb:(j + 1) * mb] for j in range(num_minibatches)]
   return order
 
@@ -251,7 +256,8 @@ def _run(cfg: LoopConfig, algorithm: Algorithm, *, state, train_step, mesh,
       step = algorithm.collect(it, view(state.params))
       rows = len(next(iter(step.batch.values())))
       order = step.order if step.order is not None else epoch_order(
-          rows, step.shuffle_rng, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches)
+          rows, step.shuffle_rng, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches,
+          block=step.row_block)
       state, metrics = train_on_rollout(train_step, state, step.batch, order, mesh,
                                         extend=algorithm.extend_minibatch)
       values = {**_floats(step.stats), **_step_metrics(metrics, step.metrics)}

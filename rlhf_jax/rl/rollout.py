@@ -26,6 +26,7 @@ from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer, Tokenizer
 from rlhf_jax.logprobs import shifted_entropy, shifted_logps
 from rlhf_jax.models.transformer import last_valid_index
+from rlhf_jax.rl import grouped_forward
 from rlhf_jax.sampling import SamplingConfig, sample, sample_groups
 
 
@@ -84,6 +85,16 @@ def policy_forward(graphdef, params, tokens_BxT, valid_BxT, temperature: float):
   return shifted_logps(logits, tokens_BxT), shifted_entropy(logits)
 
 
+def row_logps(graphdef, params, tokens_BxT, valid_BxT, temperature: float,
+              groups: grouped_forward.PromptGroups | None):
+  """Shifted log-probs BxT of the rows: each group's prompt once (grouped_forward) or row by
+  row (policy_forward)."""
+  if groups is None:
+    return policy_forward(graphdef, params, tokens_BxT, valid_BxT, temperature)[0]
+  return grouped_forward.group_logps(graphdef, params, tokens_BxT, valid_BxT, groups,
+                                     temperature)
+
+
 def in_row_chunks(fn, chunk_rows: int, data_parallel: int = 1):
   """fn(tokens_BxT, valid_BxT) -> per-row arrays (BxT), computed chunk_rows rows at a time
   (lax.map): a log-prob forward materialises rows x T x vocab float32 logits, which for a
@@ -138,7 +149,7 @@ def check_sampling_matches_training(cfg: SamplingConfig) -> None:
 
 def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size: int = 1,
                     with_ref: bool = True, value_graphdef=None, mesh=None,
-                    forward_chunk_rows: int = 0):
+                    forward_chunk_rows: int = 0, share_prompt: bool = False):
   """Returns jitted rollout(policy_params, ref_params, value_params, prompt_tokens_BxP,
   prompt_valid_BxP, key, row_ids_B=None) -> Rollout of B * group_size rows, traced on `mesh`
   when given (sharding.traced_on: the forwards keep their rows sharded).
@@ -147,15 +158,24 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
   (sampling.sample_groups). The reference shares the policy's graphdef; with_ref=False
   needs ref_params None and traces no reference forward; value_graphdef None needs
   value_params None and traces no value head. Log-probs use the sampling temperature;
-  forward_chunk_rows > 0 computes them that many rows at a time (in_row_chunks)."""
+  forward_chunk_rows > 0 computes them that many rows at a time (in_row_chunks);
+  share_prompt computes each group's prompt once in them (rl/grouped_forward.py)."""
   check_sampling_matches_training(sampling_cfg)
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
+  if share_prompt and forward_chunk_rows:
+    raise ValueError("--share_prompt and --rollout_chunk_rows: chunks would split the groups "
+                     "whose prompt is computed once; drop one")
   temp = sampling_cfg.temperature
   dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  logps = lambda params: in_row_chunks(  # noqa: E731
-      lambda t, v: policy_forward(policy_graphdef, params, t, v, temp)[0], forward_chunk_rows,
-      dp)
+
+  def logps(params):
+    if share_prompt and group_size > 1:
+      return lambda t, v: grouped_forward.group_logps(
+          policy_graphdef, params, t, v, grouped_forward.PromptGroups(
+              group_size, t.shape[1] - sampling_cfg.max_new_tokens), temp)
+    return in_row_chunks(lambda t, v: policy_forward(policy_graphdef, params, t, v, temp)[0],
+                         forward_chunk_rows, dp)
 
   def rollout(policy_params, ref_params, value_params, prompt_tokens_BxP, prompt_valid_BxP,
               key, row_ids_B=None) -> Rollout:
@@ -202,6 +222,7 @@ class RolloutStage:
   value_graphdef: object = None
   tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
   forward_chunk_rows: int = 0  # make_rollout_fn's: rows per chunk of the log-prob forwards
+  share_prompt: bool = False  # make_rollout_fn's: each group's prompt computed once
 
   def __post_init__(self):
     self._fns = {}  # the compiled rollout per mesh
@@ -211,7 +232,7 @@ class RolloutStage:
       self._fns[mesh] = make_rollout_fn(
           self.policy_graphdef, self.sampling, group_size=self.group_size,
           with_ref=self.with_ref, value_graphdef=self.value_graphdef, mesh=mesh,
-          forward_chunk_rows=self.forward_chunk_rows)
+          forward_chunk_rows=self.forward_chunk_rows, share_prompt=self.share_prompt)
     return self._fns[mesh]
 
   def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],

@@ -55,6 +55,7 @@ from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.rl import loop as rl_loop, scorers
 from rlhf_jax.rl.algorithms import grpo, gspo, reinforce_pp
 from rlhf_jax.rl.evaluation import greedy_responses, sample_heldout, verifiable_metrics
+from rlhf_jax.rl.grouped_forward import PromptGroups
 from rlhf_jax.rl.rollout import RolloutStage
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import checkpoint
@@ -105,6 +106,10 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
       0, "DAPO's dynamic sampling: zero-variance groups leave the loss and are replaced by "
       "informative groups of up to this many further rollouts of fresh prompts per iteration "
       "(0: off, every group enters the loss).")
+  share_prompt: bool = config.flag(False, "Compute each group's prompt once in every forward "
+                                   "over the rollout (its log-probs and the train step's: "
+                                   "rl/grouped_forward.py), the G responses continuing its KV "
+                                   "cache; minibatches then hold whole groups.")
   matched_sft: bool = config.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
                                "takes on the prompts of GRPO's updates (matched compute; with "
                                "dynamic sampling also on every prompt rolled out).")
@@ -157,6 +162,13 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
     if not ks or min(ks) < 1 or max(ks) >= self.eval_samples:
       raise ValueError(f"--pass_k={self.pass_k}: the unbiased estimator needs 1 <= k < n = "
                        f"--eval_samples={self.eval_samples}")
+    if self.share_prompt and self.batch_size % (self.num_minibatches * self.num_microbatches):
+      raise ValueError(f"--share_prompt keeps each group whole in a microbatch: --batch_size="
+                       f"{self.batch_size} groups must be divisible by --num_minibatches * "
+                       f"--num_microbatches = {self.num_minibatches * self.num_microbatches}")
+    if self.share_prompt and self.rollout_chunk_rows:
+      raise ValueError("--share_prompt and --rollout_chunk_rows: chunks would split the groups "
+                       "whose prompt is computed once; drop one")
     rows = self.batch_size * self.group_size
     if rows % (self.num_minibatches * self.num_microbatches):
       raise ValueError(f"--batch_size * --group_size = {rows} rollout rows must be divisible "
@@ -205,21 +217,23 @@ def check_mesh(cfg: GRPOConfig, mesh) -> None:
                      f"data-parallel size {dp}")
 
 
-def algorithm_parts(cfg: GRPOConfig, g, max_new_tokens: int) -> dict:
+def algorithm_parts(cfg: GRPOConfig, g, max_new_tokens: int, prompt_len: int) -> dict:
   """make_batch, loss_fn, batch_keys and logging choices of --algorithm (rl/algorithms/)."""
   keys = ("tokens", "valid", "mask", "old_logps", "advantages")
+  groups = PromptGroups(cfg.group_size, prompt_len) if cfg.share_prompt else None
   if cfg.algorithm == "reinforce_pp":
     return dict(make_batch=reinforce_pp.reinforce_pp_batch_fn(
                     kl_coef=cfg.kl_coef,
                     group_size=cfg.group_size if cfg.reinforce_group_baseline else None),
                 loss_fn=reinforce_pp.reinforce_pp_loss_fn(g, clip_eps=cfg.clip_eps_low,
-                                                          temperature=cfg.temperature),
+                                                          temperature=cfg.temperature,
+                                                          prompt_groups=groups),
                 progress_keys=reinforce_pp.PROGRESS_KEYS, batch_keys=keys)
   keys += ("ref_logps",) if cfg.kl_coef > 0 else ()
   make_batch = grpo.grpo_batch_fn(cfg.group_size, estimator=cfg.advantage,
                                   std_ddof=cfg.std_ddof, std_eps=cfg.adv_eps)
   clip = dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-              kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+              kl_coef=cfg.kl_coef, temperature=cfg.temperature, prompt_groups=groups)
   if cfg.algorithm == "gspo":
     return dict(make_batch=make_batch, loss_fn=gspo.gspo_loss_fn(g, **clip),
                 progress_keys=gspo.PROGRESS_KEYS, token_metrics=False, batch_keys=keys)
@@ -283,10 +297,11 @@ def run(cfg: GRPOConfig) -> dict:
                             pad_id=tok.pad_id, temperature=cfg.temperature)
   with_ref = cfg.kl_coef > 0
   scorer = scorers.VerifierScorer(arithmetic.verify, answers)
-  parts = algorithm_parts(cfg, g, sampling.max_new_tokens)
+  parts = algorithm_parts(cfg, g, sampling.max_new_tokens, prompt_len)
   loss_fn, batch_keys = parts.pop("loss_fn"), parts.pop("batch_keys")
   algorithm = grpo.GroupSampling(
-      RolloutStage(g, sampling, prompt_len, group_size=cfg.group_size, with_ref=with_ref),
+      RolloutStage(g, sampling, prompt_len, group_size=cfg.group_size, with_ref=with_ref,
+                   share_prompt=cfg.share_prompt),
       scorer, train_prompts, sft_params if with_ref else None, cfg.batch_size, cfg.seed,
       dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,

@@ -169,7 +169,7 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   ref_params = real_models.reference_of(params) if cfg.kl_coef > 0 else None
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=cfg.temperature)
-  parts = grpo_run.algorithm_parts(cfg, g, sampling.max_new_tokens)
+  parts = grpo_run.algorithm_parts(cfg, g, sampling.max_new_tokens, data.prompt_len)
   loss_fn, batch_keys = parts.pop("loss_fn"), parts.pop("batch_keys")
   parts["make_batch"] = combined_batch_fn(cfg, names, weights)
   parts["progress_keys"] = ("reward_mean", "unscored_frac", "zero_variance_frac",
@@ -177,7 +177,7 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   algorithm = grpo.GroupSampling(
       RolloutStage(g, sampling, data.prompt_len, group_size=cfg.group_size,
                    with_ref=ref_params is not None, tokenizer=tok,
-                   forward_chunk_rows=cfg.rollout_chunk_rows),
+                   forward_chunk_rows=cfg.rollout_chunk_rows, share_prompt=cfg.share_prompt),
       scorer, data.train, ref_params, cfg.batch_size, cfg.seed,
       dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,

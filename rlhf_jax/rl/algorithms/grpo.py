@@ -20,7 +20,8 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.losses import grpo as grpo_losses
 from rlhf_jax.rl.loop import Iteration, StatelessAlgorithm
-from rlhf_jax.rl.rollout import Rollout, RolloutStage, policy_forward
+from rlhf_jax.rl.grouped_forward import PromptGroups
+from rlhf_jax.rl.rollout import Rollout, RolloutStage, row_logps
 from rlhf_jax.rl.scorers import Scorer
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -152,13 +153,15 @@ def per_token(metrics: dict) -> dict:
 
 
 def grpo_loss_fn(graphdef, *, clip_eps_low: float, clip_eps_high: float, kl_coef: float,
-                 aggregation: str, max_new_tokens: int, temperature: float = 1.0):
+                 aggregation: str, max_new_tokens: int, temperature: float = 1.0,
+                 prompt_groups: PromptGroups | None = None):
   """The group policy loss in the step contract; params = the policy's. aggregation sets
   what loss_sum sums and the denominator (exact under accumulation):
     token     sum_{i,t} l_it                 / response tokens                (DAPO)
     sequence  sum_i (1/|o_i|) sum_t l_it     / responses                      (GRPO)
     group     sum_{i,t} l_it                 / (responses * max_new_tokens)   (Dr. GRPO)
-  aux SUMS: policy_loss, clipfrac, kl (k3, only with kl_coef > 0), token_count, count."""
+  aux SUMS: policy_loss, clipfrac, kl (k3, only with kl_coef > 0), token_count, count.
+  With prompt_groups each group's prompt is computed once (rl/grouped_forward.py)."""
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"aggregation must be one of {tuple(AGGREGATIONS)}, got {aggregation!r}")
   if kl_coef < 0:
@@ -166,7 +169,8 @@ def grpo_loss_fn(graphdef, *, clip_eps_low: float, clip_eps_high: float, kl_coef
 
   def loss_fn(params, batch, rng):
     del rng
-    logps, _ = policy_forward(graphdef, params, batch["tokens"], batch["valid"], temperature)
+    logps = row_logps(graphdef, params, batch["tokens"], batch["valid"], temperature,
+                      prompt_groups)
     ref = batch.get("ref_logps") if kl_coef > 0 else None
     if kl_coef > 0 and ref is None:
       raise ValueError("kl_coef > 0 needs batch['ref_logps']")
@@ -260,7 +264,10 @@ class GroupSampling(StatelessAlgorithm):
              **rollout_summary(rounds[0].rollout),
              "informative_groups": sel.informative / self.batch_size,
              "rollout_rounds": float(len(rounds))}
-    return Iteration(batch, stats, np.random.default_rng((self.seed, it, 1)), rounds[0])
+    # A group whose prompt the loss computes once stays whole in its minibatch.
+    block = g if self.stage.share_prompt else 1
+    return Iteration(batch, stats, np.random.default_rng((self.seed, it, 1)), rounds[0],
+                     row_block=block)
 
   def finish_iteration(self, values: dict) -> dict:
     return {**values, **per_token(values)} if self.token_metrics else values

@@ -10,23 +10,26 @@ A length-normalised sequence ratio has the variance of one token's, so GSPO clip
 ~3e-4 / 4e-4 rather than 0.2. Loss: losses/gspo.py; docs/math.md, "GRPO family".
 """
 from rlhf_jax.losses import gspo as gspo_losses
-from rlhf_jax.rl.rollout import policy_forward
+from rlhf_jax.rl.grouped_forward import PromptGroups
+from rlhf_jax.rl.rollout import row_logps
 
 PROGRESS_KEYS = ("reward_mean", "zero_variance_frac", "rollout_rounds", "clipfrac", "kl")
 
 
 def gspo_loss_fn(graphdef, *, clip_eps_low: float, clip_eps_high: float, kl_coef: float,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, prompt_groups: PromptGroups | None = None):
   """loss_fn(params, batch, rng) -> (loss_sum, aux) in the step contract: sums over responses
   (a response with an empty mask counts nowhere), aux["denominator"] = responses; aux SUMS
   policy_loss, clipfrac and ratio per response, kl (mean k3 per response, with kl_coef > 0),
-  token_count and count. The batch is the group family's (grpo.rollout_batch)."""
+  token_count and count. The batch is the group family's (grpo.rollout_batch); with
+  prompt_groups each group's prompt is computed once (rl/grouped_forward.py)."""
   if kl_coef < 0:
     raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
 
   def loss_fn(params, batch, rng):
     del rng
-    logps, _ = policy_forward(graphdef, params, batch["tokens"], batch["valid"], temperature)
+    logps = row_logps(graphdef, params, batch["tokens"], batch["valid"], temperature,
+                      prompt_groups)
     ref = batch.get("ref_logps") if kl_coef > 0 else None
     if kl_coef > 0 and ref is None:
       raise ValueError("kl_coef > 0 needs batch['ref_logps']")

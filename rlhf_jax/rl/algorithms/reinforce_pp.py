@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import reinforce_pp as rpp_losses
-from rlhf_jax.rl.rollout import Rollout, policy_forward
+from rlhf_jax.rl.grouped_forward import PromptGroups
+from rlhf_jax.rl.rollout import Rollout, row_logps
 
 PROGRESS_KEYS = ("reward_mean", "kl_seq", "clipfrac_per_token")
 
@@ -39,13 +40,16 @@ def reinforce_pp_batch_fn(*, kl_coef: float, gamma: float = 1.0, group_size: int
   return make_batch
 
 
-def reinforce_pp_loss_fn(graphdef, *, clip_eps: float, temperature: float = 1.0):
+def reinforce_pp_loss_fn(graphdef, *, clip_eps: float, temperature: float = 1.0,
+                         prompt_groups: PromptGroups | None = None):
   """loss_fn(params, batch, rng) -> (loss_sum, aux) in the step contract: token sums,
   aux["denominator"] = response tokens; aux SUMS policy_loss, clipfrac, approx_kl, ratio,
-  token_count."""
+  token_count. With prompt_groups each group's prompt is computed once
+  (rl/grouped_forward.py)."""
   def loss_fn(params, batch, rng):
     del rng
-    logps, _ = policy_forward(graphdef, params, batch["tokens"], batch["valid"], temperature)
+    logps = row_logps(graphdef, params, batch["tokens"], batch["valid"], temperature,
+                      prompt_groups)
     _, m = rpp_losses.reinforce_pp_loss(logps, batch["old_logps"], batch["advantages"],
                                         batch["mask"], clip_eps=clip_eps, normaliser=1.0)
     aux = {"denominator": m["token_count"], "policy_loss": m["policy_loss_sum"],
