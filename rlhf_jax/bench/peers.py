@@ -29,10 +29,14 @@ from rlhf_jax.bench.common import model_preset
 DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "rlhf_jax", "peers-venv")
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_scripts")
 # rlhf_jax's workload -> its peers (name, script); the key of rlhf_jax's seconds.
-PEERS = {"dpo": [("trl", "trl_dpo.py"), ("torch_loop", "torch_dpo.py")],
+# dpo_shared is rlhf_jax's DPO step with the prompt computed once (--response_len) against
+# the same peer steps as dpo (they have no such layout).
+DPO_PEERS = [("trl", "trl_dpo.py"), ("torch_loop", "torch_dpo.py")]
+PEERS = {"dpo": DPO_PEERS, "dpo_shared": DPO_PEERS,
          "sampler": [("hf_generate", "hf_generate.py"), ("tunix", "tunix_sampler.py")],
          "grpo": [("trl", "trl_grpo.py")]}
-SECONDS_KEY = {"dpo": "seconds_per_step", "sampler": "seconds", "grpo": "seconds"}
+SECONDS_KEY = {"dpo": "seconds_per_step", "dpo_shared": "seconds_per_step",
+               "sampler": "seconds", "grpo": "seconds"}
 # Installed in this order, each group its own pip call, so a failing group (tunix) leaves the
 # others installed. torch first, pinned: the CPU build the comparison was made with. kernels
 # last: a dependency of the stack pulls a release that transformers' import rejects

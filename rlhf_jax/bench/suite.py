@@ -8,8 +8,8 @@ from rlhf_jax.bench.common import model_preset, peak_matmul_flops
 from rlhf_jax.bench.rl_workloads import bench_grpo, bench_sampler
 from rlhf_jax.bench.train_workloads import bench_dpo, bench_sft
 
-WORKLOADS = ("dpo", "dpo_ref_in_step", "sft", "sampler", "sampler_naive", "grpo")
-TRAIN_WORKLOADS = ("dpo", "dpo_ref_in_step", "sft")  # these report MFU
+WORKLOADS = ("dpo", "dpo_shared", "dpo_ref_in_step", "sft", "sampler", "sampler_naive", "grpo")
+TRAIN_WORKLOADS = ("dpo", "dpo_shared", "dpo_ref_in_step", "sft")  # these report MFU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +27,10 @@ class Shapes:
 
 def run_workload(name: str, cfg, shapes: Shapes, repeats: int) -> dict:
   s = shapes
-  if name in ("dpo", "dpo_ref_in_step"):
+  if name in ("dpo", "dpo_shared", "dpo_ref_in_step"):
     return bench_dpo(cfg, pairs=s.batch, prompt_len=s.prompt_len, response_len=s.response_len,
-                     repeats=repeats, reference_in_step=name == "dpo_ref_in_step")
+                     repeats=repeats, reference_in_step=name == "dpo_ref_in_step",
+                     shared_prompt=name == "dpo_shared")
   if name == "sft":
     return bench_sft(cfg, batch=s.batch, prompt_len=s.prompt_len,
                      response_len=s.response_len, repeats=repeats)

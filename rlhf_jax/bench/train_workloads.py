@@ -8,6 +8,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.bench.common import (compile_with_stats, forward_flops_per_token, median_time,
                                    train_flops_per_token)
+from rlhf_jax.data import shared_prefix
 from rlhf_jax.data.pairs import SIDES
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
@@ -70,6 +71,19 @@ def dpo_batch(cfg: ModelConfig, *, pairs: int, prompt_len: int, response_len: in
   return out
 
 
+def shared_dpo_batch(two_row: dict, *, prompt_len: int, response_len: int) -> dict:
+  """The same pairs in data/shared_prefix.py's layout (what --response_len makes): one row
+  [bos + prompt | chosen | rejected] per pair, response_len slots per response."""
+  rows = []
+  for i in range(two_row["chosen_tokens"].shape[0]):
+    head = [int(x) for x in two_row["chosen_tokens"][i, :prompt_len]]
+    responses = [[int(x) for x in two_row[f"{side}_tokens"][i, prompt_len:]] for side in SIDES]
+    rows.append(shared_prefix.shared_row(head, responses, row_len=prompt_len + 2 * response_len,
+                                         response_len=response_len, pad_id=0))
+  return {"example_valid": two_row["example_valid"],
+          **{k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}}
+
+
 def _time_step(state, step, batch, *, repeats: int) -> tuple[float, dict]:
   """(median seconds per step, compile stats) of a donated train step."""
   _, stats = compile_with_stats(step, state, batch)
@@ -100,19 +114,31 @@ def bench_sft(cfg: ModelConfig, *, batch: int, prompt_len: int, response_len: in
 
 
 def bench_dpo(cfg: ModelConfig, *, pairs: int, prompt_len: int, response_len: int,
-              repeats: int, reference_in_step: bool) -> dict:
+              repeats: int, reference_in_step: bool, shared_prompt: bool = False) -> dict:
   """One DPO optimizer step (train/preference.py's loss, beta 0.1) on `pairs` pairs.
 
   reference_in_step False (what DPO training does by default): the batch carries the
   reference's log-probs, computed once beforehand by reference_logps_fn (not timed); True:
   the step runs the frozen reference's forward itself (ref_params closed over: constants of
   the program). Model FLOPs: the policy's forward + backward over both rows of every pair,
-  plus the reference's forward when it runs in the step."""
+  plus the reference's forward when it runs in the step.
+
+  shared_prompt (--response_len): each pair is one row [prompt | chosen | rejected]
+  (data/shared_prefix.py), the LM head on response tokens only. tokens_per_s still counts
+  the two sequences' tokens (the work a pair stands for), so it compares with the two-row
+  layout; model FLOPs count what the shared rows compute: the blocks over prompt_len + 2 *
+  response_len tokens, the LM head over the 2 * response_len response tokens."""
   graphdef, params, _ = init_params(cfg)
   data = dpo_batch(cfg, pairs=pairs, prompt_len=prompt_len, response_len=response_len)
   t = prompt_len + response_len
   tokens = 2 * pairs * t
   flops = tokens * train_flops_per_token(cfg, t)
+  if shared_prompt:
+    data = shared_dpo_batch(data, prompt_len=prompt_len, response_len=response_len)
+    row = prompt_len + 2 * response_len
+    head = 6 * cfg.d_model * cfg.vocab_size
+    flops = (pairs * row * (train_flops_per_token(cfg, row) - head)
+             + 2 * pairs * response_len * head)
   if reference_in_step:
     loss_fn = preference.preference_loss_fn(graphdef, loss="dpo", beta=0.1,
                                             ref_params=jax.tree.map(jnp.copy, params))
