@@ -64,8 +64,9 @@ def test_samplers(report):
   assert nano["sampler_naive"]["speedup_over_naive"] > 0
 
 
-def test_grpo_iteration(report):
-  r = report["presets"]["nano"]["grpo"]
+@pytest.mark.parametrize("name", ("grpo", "grpo_shared", "grpo_fast"))
+def test_grpo_iteration(report, name):
+  r = report["presets"]["nano"][name]
   assert r["seconds"] > 0 and 0 < r["generation_share"] < 1
   assert r["compile_s"] >= 0 and r["rollout_compile_s"] >= 0
   assert r["compiles_steady"] == 0  # a steady iteration compiles nothing

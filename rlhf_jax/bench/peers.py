@@ -34,9 +34,11 @@ SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_scripts
 DPO_PEERS = [("trl", "trl_dpo.py"), ("torch_loop", "torch_dpo.py")]
 PEERS = {"dpo": DPO_PEERS, "dpo_shared": DPO_PEERS,
          "sampler": [("hf_generate", "hf_generate.py"), ("tunix", "tunix_sampler.py")],
-         "grpo": [("trl", "trl_grpo.py")]}
+         "grpo": [("trl", "trl_grpo.py")], "grpo_shared": [("trl", "trl_grpo.py")],
+         "grpo_fast": [("trl", "trl_grpo.py")]}
 SECONDS_KEY = {"dpo": "seconds_per_step", "dpo_shared": "seconds_per_step",
-               "sampler": "seconds", "grpo": "seconds"}
+               "sampler": "seconds", "grpo": "seconds", "grpo_shared": "seconds",
+               "grpo_fast": "seconds"}
 # Installed in this order, each group its own pip call, so a failing group (tunix) leaves the
 # others installed. torch first, pinned: the CPU build the comparison was made with. kernels
 # last: a dependency of the stack pulls a release that transformers' import rejects

@@ -15,6 +15,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.rewards import functions
 from rlhf_jax.rl import loop as rl_loop
 from rlhf_jax.rl.algorithms import grpo
+from rlhf_jax.rl.grouped_forward import PromptGroups
 from rlhf_jax.rl.rollout import RolloutStage, encode_prompts, make_rollout_fn
 from rlhf_jax.sampling import SamplingConfig, sample, sample_naive
 from rlhf_jax.train import optim
@@ -84,7 +85,8 @@ class _TimedStage(RolloutStage):
 
 
 def bench_grpo(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: int,
-               new_tokens: int, repeats: int) -> dict:
+               new_tokens: int, repeats: int, share_prompt: bool = False,
+               sampler_old_logps: bool = False) -> dict:
   """GRPO iterations as rl/loop.py runs them, minus logging, evaluation and checkpoints:
   GroupSampling.collect (the rollout of `prompts` x group_size samples from one prefill per
   prompt, the reward, group advantages) and ONE optimizer step on every row (train_on_rollout
@@ -94,14 +96,18 @@ def bench_grpo(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: i
   compile_s: the first iteration minus a steady one (every program it compiles: rollout,
   advantages, row gather, train step); compiles_steady: backend compiles in a steady
   iteration (0). memory: of the train step, and of the rollout program compiled from
-  make_rollout_fn at the same shapes (its compile_s is that explicit compile's)."""
+  make_rollout_fn at the same shapes (its compile_s is that explicit compile's).
+  share_prompt (--share_prompt): each group's prompt computed once in the rollout's log-prob
+  forward and in the train step (rl/grouped_forward.py); sampler_old_logps
+  (--sampler_old_logps): no log-prob forward in the rollout (rollout.make_rollout_fn)."""
   graphdef, params, shardings = init_params(cfg)
   mesh = sharding.mesh_of(params)
   tok = IdTokenizer(cfg.vocab_size)
   scfg = SamplingConfig(max_new_tokens=new_tokens, eos_id=NO_EOS, pad_id=tok.pad_id)
   texts = [tok.decode(row) for row in random_prompts(cfg, prompts, prompt_len - 1)]
   stage = _TimedStage(graphdef, scfg, prompt_len, group_size=group_size, with_ref=False,
-                      tokenizer=tok)
+                      tokenizer=tok, share_prompt=share_prompt,
+                      sampler_old_logps=sampler_old_logps)
   stage.seconds = []
   scorer = lambda exp: functions.call(  # noqa: E731
       even_token_reward, "even_tokens", exp.prompts, exp.responses, [None] * exp.rows
@@ -110,7 +116,9 @@ def bench_grpo(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: i
       stage, scorer, texts, None, prompts, 0,
       grpo.grpo_batch_fn(group_size, estimator="grpo", std_eps=1e-4))
   loss_fn = grpo.grpo_loss_fn(graphdef, clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0,
-                              aggregation="token", max_new_tokens=new_tokens)
+                              aggregation="token", max_new_tokens=new_tokens,
+                              prompt_groups=PromptGroups(group_size, prompt_len)
+                              if share_prompt else None)
   keys = ("tokens", "valid", "mask", "old_logps", "advantages")
   state, train_step = rl_loop.make_trainer(
       loss_fn, params, shardings, keys, mesh, num_microbatches=1, seed=0,
@@ -120,7 +128,7 @@ def bench_grpo(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: i
   def iteration(it: int):
     step = algorithm.collect(it, holder[0].params)
     order = rl_loop.epoch_order(len(step.batch["tokens"]), step.shuffle_rng, epochs=1,
-                                num_minibatches=1)
+                                num_minibatches=1, block=step.row_block)
     holder[0], metrics = rl_loop.train_on_rollout(train_step, holder[0], step.batch, order,
                                                   mesh)
     jax.block_until_ready(metrics)
@@ -141,7 +149,8 @@ def bench_grpo(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: i
   seconds, generation = times[i], stage.seconds[1 + i]
   train = memory_stats(train_step.lower(holder[0], batch).compile())
   rollout_fn = make_rollout_fn(graphdef, scfg, group_size=group_size, with_ref=False,
-                               mesh=mesh)
+                               mesh=mesh, share_prompt=share_prompt,
+                               sampler_old_logps=sampler_old_logps)
   ptoks, pvalid = encode_prompts(texts, prompt_len, tok)
   _, rollout = compile_with_stats(rollout_fn, holder[0].params, None, None, ptoks, pvalid,
                                   jax.random.key(0), np.arange(prompts, dtype=np.int32))

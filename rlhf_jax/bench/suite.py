@@ -8,7 +8,8 @@ from rlhf_jax.bench.common import model_preset, peak_matmul_flops
 from rlhf_jax.bench.rl_workloads import bench_grpo, bench_sampler
 from rlhf_jax.bench.train_workloads import bench_dpo, bench_sft
 
-WORKLOADS = ("dpo", "dpo_shared", "dpo_ref_in_step", "sft", "sampler", "sampler_naive", "grpo")
+WORKLOADS = ("dpo", "dpo_shared", "dpo_ref_in_step", "sft", "sampler", "sampler_naive", "grpo",
+             "grpo_shared", "grpo_fast")
 TRAIN_WORKLOADS = ("dpo", "dpo_shared", "dpo_ref_in_step", "sft")  # these report MFU
 
 
@@ -43,9 +44,10 @@ def run_workload(name: str, cfg, shapes: Shapes, repeats: int) -> dict:
     cached = bench_sampler(cfg, **args, repeats=repeats)
     return {**naive, "kv_cache_new_tokens_per_s": cached["new_tokens_per_s"],
             "speedup_over_naive": cached["new_tokens_per_s"] / naive["new_tokens_per_s"]}
-  if name == "grpo":
+  if name in ("grpo", "grpo_shared", "grpo_fast"):
     return bench_grpo(cfg, prompts=s.grpo_prompts, group_size=s.group_size,
-                      prompt_len=s.prompt_len, new_tokens=s.grpo_new_tokens, repeats=repeats)
+                      prompt_len=s.prompt_len, new_tokens=s.grpo_new_tokens, repeats=repeats,
+                      share_prompt=name != "grpo", sampler_old_logps=name == "grpo_fast")
   raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 

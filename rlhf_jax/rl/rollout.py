@@ -149,7 +149,8 @@ def check_sampling_matches_training(cfg: SamplingConfig) -> None:
 
 def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size: int = 1,
                     with_ref: bool = True, value_graphdef=None, mesh=None,
-                    forward_chunk_rows: int = 0, share_prompt: bool = False):
+                    forward_chunk_rows: int = 0, share_prompt: bool = False,
+                    sampler_old_logps: bool = False):
   """Returns jitted rollout(policy_params, ref_params, value_params, prompt_tokens_BxP,
   prompt_valid_BxP, key, row_ids_B=None) -> Rollout of B * group_size rows, traced on `mesh`
   when given (sharding.traced_on: the forwards keep their rows sharded).
@@ -159,7 +160,11 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
   needs ref_params None and traces no reference forward; value_graphdef None needs
   value_params None and traces no value head. Log-probs use the sampling temperature;
   forward_chunk_rows > 0 computes them that many rows at a time (in_row_chunks);
-  share_prompt computes each group's prompt once in them (rl/grouped_forward.py)."""
+  share_prompt computes each group's prompt once in them (rl/grouped_forward.py).
+  sampler_old_logps takes the old policy's log-probs from the sampler, which computed them
+  while drawing each token with the same params, temperature and no truncation
+  (check_sampling_matches_training): no forward pass, and a first ratio of 1 to float32
+  rounding (the cached and the full forward sum in another order) instead of exactly 1."""
   check_sampling_matches_training(sampling_cfg)
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -196,7 +201,10 @@ def make_rollout_fn(policy_graphdef, sampling_cfg: SamplingConfig, *, group_size
     response = out.mask_BxN.astype(bool)
     valid = jnp.concatenate([prompt_valid, response], axis=1)
     mask = jnp.concatenate([jnp.zeros_like(prompt_valid), response], 1).astype(jnp.float32)
-    old_logps = logps(policy_params)(tokens, valid)
+    if sampler_old_logps:
+      old_logps = jnp.pad(out.logps_BxN, ((0, 0), (prompt_valid.shape[1], 0)))
+    else:
+      old_logps = logps(policy_params)(tokens, valid)
     ref_logps = values = boot = None
     if with_ref:
       ref_logps = logps(ref_params)(tokens, valid) * mask
@@ -223,6 +231,7 @@ class RolloutStage:
   tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
   forward_chunk_rows: int = 0  # make_rollout_fn's: rows per chunk of the log-prob forwards
   share_prompt: bool = False  # make_rollout_fn's: each group's prompt computed once
+  sampler_old_logps: bool = False  # make_rollout_fn's: old log-probs from the sampler
 
   def __post_init__(self):
     self._fns = {}  # the compiled rollout per mesh
@@ -232,7 +241,8 @@ class RolloutStage:
       self._fns[mesh] = make_rollout_fn(
           self.policy_graphdef, self.sampling, group_size=self.group_size,
           with_ref=self.with_ref, value_graphdef=self.value_graphdef, mesh=mesh,
-          forward_chunk_rows=self.forward_chunk_rows, share_prompt=self.share_prompt)
+          forward_chunk_rows=self.forward_chunk_rows, share_prompt=self.share_prompt,
+          sampler_old_logps=self.sampler_old_logps)
     return self._fns[mesh]
 
   def experience(self, policy_params, ref_params, value_params, prompts: Sequence[str],

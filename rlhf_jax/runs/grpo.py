@@ -110,6 +110,10 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
                                    "over the rollout (its log-probs and the train step's: "
                                    "rl/grouped_forward.py), the G responses continuing its KV "
                                    "cache; minibatches then hold whole groups.")
+  sampler_old_logps: bool = config.flag(False, "Take the old policy's log-probs from the "
+                                        "sampler (computed while sampling, same params) "
+                                        "instead of a forward over the rollout: the first "
+                                        "ratio is 1 to float32 rounding, not exactly.")
   matched_sft: bool = config.flag(False, "Also continue SFT for as many optimizer steps as GRPO "
                                "takes on the prompts of GRPO's updates (matched compute; with "
                                "dynamic sampling also on every prompt rolled out).")
@@ -162,10 +166,13 @@ class GRPOConfig(lm.LMConfig, lm.ArithmeticFlags, real_models.HFFlags,
     if not ks or min(ks) < 1 or max(ks) >= self.eval_samples:
       raise ValueError(f"--pass_k={self.pass_k}: the unbiased estimator needs 1 <= k < n = "
                        f"--eval_samples={self.eval_samples}")
-    if self.share_prompt and self.batch_size % (self.num_minibatches * self.num_microbatches):
-      raise ValueError(f"--share_prompt keeps each group whole in a microbatch: --batch_size="
-                       f"{self.batch_size} groups must be divisible by --num_minibatches * "
-                       f"--num_microbatches = {self.num_minibatches * self.num_microbatches}")
+    if self.share_prompt and self.batch_size % self.num_minibatches:
+      raise ValueError(f"--share_prompt keeps each group whole in a minibatch: --batch_size="
+                       f"{self.batch_size} groups must be divisible by --num_minibatches="
+                       f"{self.num_minibatches}")
+    if self.share_prompt and self.num_microbatches > 1:
+      raise ValueError("--share_prompt with --num_microbatches > 1: microbatches take strided "
+                       "rows (train/step.py), which would split the groups; drop one")
     if self.share_prompt and self.rollout_chunk_rows:
       raise ValueError("--share_prompt and --rollout_chunk_rows: chunks would split the groups "
                        "whose prompt is computed once; drop one")
@@ -301,7 +308,7 @@ def run(cfg: GRPOConfig) -> dict:
   loss_fn, batch_keys = parts.pop("loss_fn"), parts.pop("batch_keys")
   algorithm = grpo.GroupSampling(
       RolloutStage(g, sampling, prompt_len, group_size=cfg.group_size, with_ref=with_ref,
-                   share_prompt=cfg.share_prompt),
+                   share_prompt=cfg.share_prompt, sampler_old_logps=cfg.sampler_old_logps),
       scorer, train_prompts, sft_params if with_ref else None, cfg.batch_size, cfg.seed,
       dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,

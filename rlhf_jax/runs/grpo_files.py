@@ -177,7 +177,8 @@ def run(cfg: grpo_run.GRPOConfig) -> dict:
   algorithm = grpo.GroupSampling(
       RolloutStage(g, sampling, data.prompt_len, group_size=cfg.group_size,
                    with_ref=ref_params is not None, tokenizer=tok,
-                   forward_chunk_rows=cfg.rollout_chunk_rows, share_prompt=cfg.share_prompt),
+                   forward_chunk_rows=cfg.rollout_chunk_rows, share_prompt=cfg.share_prompt,
+                   sampler_old_logps=cfg.sampler_old_logps),
       scorer, data.train, ref_params, cfg.batch_size, cfg.seed,
       dynamic_sampling_rounds=cfg.dynamic_sampling_rounds, **parts)
   loop_cfg = rl_loop.LoopConfig(cfg.workdir, cfg.steps, epochs=cfg.epochs,

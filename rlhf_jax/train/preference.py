@@ -87,7 +87,7 @@ def reference_logps_fn(graphdef, *, average: bool = False):
   (jit it once with the params' and batch's shardings)."""
   def fn(params, batch):
     chosen, rejected = pair_logps(graphdef, params, batch, average=average)
-    if "segment_ids" in batch:  # packed rows: one value per pair slot, R x P
+    if "pair_valid" in batch:  # packed rows: one value per pair slot, R x P
       chosen, rejected = (x.reshape(batch["pair_valid"].shape) for x in (chosen, rejected))
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
   return fn

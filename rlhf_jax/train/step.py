@@ -51,7 +51,12 @@ def split_microbatches(batch: PyTree, num_microbatches: int) -> PyTree:
 
 
 def _accumulate(fn, params, batch, keys, num_microbatches):
-  """Sums fn(params, microbatch, key) -> (pytree of sums) over microbatches with lax.scan."""
+  """Sums fn(params, microbatch, key) -> (pytree of sums) over microbatches with lax.scan;
+  one microbatch is one call (a scan of one iteration still costs a loop around the step's
+  whole forward and backward: ~5% of a small DPO step on CPU)."""
+  if num_microbatches == 1:
+    out = fn(params, batch, keys[0])
+    return jax.tree.map(lambda o: o.astype(jnp.promote_types(o.dtype, jnp.float32)), out)
   micro = split_microbatches(batch, num_microbatches)
   first = jax.tree.map(lambda x: x[0], micro)
   shapes = jax.eval_shape(fn, params, first, keys[0])

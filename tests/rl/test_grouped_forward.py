@@ -60,6 +60,17 @@ def test_the_rollout_with_shared_prompts_is_the_same_rollout(rollout):
     np.testing.assert_allclose(got, want, **_tol())
 
 
+def test_old_logps_from_the_sampler_are_the_forwards(rollout):
+  graphdef, params, full, _ = rollout
+  _, ref = helpers.make_model(CFG, seed=8)
+  toks, valid = encode_prompts(PROMPTS, P)
+  reused = make_rollout_fn(graphdef, SAMPLING, group_size=G, sampler_old_logps=True)(
+      params, ref, None, toks, valid, jax.random.key(0))
+  np.testing.assert_array_equal(reused.tokens_BxT, full.tokens_BxT)
+  assert np.asarray(full.old_logps_BxT).min() < -1.0  # log-probs, not zeros
+  np.testing.assert_allclose(reused.old_logps_BxT, full.old_logps_BxT, **_tol())
+
+
 def test_grpo_loss_and_gradients_equal_the_full_rows(rollout):
   graphdef, params, full, _ = rollout
   adv = jnp.asarray(np.random.default_rng(0).standard_normal(G * len(PROMPTS)), jnp.float32)
@@ -103,5 +114,7 @@ def test_epoch_order_keeps_blocks_whole():
 def test_share_prompt_flags_that_would_split_groups_are_refused():
   with pytest.raises(ValueError, match="--share_prompt keeps each group whole"):
     GRPOConfig(share_prompt=True, batch_size=6, group_size=4, num_minibatches=4)
+  with pytest.raises(ValueError, match="strided"):
+    GRPOConfig(share_prompt=True, batch_size=8, group_size=4, num_microbatches=2)
   with pytest.raises(ValueError, match="--rollout_chunk_rows"):
     GRPOConfig(share_prompt=True, rollout_chunk_rows=8)

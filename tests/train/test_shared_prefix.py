@@ -59,6 +59,12 @@ def test_pair_logps_equal_the_two_row_computation():
     for g, w in zip(got, want):
       assert np.all(np.asarray(w) < 0)
       np.testing.assert_allclose(g, w, **tol)
+  # The reference precompute pass: one value per pair, as from the two-row layout.
+  ref = preference.reference_logps_fn(graphdef)
+  want, got = ref(params, _batch(0)), jax.jit(ref)(params, _batch(RESP))
+  for key in want:
+    assert got[key].shape == (len(RECORDS),)
+    np.testing.assert_allclose(got[key], want[key], **tol)
 
 
 def test_dpo_and_kto_losses_and_gradients_equal_the_two_row_computation():
