@@ -104,12 +104,23 @@ class TestEntropy:
     got = np.asarray(logprobs.entropy(logits))
     np.testing.assert_allclose(got, np_entropy(logits[..., :2]), rtol=1e-6)
 
-  def test_shifted_entropy_alignment(self):
-    logits = rand_logits(8, (2, 4, 5))
-    got = np.asarray(logprobs.shifted_entropy(logits))
+  def test_logps_from_hidden_states_run_the_head_on_predicting_positions_only(self):
+    rng = np.random.default_rng(9)
+    hidden = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((6, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, (2, 5))
+    seen = []
+
+    def head(h):
+      seen.append(h.shape)
+      return h @ w
+    got = np.asarray(logprobs.shifted_logps_of(head, hidden, tokens, temperature=2.0))
+    assert seen == [(2, 4, 6)]  # the last position predicts nothing scored
+    ref = np_log_softmax(hidden[:, :-1].astype(np.float64) @ w / 2.0)
+    want = np.take_along_axis(ref, tokens[:, 1:, None], axis=-1)[..., 0]
     np.testing.assert_array_equal(got[:, 0], 0.0)
-    np.testing.assert_allclose(got[:, 1:], np_entropy(logits[:, :-1]),
-                               **f32_tol(2 * 5, scale=np.abs(logits).max()))
+    # Each logit is a 6-term dot product; the log-softmax sums 7 terms.
+    np.testing.assert_allclose(got[:, 1:], want, **f32_tol(6 + 7, scale=np.abs(ref).max()))
 
 
 class TestMaskedReductions:

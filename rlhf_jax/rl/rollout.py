@@ -24,7 +24,7 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import ByteTokenizer, Tokenizer
-from rlhf_jax.logprobs import shifted_entropy, shifted_logps
+from rlhf_jax.logprobs import entropy, next_token_logits, token_logps
 from rlhf_jax.models.transformer import last_valid_index
 from rlhf_jax.rl import grouped_forward
 from rlhf_jax.sampling import SamplingConfig, sample, sample_groups
@@ -80,9 +80,11 @@ def shift_values(head_BxT):
 
 def policy_forward(graphdef, params, tokens_BxT, valid_BxT, temperature: float):
   """(shifted logps BxT, shifted entropy BxT) under softmax(logits / temperature)."""
-  logits = nnx.merge(graphdef, params)(tokens_BxT, valid_BxT=valid_BxT).logits_BxTxV
-  logits = logits.astype(jnp.float32) / temperature
-  return shifted_logps(logits, tokens_BxT), shifted_entropy(logits)
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden(tokens_BxT, valid_BxT=valid_BxT)
+  logits = next_token_logits(model.logits, hidden).astype(jnp.float32) / temperature
+  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731  aligned as shifted_logps
+  return pad(token_logps(logits, tokens_BxT[:, 1:])), pad(entropy(logits))
 
 
 def row_logps(graphdef, params, tokens_BxT, valid_BxT, temperature: float,

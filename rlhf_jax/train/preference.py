@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.data import shared_prefix as shared_prefix_data
-from rlhf_jax.logprobs import sequence_logps, shifted_logps
+from rlhf_jax.logprobs import sequence_logps, shifted_logps_of
 from rlhf_jax.losses import diagnostics, dpo, dpo_variants
 from rlhf_jax.train import shared_prefix
 
@@ -54,17 +54,18 @@ def pair_logps(graphdef, params, batch, *, average: bool = False):
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
   valid = jnp.concatenate([batch["chosen_valid"], batch["rejected_valid"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-  logits_BxTxV = nnx.merge(graphdef, params)(tokens, valid_BxT=valid).logits_BxTxV
-  seq_2B = sequence_logps(shifted_logps(logits_BxTxV, tokens), mask, average=average)
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden(tokens, valid_BxT=valid)
+  seq_2B = sequence_logps(shifted_logps_of(model.logits, hidden, tokens), mask, average=average)
   b = batch["chosen_tokens"].shape[0]
   return seq_2B[:b], seq_2B[b:]
 
 
 def _packed_pair_logps(graphdef, params, batch, average: bool):
   tokens, mask = batch["tokens"], batch["loss_mask"]
-  logits = nnx.merge(graphdef, params)(tokens, valid_BxT=batch["valid"],
-                                       segment_ids_BxT=batch["segment_ids"]).logits_BxTxV
-  logps = jnp.where(mask > 0, shifted_logps(logits, tokens), 0.0)
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden(tokens, valid_BxT=batch["valid"], segment_ids_BxT=batch["segment_ids"])
+  logps = jnp.where(mask > 0, shifted_logps_of(model.logits, hidden, tokens), 0.0)
   segments = 2 * batch["chosen_segment"].shape[1] + 1
   onehot = (batch["segment_ids"][:, :, None] == jnp.arange(segments)).astype(jnp.float32)
   sums = jnp.einsum("bt,bts->bs", logps, onehot)  # per segment: its response's log-prob
