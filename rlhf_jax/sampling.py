@@ -88,14 +88,15 @@ def _row_ids(row_ids_B, b: int):
 
 
 def _choose(logits_BxV, keys_B, step, cfg: SamplingConfig):
-  """Step `step`'s token of every row (row r draws with fold_in(keys_B[r], step))."""
+  """Step `step`'s token of every row (row r draws with fold_in(keys_B[r], step)); step is a
+  scalar, or one per row for rows decoding out of step (sampling_stream.py)."""
   if cfg.greedy:
     logp = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     token = jnp.argmax(logits_BxV, axis=-1)
   else:
     logp = process_logits(logits_BxV, cfg)
-    draw = lambda k, lp: jax.random.categorical(jax.random.fold_in(k, step), lp)
-    token = jax.vmap(draw)(keys_B, logp)
+    draw = lambda k, lp, t: jax.random.categorical(jax.random.fold_in(k, t), lp)
+    token = jax.vmap(draw)(keys_B, logp, jnp.broadcast_to(step, keys_B.shape[:1]))
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 

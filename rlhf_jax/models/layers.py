@@ -135,6 +135,19 @@ class LayerCache(NamedTuple):
   v_BxSxKxH: jax.Array
 
 
+def write_slots(cache_BxSxKxH, new_BxTxKxH, index):
+  """The cache with new's T positions written at slots index, index + 1, ...: a scalar index
+  writes every row there; a B-vector writes one token per row at its own slot (rows that
+  decode out of step: sampling_stream.py)."""
+  new = new_BxTxKxH.astype(cache_BxSxKxH.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache_BxSxKxH, new, index, axis=1)
+  if new.shape[1] != 1:
+    raise ValueError("a per-row cache index writes one token per row (decoding), got "
+                     f"{new.shape[1]}")
+  return cache_BxSxKxH.at[jnp.arange(new.shape[0]), index].set(new[:, 0])
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; with a cache, writes this call's keys/values at `index`."""
 
@@ -174,10 +187,7 @@ class Attention(nnx.Module):
     k = apply_rope(self._project(x_BxTxD, self.wk, "bk", "k_proj"), positions_BxT, inv_freq)
     v = self._project(x_BxTxD, self.wv, "bv", "v_proj")
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache.k_BxSxKxH, k.astype(cache.k_BxSxKxH.dtype),
-                                              index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v_BxSxKxH, v.astype(cache.v_BxSxKxH.dtype),
-                                              index, axis=1)
+      k, v = write_slots(cache.k_BxSxKxH, k, index), write_slots(cache.v_BxSxKxH, v, index)
       cache = LayerCache(k, v)
     b, t, n, h = q.shape
     out = attention.attend(q, k, v, mask_BxTxS, cfg).reshape(b, t, n * h)

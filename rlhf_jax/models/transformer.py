@@ -29,7 +29,9 @@ from rlhf_jax.models.layers import LayerCache, RMSNorm, dense, param
 class KVCache(NamedTuple):
   layers: tuple[LayerCache, ...]
   valid_BxS: jax.Array  # which slots hold real tokens
-  index: jax.Array  # int32 scalar: the next slot to write
+  # int32: the next slot to write; a scalar (every row), or one per row (B,) for rows that
+  # decode one token each out of step (sampling_stream.py)
+  index: jax.Array
 
 
 class ModelOutput(NamedTuple):
@@ -92,10 +94,14 @@ def _attention_mask(valid_BxT, cache: KVCache | None, segment_ids_BxT=None,
         seen = seen | (prefix_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
       mask = mask & seen
     return mask, None
+  key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
+  if cache.index.ndim:  # a slot per row (one token each): rows decoding out of step
+    slot_valid = cache.valid_BxS.at[jnp.arange(b), cache.index].set(valid_BxT[:, 0].astype(bool))
+    causal_BxTxS = key_slot_S[None, None, :] <= cache.index[:, None, None]
+    return causal_BxTxS & slot_valid[:, None, :], slot_valid
   slot_valid = jax.lax.dynamic_update_slice_in_dim(
       cache.valid_BxS, valid_BxT.astype(bool), cache.index, axis=1)
   query_slot_T = cache.index + jnp.arange(t)
-  key_slot_S = jnp.arange(slot_valid.shape[1])
   causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
   return causal_TxS[None] & slot_valid[:, None, :], slot_valid
 
