@@ -247,7 +247,8 @@ def _stacked(factory, cfg, mesh, listed: dict):
   """(graphdef, params, shardings) of a scan_layers model from its listed-layout params."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: factory(cfg, rngs=nnx.Rngs(0))))
   shardings = param_shardings(abstract, mesh)
-  stack = jax.jit(layer_stack.stacked_params, out_shardings=shardings, donate_argnums=0)
+  # No donation: the stacked arrays have other shapes, so XLA could not reuse the listed ones.
+  stack = jax.jit(layer_stack.stacked_params, out_shardings=shardings)
   return graphdef, stack(listed), shardings
 
 

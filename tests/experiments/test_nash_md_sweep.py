@@ -52,6 +52,7 @@ def test_bad_flags_are_refused():
     config.parse(sweep.NashMDSweepConfig, ["--final_eval_samples=0"])
 
 
+@pytest.mark.slow  # a chain of stages and a sweep: kept out of the 15-minute default suite
 def test_smoke_sweep_writes_json_and_figure(intransitive_stages, tmp_path):
   root = intransitive_stages["root"]
   out = sweep.run(config.parse(sweep.NashMDSweepConfig, [

@@ -36,6 +36,7 @@ def test_seed_summary_reads_every_policy():
   assert "sft_matched_dpo_sycophancy_rate" not in s  # that DPO run had no matched baseline
 
 
+@pytest.mark.slow  # a chain of stages per seed: kept out of the 15-minute default suite
 def test_smoke_sweep_runs_the_chain_and_writes_results(tmp_path):
   cfg = config.parse(syc.SycophancyConfig, [
       f"--flagfile={FLAGS_DIR}/sycophancy.flags", "--seeds=0", "--smoke",

@@ -96,8 +96,9 @@ def test_no_reference_forward_without_kl(models):
   for with_ref, r in ((True, ref), (False, None)):
     fn = group_rollout_fn(g, with_ref=with_ref)
     jaxpr = jax.make_jaxpr(lambda p, rp: fn(p, rp, tokens, valid, key))(policy, r)
-    # The LM head of a full forward over B*G rows x (P + N) columns.
-    counts[with_ref] = _dot_shapes(jaxpr.jaxpr).count((B * G * (P + N), V))
+    # The LM head of a full forward over B*G rows x (P + N) columns, run on the P + N - 1
+    # positions that predict a token (logprobs.next_token_logits).
+    counts[with_ref] = _dot_shapes(jaxpr.jaxpr).count((B * G * (P + N - 1), V))
   assert counts == {True: 2, False: 1}
   ro = group_rollout_fn(g, with_ref=False)(policy, None, tokens, valid, key)
   assert ro.ref_logps_BxT is None
