@@ -178,7 +178,7 @@ def sample_groups(graphdef, params, prompt_tokens_BxP, prompt_valid_BxP, key, ro
 
 def _repeat_rows(cache, times: int):
   """The cache with each row repeated `times` times in place (row i -> rows i*times ...)."""
-  # The row axis is -4 of every k/v array (B x S x K x H, or L x B x S x K x H stacked).
+  # Every k/v array is B x S x K x H (one per layer, with --scan_layers too).
   layers = jax.tree.map(lambda x: jnp.repeat(x, times, axis=-4), cache.layers)
   return cache._replace(layers=layers, valid_BxS=jnp.repeat(cache.valid_BxS, times, axis=0))
 

@@ -171,9 +171,10 @@ def test_mixture_equals_one_cache(model, kind):
 
 
 @pytest.mark.parametrize("sampler", ["sample", "sample_groups", "sample_mixture"])
-def test_stacked_layer_cache_equals_one_cache(sampler):
-  """Scanned layers keep one stacked L x B x S x K x H cache: it grows and is replicated the
-  same way (tolerance as above: the scanned forward is the same computation)."""
+def test_scanned_layers_decode_like_one_cache(sampler):
+  """A --scan_layers model (decoding loops over its stacked layers' slices, one cache per
+  layer) grows and replicates its caches the same way (tolerance as above: the scanned
+  forward is the same computation)."""
   graphdef, params = helpers.make_model(helpers.nano(n_layers=2, scan_layers=True), seed=4,
                                         std=0.3)
   run = {"sample": lambda **kw: sample(graphdef, params, PROMPTS, VALID, KEY, **kw),
@@ -190,8 +191,8 @@ def test_stacked_layer_cache_equals_one_cache(sampler):
 
 
 def _while_loop_cache_lengths(jaxpr) -> list[set]:
-  """For every while_loop carrying KV arrays (... x S x n_kv_heads x dim_per_head, either
-  cache layout), in program order: the slot counts S it carries."""
+  """For every while_loop carrying KV arrays (B x S x n_kv_heads x dim_per_head), in program
+  order: the slot counts S it carries."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "while":
@@ -243,20 +244,16 @@ def test_rejects_bad_cache_lengths(model):
       sample(graphdef, params, PROMPTS, VALID, KEY, cfg=scfg(), cache_lengths=bad)
 
 
-def test_repeat_rows_either_cache_layout():
-  """sample_groups replicates a prompt's cache rows; the layers may be a tuple of per-layer
-  B x S x K x H caches or one stacked L x B x S x K x H cache."""
+def test_repeat_rows_replicates_every_layers_rows():
+  """sample_groups replicates a prompt's cache rows in every layer's B x S x K x H cache."""
   cache = init_cache(CFG, 3, 5)
   per_layer = cache._replace(
       layers=tuple(LayerCache(*(jnp.asarray(rng.normal(size=c.k_BxSxKxH.shape), jnp.float32)
                                 for _ in range(2))) for c in cache.layers),
       valid_BxS=jnp.asarray(rng.random((3, 5)) < 0.5))
-  stacked = per_layer._replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer.layers))
   rows = np.repeat(np.arange(3), 2)
-  got_per_layer, got_stacked = _repeat_rows(per_layer, 2), _repeat_rows(stacked, 2)
-  for layer, (got, want) in enumerate(zip(got_per_layer.layers, per_layer.layers)):
-    for got_x, want_x, stacked_x in zip(got, want, got_stacked.layers):
+  got_cache = _repeat_rows(per_layer, 2)
+  for got, want in zip(got_cache.layers, per_layer.layers):
+    for got_x, want_x in zip(got, want):
       np.testing.assert_array_equal(got_x, np.asarray(want_x)[rows])
-      np.testing.assert_array_equal(stacked_x[layer], np.asarray(want_x)[rows])
-  for got in (got_per_layer, got_stacked):
-    np.testing.assert_array_equal(got.valid_BxS, np.asarray(per_layer.valid_BxS)[rows])
+  np.testing.assert_array_equal(got_cache.valid_BxS, np.asarray(per_layer.valid_BxS)[rows])

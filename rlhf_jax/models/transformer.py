@@ -55,7 +55,7 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
   extra = max_len - cache.valid_BxS.shape[1]
   if extra < 0:
     raise ValueError(f"cannot shrink a cache of {cache.valid_BxS.shape[1]} slots to {max_len}")
-  # The slot axis is -3 of every k/v array (B x S x K x H, or L x B x S x K x H stacked).
+  # Every k/v array is B x S x K x H (one per layer, with --scan_layers too).
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, extra), (0, 0), (0, 0)])
   return KVCache(jax.tree.map(pad, cache.layers),
                  jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))), cache.index)
