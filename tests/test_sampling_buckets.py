@@ -19,14 +19,30 @@ import helpers
 from rlhf_jax.compile_count import CompileCounter
 from rlhf_jax.models.layers import LayerCache
 from rlhf_jax.models.transformer import init_cache
-from rlhf_jax.sampling import (SamplingConfig, _repeat_rows, decode_cache_lengths, sample,
-                               sample_groups, sample_mixture, sample_naive)
+from rlhf_jax import sampling
+from rlhf_jax.sampling import (SamplingConfig, _repeat_rows, bucket_lengths,
+                               decode_cache_lengths, sample_naive)
+
+def _bucketed(fn, prompts_at: int):
+  """fn with the bucket schedule as its default cache_lengths: these tests decode short
+  generations, for which the samplers' own default is one cache (MIN_BUCKETED_NEW_TOKENS)."""
+  def call(*args, cfg, cache_lengths=None, **kwargs):
+    p = args[prompts_at].shape[1]
+    if cache_lengths is None:
+      cache_lengths = bucket_lengths(p, cfg.max_new_tokens)
+    return fn(*args, cfg=cfg, cache_lengths=cache_lengths, **kwargs)
+  return call
+
+
+sample = _bucketed(sampling.sample, 2)
+sample_groups = _bucketed(sampling.sample_groups, 2)
+sample_mixture = _bucketed(sampling.sample_mixture, 3)
 
 CFG = helpers.nano(n_layers=2)  # two layers: every layer's cache grows
 V = CFG.vocab_size
 PAD, NEVER = 0, V  # an EOS id outside the vocabulary is never sampled
 P, N = 7, 16
-LENGTHS = decode_cache_lengths(P, N)  # (9, 11, 15, 23): rooms 2, 4, 8, 16 new tokens
+LENGTHS = bucket_lengths(P, N)  # (9, 11, 15, 23): rooms 2, 4, 8, 16 new tokens
 ONE_CACHE = (P + N,)
 LOGP_TOL = helpers.f32_tol(helpers.forward_terms(CFG, seq_len=P + N))
 
@@ -61,16 +77,19 @@ def assert_same_samples(got, want):
 
 def test_schedule_by_hand():
   # Rooms ceil(n/8), ceil(n/4), ceil(n/2), n new tokens, deduplicated, after the prompt.
-  assert decode_cache_lengths(64, 128) == (80, 96, 128, 192)
-  assert decode_cache_lengths(7, 16) == (9, 11, 15, 23)
-  assert decode_cache_lengths(5, 3) == (6, 7, 8)  # rooms 1, 1, 2, 3
-  assert decode_cache_lengths(5, 1) == (6,)
+  assert bucket_lengths(64, 128) == (80, 96, 128, 192)
+  assert bucket_lengths(7, 16) == (9, 11, 15, 23)
+  assert bucket_lengths(5, 3) == (6, 7, 8)  # rooms 1, 1, 2, 3
+  assert bucket_lengths(5, 1) == (6,)
+  # The samplers' default: buckets from MIN_BUCKETED_NEW_TOKENS new tokens on.
+  assert decode_cache_lengths(64, 255) == (319,)
+  assert decode_cache_lengths(64, 256) == (96, 128, 192, 320)
 
 
 @pytest.mark.parametrize("p", [1, 7, 64])
 def test_schedule_properties(p):
   for n in range(1, 300):
-    lengths = decode_cache_lengths(p, n)
+    lengths = bucket_lengths(p, n)
     rooms = [length - p for length in lengths]
     assert 1 <= len(lengths) <= 4 and rooms[0] >= 1 and lengths[-1] == p + n
     assert all(a < b <= 2 * a for a, b in zip(rooms, rooms[1:]))  # a bucket at most doubles
