@@ -13,12 +13,12 @@ prompt i), as sample_groups makes them and epoch_order(block=G) keeps them.
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.logprobs import token_logps
 from rlhf_jax.models.transformer import init_cache, positions_from_valid
+from rlhf_jax.sampling import _repeat_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ def group_logps(graphdef, params, tokens_BxT, valid_BxT, groups: PromptGroups,
   prompt_hidden, cache = model.hidden(prompt, valid_BxT=prompt_valid,
                                       positions_BxT=positions_from_valid(prompt_valid),
                                       cache=cache)
-  repeat = lambda x: jnp.repeat(x, g, axis=0) if x.ndim else x  # noqa: E731  not cache.index
-  cache = jax.tree.map(repeat, cache)
+  repeat = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
+  cache = _repeat_rows(cache, g)
   response_valid = valid_BxT[:, p:].astype(bool)
   # A response token's position in its full row: the prompt's real tokens, then its own.
   prompt_tokens = repeat(jnp.sum(prompt_valid, axis=1, dtype=jnp.int32))
